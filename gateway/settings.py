@@ -1,0 +1,305 @@
+"""The one validated configuration schema, loaded from YAML plus ``PACS_TRIAGE_*`` overrides.
+
+Every section forbids unknown keys, so a typo stops start-up with a message that names the
+key and the file instead of being silently ignored.  Environment variables override any value:
+``PACS_TRIAGE_GATEWAY__PORT=11113`` sets ``gateway.port`` (double underscore between levels,
+the value parsed as a YAML scalar, so ``true``/``10``/``[a, b]`` work).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pynetdicom._validators import validate_ae
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "PACS_TRIAGE_"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    ok, reason = validate_ae(value)
+    if not ok:
+        raise ValueError(f'AE title "{value}" is invalid: {reason}')
+    return value
+
+
+class AllowedCaller(_Section):
+    """One entry of the calling-AE allow-list."""
+
+    ae_title: str
+    #: If not empty, the peer's IP address must be one of these.
+    hosts: tuple[str, ...] = ()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: CA bundle used to verify client certificates (mutual TLS) or, for delivery, the PACS.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> TLSSettings:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("TLS is enabled but certificate or private_key is not set")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+
+class DiskWatermark(_Section):
+    """Refuse new instances (0xA700) when free space on the spool falls below either bound."""
+
+    min_free_bytes: int = Field(default=2 * 1024**3, ge=0)
+    min_free_percent: float = Field(default=5.0, ge=0, le=100)
+
+
+class GatewaySettings(_Section):
+    ae_title: str = "PACS_TRIAGE"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    #: Spool, journal and quarantine all live under this directory.
+    data_dir: Path = Path("./var")
+    #: None accepts any calling AE (with a warning at start-up); a list turns the allow-list on.
+    allowed_callers: tuple[AllowedCaller, ...] | None = None
+    #: SOP Class UIDs of private storage classes to accept in addition to the standard ones.
+    private_sop_classes: tuple[str, ...] = ()
+    max_associations: int = Field(default=16, ge=1)
+    #: Largest PDU we announce; 0 means unlimited.
+    max_pdu_size: int = Field(default=262_144, ge=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    tcp_nodelay: bool = True
+    tls: TLSSettings = TLSSettings()
+    disk_watermark: DiskWatermark = DiskWatermark()
+    #: Number of receiving processes sharing the port (SO_REUSEPORT); 1 = in-process.
+    receive_processes: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class QuietOverride(_Section):
+    """A quiet time for studies from one calling AE and/or one modality."""
+
+    calling_ae: str | None = None
+    modality: str | None = None
+    quiet_seconds: float = Field(gt=0)
+
+
+class AssemblySettings(_Section):
+    #: A study is complete after this many seconds without a new instance.
+    quiet_seconds: float = Field(default=10.0, gt=0)
+    quiet_overrides: tuple[QuietOverride, ...] = ()
+    #: A study still receiving after this many seconds since its first instance is completed anyway.
+    force_complete_seconds: float = Field(default=900.0, gt=0)
+    #: Complete a mammogram at once when L/R x CC/MLO have all arrived.
+    complete_on_four_views: bool = True
+    #: How often the completion timers are checked.
+    tick_seconds: float = Field(default=0.5, gt=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: None: JSON when stderr is not a TTY, readable text when it is.
+    json_output: bool | None = None
+    #: Key for the keyed hash used to correlate patients in logs without naming them.
+    #: Empty means a random per-process key (hashes then only correlate within one run).
+    hash_key: str = ""
+
+
+class DispatchSettings(_Section):
+    #: ``logging`` only records completed studies; ``celery`` queues them for workers.
+    kind: Literal["logging", "celery"] = "celery"
+
+
+class BrokerSettings(_Section):
+    #: ``embedded`` = a SQLite file under data_dir (no service); else a kombu URL such as redis://host:6379/0.
+    url: str = "embedded"
+    visibility_timeout_seconds: int = Field(default=7200, gt=0)
+
+
+class ModelSettings(_Section):
+    enabled: bool = True
+    weights: Path | None = None
+    device: str | None = None
+    batch_size: int = Field(default=8, ge=1)
+    thresholds: dict[str, float] = {}
+    options: dict[str, Any] = {}
+
+
+class PluginSettings(_Section):
+    #: Every module or package in this directory is loaded as a plugin.
+    drop_in_dir: Path | None = None
+    load_entrypoints: bool = True
+    #: Run with randomly initialised weights when none are configured; every output says so.
+    allow_demo_weights: bool = False
+    #: Where the demo checkpoints live (made by ``pacs-triage demo-weights``).
+    demo_weights_dir: Path | None = None
+    #: Per-plugin settings keyed by plugin name.
+    models: dict[str, ModelSettings] = {}
+    #: Names of plugins that must not load.
+    disabled: tuple[str, ...] = ()
+
+
+class DestinationSettings(_Section):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TLSSettings = TLSSettings()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class DeliverySettings(_Section):
+    destinations: tuple[DestinationSettings, ...] = ()
+    max_retries: int = Field(default=8, ge=0)
+    backoff_base_seconds: float = Field(default=2.0, gt=0)
+    backoff_max_seconds: float = Field(default=600.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    device: str = "cpu"
+    concurrency: int = Field(default=1, ge=1)
+    soft_time_limit_seconds: int = Field(default=1200, gt=0)
+    time_limit_seconds: int = Field(default=1500, gt=0)
+    max_redeliveries: int = Field(default=3, ge=1)
+
+
+class TriageSettings(_Section):
+    policy: Literal["max", "mean"] = "max"
+    #: The model that runs first on every study and sets the priority of the rest.
+    first_stage_model: str | None = "asg_mammonet"
+    high_risk_threshold: float = Field(default=0.7, ge=0, le=1)
+    #: Series/Study descriptions containing any of these words are queued as STAT.
+    stat_keywords: tuple[str, ...] = ("STAT", "URGENT")
+
+
+class Settings(_Section):
+    gateway: GatewaySettings = GatewaySettings()
+    assembly: AssemblySettings = AssemblySettings()
+    logging: LoggingSettings = LoggingSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    broker: BrokerSettings = BrokerSettings()
+    plugins: PluginSettings = PluginSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    worker: WorkerSettings = WorkerSettings()
+    triage: TriageSettings = TriageSettings()
+
+    #: The file this was loaded from, for messages; not a config key.
+    source: str = Field(default="<defaults>", exclude=True)
+
+    def plugin_config(self, name: str) -> ModelSettings:
+        """Return the settings of plugin *name*, with ``$env``/``$file`` secrets resolved."""
+        model = self.plugins.models.get(name, ModelSettings())
+        return model.model_copy(update={"options": _resolve_secrets(model.options)})
+
+
+def _resolve_secrets(value: Any) -> Any:
+    # datasette's indirection: {"$env": "VAR"} or {"$file": "/path"} keeps secrets out of config files.
+    if isinstance(value, dict):
+        if set(value) == {"$env"}:
+            return os.environ.get(value["$env"], "")
+        if set(value) == {"$file"}:
+            return Path(value["$file"]).read_text().strip()
+        return {k: _resolve_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_secrets(v) for v in value]
+    return value
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> list[str]:
+    applied = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        applied.append(".".join(path))
+    return applied
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Load and validate the configuration.
+
+    :param path: A YAML file; ``None`` means ``$PACS_TRIAGE_CONFIG`` or ``configs/default.yaml``.
+    :param environ: The environment to read overrides from (``os.environ`` by default).
+    :param overrides: Dotted keys set last, e.g. ``{"gateway.port": 11113}`` from CLI flags.
+    :raises ConfigError: naming the file and the key, on unknown keys or bad values.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if path is None:
+        path = environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {source}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {source} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {source} must hold a mapping at the top level")
+    env_keys = _apply_env_overrides(data, environ)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    if env_keys:
+        source = f"{source} (with environment overrides: {', '.join(env_keys)})"
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    # Relative paths stay relative to the working directory, as a shell user expects.
+    return settings.model_copy(update={"source": source})

@@ -1,0 +1,174 @@
+"""Typed contracts between the plugin host, the model plugins and the workers.
+
+These are plain dataclasses with numpy payloads (no torch), so the workers' output builders and
+tests can use them without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class AcceptRule:
+    """Which images a model accepts.  Empty tuples mean "any"."""
+
+    modalities: tuple[str, ...]
+    sop_class_uids: tuple[str, ...] = ()
+    #: ViewPosition / view code meanings, e.g. ("CC", "MLO").
+    views: tuple[str, ...] = ()
+    lateralities: tuple[str, ...] = ()
+    #: Mammography "For Processing" (raw) images are skipped unless this is set.
+    accept_for_processing: bool = False
+    #: Tomosynthesis volumes are skipped unless this is set (their synthesized 2D views are accepted).
+    accept_tomosynthesis_volumes: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What a model plugin is, modelled on timm's ``PretrainedCfg``."""
+
+    #: Stable id in timm's ``arch.tag`` form, e.g. ``asg_mammonet.v1``; used in output UIDs.
+    model_id: str
+    #: Plugin name used in config (``plugins.models.<name>``) and on the CLI.
+    name: str
+    version: str
+    display_name: str
+    arch: str
+    classes: tuple[str, ...]
+    #: Classes whose summed probability is the risk score, e.g. ("malignant",).
+    positive_classes: tuple[str, ...]
+    accepts: AcceptRule
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    #: Default decision thresholds, overridable in config.
+    thresholds: dict[str, float] = field(default_factory=dict)
+    paper: str = ""
+    license: str = "Apache-2.0"
+    #: True for BI-RADS-output models.
+    gives_birads: bool = False
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.accepts.modalities
+
+
+@dataclass(frozen=True, kw_only=True)
+class Letterbox:
+    """How a source image was resized and padded; ``to_source`` inverts it.
+
+    A point (x, y) in the model input maps to ((x - pad_left) / scale + crop_left,
+    (y - pad_top) / scale + crop_top) in the source image.
+    """
+
+    source_shape: tuple[int, int]
+    #: The crop taken from the source before resizing: (top, left, height, width).
+    crop: tuple[int, int, int, int]
+    scale: float
+    pad_top: int
+    pad_left: int
+    output_shape: tuple[int, int]
+    #: True when the image was mirrored to normalise laterality.
+    flipped: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRef:
+    """An image handed to a plugin: where it is and what the DICOM header says about it."""
+
+    path: Path
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    laterality: str = ""
+    view: str = ""
+    presentation_intent: str = ""
+    number_of_frames: int = 1
+    frame_index: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalisationPoint:
+    """A point in source-image pixel coordinates (column x, row y)."""
+
+    x: float
+    y: float
+    score: float = 1.0
+    label: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalisationRegion:
+    """A closed polygon in source-image pixel coordinates, as (x, y) pairs."""
+
+    points: tuple[tuple[float, float], ...]
+    score: float = 1.0
+    label: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """One model's result on one image."""
+
+    model_id: str
+    model_name: str
+    model_version: str
+    image: ImageRef
+    classes: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    predicted_class: str
+    #: Probability mass on the model's positive classes, in [0, 1]; what triage uses.
+    risk: float
+    #: BI-RADS category 1-5 where the model gives one.
+    birads: int | None = None
+    #: Float32 map in [0, 1] with the source image's rows x columns.
+    heatmap: np.ndarray | None = None
+    heatmap_method: str = ""
+    #: Further explanation maps (saliency, SHAP, the model's own maps), same geometry as ``heatmap``.
+    extra_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    points: tuple[LocalisationPoint, ...] = ()
+    regions: tuple[LocalisationRegion, ...] = ()
+    #: True when the model ran with untrained demo weights; every output must say so.
+    demo_weights: bool = False
+    weights_sha256: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != len(self.probabilities):
+            raise ValueError("classes and probabilities differ in length")
+        if not all(np.isfinite(p) and -1e-6 <= p <= 1 + 1e-6 for p in self.probabilities):
+            raise ValueError(f"probabilities are not in [0, 1]: {self.probabilities}")
+        if not (np.isfinite(self.risk) and 0.0 <= self.risk <= 1.0):
+            raise ValueError(f"risk {self.risk} is not in [0, 1]")
+        if self.predicted_class not in self.classes:
+            raise ValueError(f"predicted class {self.predicted_class!r} is not one of {self.classes}")
+        if self.birads is not None and not 0 <= self.birads <= 6:
+            raise ValueError(f"BI-RADS category {self.birads} is out of range")
+        if self.heatmap is not None:
+            if self.heatmap.ndim != 2 or not np.all(np.isfinite(self.heatmap)):
+                raise ValueError("heatmap must be a finite 2-D array")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageFailure:
+    """A model could not process one image; recorded, never raised to the worker."""
+
+    model_name: str
+    image: ImageRef
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkippedImage:
+    """A model declined an image (wrong modality, For Processing, a tomosynthesis volume...)."""
+
+    model_name: str
+    image: ImageRef
+    reason: str
