@@ -1,0 +1,162 @@
+"""The gateway's subcommands: ``gateway``, ``echo``, ``send`` and ``config``.
+
+``workers/cli.py`` gathers these with the other parts' subcommands into one ``pacs-triage``.
+Each handler has the signature ``func(args, settings) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every command takes."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", metavar="PATH",
+                        help="YAML configuration (default: $PACS_TRIAGE_CONFIG or configs/default.yaml)")
+    return parent
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    gw = subparsers.add_parser(
+        "gateway", parents=[common], help="run the DICOM Storage/Verification SCP only",
+        description="Receive DICOM into the durable spool, assemble studies and dispatch them. "
+                    "Flags override the config file for quick trials.")
+    _add_gateway_flags(gw)
+    gw.set_defaults(func=run_gateway, overrides=gateway_overrides)
+
+    echo = subparsers.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (the gateway by default)")
+    _add_peer_flags(echo)
+    echo.set_defaults(func=run_echo)
+
+    send = subparsers.add_parser("send", parents=[common], help="C-STORE files or folders to a DICOM node")
+    send.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders (recursed)")
+    _add_peer_flags(send)
+    send.set_defaults(func=run_send)
+
+    cfg = subparsers.add_parser("config", parents=[common], help="validate and print the effective configuration")
+    cfg.set_defaults(func=run_config)
+
+
+def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, help="listening port (gateway.port)")
+    parser.add_argument("--ae-title", help="called AE title (gateway.ae_title)")
+    parser.add_argument("--data-dir", type=Path, help="spool and journal directory (gateway.data_dir)")
+
+
+def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"gateway.port": args.port, "gateway.ae_title": args.ae_title,
+            "gateway.data_dir": str(args.data_dir) if args.data_dir else None}
+
+
+def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="peer host (default: this gateway, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="peer port (default: gateway.port)")
+    parser.add_argument("--called-ae", default=None, help="peer AE title (default: gateway.ae_title)")
+    parser.add_argument("--calling-ae", default="PACS_TRIAGE_SCU", help="our AE title")
+
+
+def _peer(args: argparse.Namespace, settings: Settings) -> tuple[str, int, str]:
+    return (args.host or "127.0.0.1", args.port or settings.gateway.port,
+            args.called_ae or settings.gateway.ae_title)
+
+
+def run_gateway(args: argparse.Namespace, settings: Settings, dispatcher: Any = None) -> int:
+    from gateway.service import GatewayService
+
+    GatewayService(settings, dispatcher).serve_forever()
+    return 0
+
+
+def _associate(args: argparse.Namespace, settings: Settings, contexts: list[Any]) -> Any:
+    from pynetdicom import AE
+
+    host, port, called = _peer(args, settings)
+    ae = AE(ae_title=args.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for cx in contexts:
+        ae.add_requested_context(*cx)
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        print(f"error: association with {called}@{host}:{port} {reason}", file=sys.stderr)
+        return None
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def run_echo(args: argparse.Namespace, settings: Settings) -> int:
+    from pynetdicom.sop_class import Verification
+
+    assoc = _associate(args, settings, [(Verification,)])
+    if assoc is None:
+        return 2
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(getattr(status, "Status", -1))
+    print(f"C-ECHO status 0x{code:04X}" if code >= 0 else "C-ECHO got no response")
+    return 0 if code == 0 else 1
+
+
+def _dicom_files(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def run_send(args: argparse.Namespace, settings: Settings) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+    from tqdm import tqdm
+
+    files, contexts = [], set()
+    for path in _dicom_files(args.paths):
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            contexts.add((str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)))
+            files.append(path)
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            print(f"skipping {path}: not a DICOM file ({exc})", file=sys.stderr)
+    if not files:
+        print("error: no DICOM files to send", file=sys.stderr)
+        return 2
+    if len(contexts) > 128:
+        print("error: more than 128 SOP class/transfer syntax pairs; send in smaller batches", file=sys.stderr)
+        return 2
+    assoc = _associate(args, settings, [(sop, [tsx]) for sop, tsx in sorted(contexts)])
+    if assoc is None:
+        return 2
+    failures = 0
+    try:
+        for path in tqdm(files, unit="file", desc="C-STORE", disable=not sys.stderr.isatty()):
+            status = assoc.send_c_store(path)
+            code = int(getattr(status, "Status", -1))
+            if code != 0:
+                failures += 1
+                print(f"{path}: status 0x{code & 0xFFFF:04X}" if code >= 0 else f"{path}: no response",
+                      file=sys.stderr)
+    finally:
+        assoc.release()
+    print(f"sent {len(files) - failures} of {len(files)} files")
+    return 0 if failures == 0 else 1
+
+
+def run_config(args: argparse.Namespace, settings: Settings) -> int:
+    print(f"# {settings.source}: valid")
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+

@@ -1,0 +1,167 @@
+"""pynetdicom event handlers: C-STORE into the durable spool, C-ECHO, and connection hygiene."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from gateway.journal import InstanceRecord, Journal, StoreOutcome
+from gateway.messages import Priority
+from gateway.spool import Spool, same_content, uid_problem
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+
+log = structlog.get_logger(__name__)
+
+#: Storage statuses we return (PS3.4 Annex B.2.3; 0xCxxx is "Error: cannot understand").
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_INVALID_UID = 0xC220
+STATUS_UID_MISMATCH = 0xC221
+STATUS_PROCESSING_FAILURE = 0x0110
+
+def _view_of(ds: Dataset) -> str:
+    view = str(ds.get("ViewPosition", "") or "")
+    if not view and ds.get("ViewCodeSequence"):
+        meaning = str(ds.ViewCodeSequence[0].get("CodeMeaning", "")).lower()
+        view = {"cranio-caudal": "CC", "medio-lateral oblique": "MLO"}.get(meaning, meaning.upper())
+    return view.upper()
+
+
+class StoreHandler:
+    """The ``evt.EVT_C_STORE`` handler: spool, fsync, journal, then acknowledge.
+
+    ========  ==============================================================
+    Status    Meaning
+    ========  ==============================================================
+    0x0000    On disk (fsynced, atomically renamed) and committed to the journal;
+              also returned for a repeat of an instance we already hold
+    0xA700    Free space is below the watermark, or the write failed
+    0xC210    The dataset cannot be decoded; its bytes are quarantined
+    0xC220    Study, Series or SOP Instance UID is missing or malformed
+    0xC221    The dataset's UIDs differ from the C-STORE request's
+    0xC211    Any other failure (pynetdicom's status for a raising handler)
+    ========  ==============================================================
+
+    :param spool: Where files go.
+    :param journal: Where their state is recorded.
+    :param stat_keywords: Study descriptions containing one of these words are queued as STAT.
+    """
+
+    def __init__(self, spool: Spool, journal: Journal, stat_keywords: tuple[str, ...] = ()) -> None:
+        self.spool = spool
+        self.journal = journal
+        self.stat_keywords = tuple(k.upper() for k in stat_keywords)
+
+    def __call__(self, event: Event) -> int:
+        started = time.perf_counter()
+        request = event.request
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(calling_ae=calling_ae, peer=event.assoc.requestor.address)
+        temp_path = Path(event.dataset_path)
+        try:
+            return self._store(event, temp_path, calling_ae, request, started)
+        finally:
+            # Whatever happened, no partial file stays in incoming/ (pynetdicom unlinks it too,
+            # but only by the name it knows, which we may have moved).
+            temp_path.unlink(missing_ok=True)
+
+    def _store(self, event: Event, temp_path: Path, calling_ae: str, request: Any, started: float) -> int:
+        if self.spool.disk_status().below_watermark:
+            log.warning("store.refused", reason="disk_watermark", status=hex(STATUS_OUT_OF_RESOURCES))
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            # The whole header, not just the tags we use: pydicom reads leniently, and a dataset
+            # without SOP Class and Instance UIDs is one we cannot understand.
+            header = dcmread(temp_path, stop_before_pixels=True, defer_size="64 KB")
+            transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+            missing = [name for name in ("SOPClassUID", "SOPInstanceUID") if name not in header]
+            if missing:
+                raise ValueError(f"no {' or '.join(missing)} in the data set")
+            uids = {name: header.get(name) for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                         "SOPClassUID")}
+        except Exception as exc:  # any decode failure of untrusted bytes is a 0xC210, never a crash
+            where = self.spool.quarantine(temp_path, f"undecodable: {type(exc).__name__}: {exc}",
+                                          {"calling_ae": calling_ae})
+            log.warning("store.refused", reason="undecodable", error=type(exc).__name__,
+                        quarantined=where.name, status=hex(STATUS_CANNOT_UNDERSTAND))
+            return STATUS_CANNOT_UNDERSTAND
+        for name, value in uids.items():
+            if problem := uid_problem(value):
+                log.warning("store.refused", reason="invalid_uid", element=name, problem=problem,
+                            status=hex(STATUS_INVALID_UID))
+                return STATUS_INVALID_UID
+        study_uid, series_uid, sop_uid, _ = (str(v) for v in uids.values())
+        if sop_uid != str(request.AffectedSOPInstanceUID):
+            log.warning("store.refused", reason="uid_mismatch", status=hex(STATUS_UID_MISMATCH))
+            return STATUS_UID_MISMATCH
+
+        final_path = self.spool.instance_path(study_uid, sop_uid)
+        outcome = StoreOutcome.NEW
+        if self.journal.find_instance(sop_uid) is not None and final_path.exists():
+            outcome = StoreOutcome.DUPLICATE if same_content(temp_path, final_path) else StoreOutcome.REPLACED
+        size = temp_path.stat().st_size
+        try:
+            if outcome is not StoreOutcome.DUPLICATE:
+                self.spool.commit(temp_path, final_path)
+        except OSError as exc:
+            log.error("store.refused", reason="write_failed", error=str(exc), status=hex(STATUS_OUT_OF_RESOURCES))
+            return STATUS_OUT_OF_RESOURCES
+
+        record = InstanceRecord(
+            sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
+            sop_class_uid=str(header.get("SOPClassUID", request.AffectedSOPClassUID)),
+            transfer_syntax=transfer_syntax, modality=str(header.get("Modality", "") or ""),
+            laterality=str(header.get("ImageLaterality", "") or header.get("Laterality", "") or "").upper(),
+            view=_view_of(header), presentation=str(header.get("PresentationIntentType", "") or "").upper(),
+            path=self.spool.relative(final_path), size=size, calling_ae=calling_ae,
+            priority=int(self._priority(request, header)),
+        )
+        version = self.journal.record_instance(record, outcome)
+        log.info("store.received", outcome=str(outcome), study_version=version, bytes=size,
+                 modality=record.modality, ms=round(1000 * (time.perf_counter() - started), 2))
+        return STATUS_SUCCESS
+
+    def _priority(self, request: Any, header: Dataset) -> Priority:
+        priority = Priority.from_dimse(int(getattr(request, "Priority", 0) or 0))
+        description = str(header.get("StudyDescription", "") or "").upper()
+        if str(header.get("RequestedProcedurePriority", "")).upper() == "STAT" or any(
+            word in description for word in self.stat_keywords
+        ):
+            priority = Priority.STAT
+        return priority
+
+
+def handle_echo(event: Event) -> int:
+    """``evt.EVT_C_ECHO``: Verification always succeeds while the gateway runs."""
+    return STATUS_SUCCESS
+
+
+def handle_conn_open(event: Event) -> None:
+    """``evt.EVT_CONN_OPEN``: turn Nagle off, or small C-STOREs wait ~40 ms for delayed ACKs."""
+    raw = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if raw is not None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def discard_partial_receive(event: Event) -> None:
+    """``evt.EVT_ABORTED`` / ``evt.EVT_CONN_CLOSE``: remove a half-received dataset's spool file."""
+    message = getattr(event.assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        try:
+            partial.close()
+        finally:
+            Path(partial.name).unlink(missing_ok=True)

@@ -1,0 +1,257 @@
+"""The SQLite journal (WAL mode) that records every instance and every study version.
+
+The journal is the gateway's memory across crashes: an instance is acknowledged only after its
+row is committed here, and on restart the assembler reads study state back from it.  Several
+receiving processes may share one journal file; SQLite's locking serialises their writes.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid      TEXT NOT NULL,
+    version        INTEGER NOT NULL,
+    state          TEXT NOT NULL,          -- receiving | complete | dispatched
+    calling_ae     TEXT NOT NULL,
+    modality       TEXT NOT NULL,
+    priority       INTEGER NOT NULL,
+    first_at       REAL NOT NULL,
+    last_at        REAL NOT NULL,
+    completed_at   REAL,
+    completed_by   TEXT,
+    dispatched_at  REAL,
+    job_id         TEXT,
+    duplicates     INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (study_uid, version)
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies (state);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid          TEXT PRIMARY KEY,
+    study_uid        TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    modality         TEXT NOT NULL,
+    laterality       TEXT NOT NULL,
+    view             TEXT NOT NULL,
+    presentation     TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    size             INTEGER NOT NULL,
+    calling_ae       TEXT NOT NULL,
+    study_version    INTEGER NOT NULL,
+    received_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE TABLE IF NOT EXISTS events (
+    study_uid   TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    event       TEXT NOT NULL,
+    detail      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_study ON events (study_uid, version);
+"""
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    DISPATCHED = "dispatched"
+
+
+class StoreOutcome(enum.StrEnum):
+    """What recording an instance did."""
+
+    NEW = "new"
+    #: The same SOP Instance UID with identical bytes: kept once, reported.
+    DUPLICATE = "duplicate"
+    #: The same SOP Instance UID with different bytes: the new copy replaces the old one.
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceRecord:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    modality: str
+    laterality: str
+    view: str
+    presentation: str
+    path: str
+    size: int
+    calling_ae: str
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRow:
+    study_uid: str
+    version: int
+    state: str
+    calling_ae: str
+    modality: str
+    priority: int
+    first_at: float
+    last_at: float
+    completed_at: float | None
+    completed_by: str | None
+    dispatched_at: float | None
+    job_id: str | None
+    duplicates: int
+
+
+class Journal:
+    """A thread-safe handle on the journal database.
+
+    :param path: The SQLite file; created with its tables if missing.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before we acknowledge the C-STORE that caused it.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        with self._transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- instances
+
+    def find_instance(self, sop_uid: str) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+
+    def record_instance(self, rec: InstanceRecord, outcome: StoreOutcome, now: float | None = None) -> int:
+        """Commit one stored instance and return the study version it joined.
+
+        A study with no version still receiving gets a new version, so an instance that arrives
+        after completion re-opens the study instead of being dropped.  A duplicate only bumps the
+        study's duplicate counter.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            current = db.execute(
+                "SELECT version, state FROM studies WHERE study_uid = ? ORDER BY version DESC LIMIT 1",
+                (rec.study_uid,),
+            ).fetchone()
+            if outcome is StoreOutcome.DUPLICATE:
+                if current is not None:
+                    db.execute(
+                        "UPDATE studies SET duplicates = duplicates + 1 WHERE study_uid = ? AND version = ?",
+                        (rec.study_uid, current["version"]),
+                    )
+                    return int(current["version"])
+            if current is not None and current["state"] == StudyState.RECEIVING:
+                version = int(current["version"])
+                db.execute(
+                    "UPDATE studies SET last_at = ?, priority = MIN(priority, ?) WHERE study_uid = ? AND version = ?",
+                    (now, rec.priority, rec.study_uid, version),
+                )
+            else:
+                version = 1 if current is None else int(current["version"]) + 1
+                db.execute(
+                    "INSERT INTO studies (study_uid, version, state, calling_ae, modality, priority, first_at, last_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rec.study_uid, version, StudyState.RECEIVING, rec.calling_ae, rec.modality, rec.priority, now, now),
+                )
+                self._event(db, rec.study_uid, version, now, "first_instance",
+                            "reopened" if current is not None else "")
+            db.execute(
+                "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
+                " modality, laterality, view, presentation, path, size, calling_ae, study_version, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.sop_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax, rec.modality,
+                 rec.laterality, rec.view, rec.presentation, rec.path, rec.size, rec.calling_ae, version, now),
+            )
+            return version
+
+    def study_instances(self, study_uid: str) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(
+                "SELECT * FROM instances WHERE study_uid = ? ORDER BY series_uid, received_at", (study_uid,)
+            ).fetchall()
+
+    # ---------------------------------------------------------------- studies
+
+    def studies(self, state: StudyState | None = None) -> list[StudyRow]:
+        with self._lock:
+            if state is None:
+                rows = self._db.execute("SELECT * FROM studies ORDER BY first_at").fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM studies WHERE state = ? ORDER BY first_at",
+                                        (str(state),)).fetchall()
+        return [StudyRow(**dict(r)) for r in rows]
+
+    def study(self, study_uid: str, version: int) -> StudyRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM studies WHERE study_uid = ? AND version = ?",
+                                   (study_uid, version)).fetchone()
+        return StudyRow(**dict(row)) if row else None
+
+    def complete_study(self, study_uid: str, version: int, completed_by: str, now: float | None = None) -> bool:
+        """Mark a receiving study version complete; False if it was no longer receiving."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE studies SET state = ?, completed_at = ?, completed_by = ?"
+                " WHERE study_uid = ? AND version = ? AND state = ?",
+                (StudyState.COMPLETE, now, completed_by, study_uid, version, StudyState.RECEIVING),
+            )
+            if cur.rowcount:
+                self._event(db, study_uid, version, now, "complete", completed_by)
+            return bool(cur.rowcount)
+
+    def mark_dispatched(self, study_uid: str, version: int, job_id: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE studies SET state = ?, dispatched_at = ?, job_id = ? WHERE study_uid = ? AND version = ?",
+                (StudyState.DISPATCHED, now, job_id, study_uid, version),
+            )
+            self._event(db, study_uid, version, now, "queued", job_id)
+
+    def add_event(self, study_uid: str, version: int, event: str, detail: str = "",
+                  now: float | None = None) -> None:
+        with self._transaction() as db:
+            self._event(db, study_uid, version, time.time() if now is None else now, event, detail)
+
+    def events(self, study_uid: str) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute("SELECT * FROM events WHERE study_uid = ? ORDER BY at", (study_uid,)).fetchall()
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, study_uid: str, version: int, now: float, event: str, detail: str) -> None:
+        db.execute("INSERT INTO events (study_uid, version, at, event, detail) VALUES (?, ?, ?, ?, ?)",
+                   (study_uid, version, now, event, detail))

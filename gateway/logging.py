@@ -1,0 +1,84 @@
+"""structlog set-up shared by every process: JSON off a TTY, readable on one, stdlib logs included.
+
+pynetdicom and celery log through the standard library; ``ProcessorFormatter`` renders their
+records with the same processors, so an operator greps one schema.  Patient identifiers never
+appear in logs: code that needs to correlate a patient logs ``patient_ref(value)``, a keyed hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sys
+from typing import Any
+
+import structlog
+
+_hash_key: bytes = secrets.token_bytes(32)
+
+# Attribute names whose values must never reach a log line, whoever logs them.
+_PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
+                       "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames"})
+
+
+def patient_ref(value: object) -> str:
+    """Return a keyed, truncated hash of *value* for log correlation without the identifier."""
+    digest = hmac.new(_hash_key, str(value).encode(), hashlib.sha256).hexdigest()
+    return digest[:16]
+
+
+def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key in _PHI_KEYS.intersection(event_dict):
+        event_dict[key] = "<redacted>"
+    return event_dict
+
+
+def configure_logging(level: str = "INFO", *, json_output: bool | None = None, hash_key: str = "") -> None:
+    """Route structlog and stdlib logging through one formatter on stderr.
+
+    :param level: The minimum level for our loggers; pynetdicom is held at WARNING unless DEBUG.
+    :param json_output: ``None`` chooses JSON when stderr is not a TTY.
+    :param hash_key: Key for :func:`patient_ref`; empty keeps a random per-process key.
+    """
+    global _hash_key
+    if hash_key:
+        _hash_key = hash_key.encode()
+    if json_output is None:
+        json_output = not sys.stderr.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_phi,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *([structlog.processors.dict_tracebacks] if json_output else []),
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO, including dataset summaries; keep it quiet by default.
+    logging.getLogger("pynetdicom").setLevel(level if level == "DEBUG" else "WARNING")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

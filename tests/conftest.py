@@ -1,0 +1,48 @@
+"""Suite-wide fixtures: strict pydicom, a running gateway, and the peers' binaries."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from gateway.dispatch import RecordingDispatcher
+from gateway.logging import configure_logging
+from gateway.settings import Settings, load_settings
+from tests.utils import get_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _strict_pydicom() -> Iterator[None]:
+    # highdicom's practice: fail on invalid values we write, rather than letting a PACS find them.
+    old = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+    configure_logging("INFO", json_output=True)
+    yield
+    pydicom.config.settings.writing_validation_mode = old
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; run .ci/run (it installs dcmtk, orthanc and dicom3tools)")
+    return path
+
+
+def gateway_settings(tmp_path: Path, **gateway: object) -> Settings:
+    """Defaults with a free port, a temporary data dir and fast assembly."""
+    base = load_settings(REPO / "configs" / "default.yaml", environ={})
+    gw = base.gateway.model_copy(update={"port": get_port(), "data_dir": tmp_path / "data",
+                                         "host": "127.0.0.1", **gateway})
+    assembly = base.assembly.model_copy(update={"quiet_seconds": 1.0, "tick_seconds": 0.1})
+    return base.model_copy(update={"gateway": gw, "assembly": assembly})
+
+
+@pytest.fixture
+def recording_dispatcher() -> RecordingDispatcher:
+    return RecordingDispatcher()
