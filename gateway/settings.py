@@ -81,8 +81,9 @@ class GatewaySettings(_Section):
     #: SOP Class UIDs of private storage classes to accept in addition to the standard ones.
     private_sop_classes: tuple[str, ...] = ()
     max_associations: int = Field(default=16, ge=1)
-    #: Largest PDU we announce; 0 means unlimited.
-    max_pdu_size: int = Field(default=262_144, ge=0)
+    #: Largest PDU we announce.  Never unlimited: a peer may then send a whole multi-GB object
+    #: as one PDU, which pynetdicom reads into memory before the spool sees it.
+    max_pdu_size: int = Field(default=262_144, ge=4096, le=64 * 2**20)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
