@@ -81,4 +81,6 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None, h
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO, including dataset summaries; keep it quiet by default.
     logging.getLogger("pynetdicom").setLevel(level if level == "DEBUG" else "WARNING")
+    # highdicom narrates every attribute it copies at INFO.
+    logging.getLogger("highdicom").setLevel(level if level == "DEBUG" else "WARNING")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
