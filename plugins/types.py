@@ -75,6 +75,22 @@ class Letterbox:
     output_shape: tuple[int, int]
     #: True when the image was mirrored to normalise laterality.
     flipped: bool = False
+    #: Row scale when it differs from ``scale`` (a stretched resize, or the rounding of the resized
+    #: height); ``None`` means ``scale`` applies to both axes.
+    scale_y: float | None = None
+
+    def to_source(self, x: float, y: float) -> tuple[float, float]:
+        """Map a point (x, y) in the model input to source-image coordinates.
+
+        Coordinates are continuous, as in DICOM SCOORD: pixel (row r, column c) covers
+        [c, c + 1) x [r, r + 1), so its centre is (c + 0.5, r + 0.5).
+        """
+        top, left, _height, width = self.crop
+        source_x = (x - self.pad_left) / self.scale
+        source_y = (y - self.pad_top) / (self.scale if self.scale_y is None else self.scale_y)
+        if self.flipped:
+            source_x = width - source_x
+        return source_x + left, source_y + top
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +108,8 @@ class ImageRef:
     presentation_intent: str = ""
     number_of_frames: int = 1
     frame_index: int = 0
+    #: The first 2-D ultrasound region (Sequence of Ultrasound Regions) as (top, left, height, width).
+    us_region: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

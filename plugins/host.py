@@ -1,0 +1,426 @@
+"""The model host: finds model plugins, loads each once, and runs images through them safely.
+
+Whatever a plugin does wrong (raises, returns NaN or the wrong shape, runs out of memory) becomes
+an :class:`~plugins.types.ImageFailure` for the images concerned; the host and the other plugins
+carry on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pluggy
+import structlog
+import torch
+from torch import nn
+
+from gateway.errors import PermanentError, PluginError, StartupError
+from gateway.settings import Settings
+from plugins.base import ModelOutput, ModelPlugin, TorchModelPlugin
+from plugins.manager import get_plugin_manager
+from plugins.preprocess import (
+    BREAST_PROJECTION,
+    BREAST_TOMOSYNTHESIS,
+    CROP_MODES,
+    FOR_PROCESSING_SOP_CLASSES,
+    FRAME_POLICIES,
+    decode_frames,
+)
+from plugins.types import ImageFailure, ImageRef, Letterbox, Prediction, SkippedImage
+from plugins.weights import load_checkpoint, resolve_weights
+
+log = structlog.get_logger(__name__)
+
+Result = Prediction | ImageFailure | SkippedImage
+#: Decodes one image's frames under a frame policy.
+_Decoder = Callable[[ImageRef, str], list[tuple[ImageRef, np.ndarray]]]
+_TOMOSYNTHESIS_SOP_CLASSES = frozenset({BREAST_TOMOSYNTHESIS, *BREAST_PROJECTION})
+# Seed of demo weights, so that two workers give the same untrained output.
+_DEMO_SEED = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """A model ready to run: the plugin bound to its checkpoint's spec, the network and its settings."""
+
+    plugin: ModelPlugin
+    model: nn.Module
+    options: Mapping[str, Any]
+    device: torch.device
+    batch_size: int
+    demo_weights: bool
+    weights_path: Path | None
+    weights_sha256: str
+
+
+class ModelHost:
+    """Discovers model plugins and runs them; each model is loaded lazily, once per process.
+
+    :param settings: The validated configuration (``plugins`` section).
+    :param device: Default torch device; ``plugins.models.<name>.device`` overrides it.
+    :param plugin_manager: A ready manager; :func:`~plugins.manager.get_plugin_manager` by default.
+    :raises StartupError: on duplicate model names or unknown config options.
+    """
+
+    def __init__(
+        self, settings: Settings, device: str = "cpu", *, plugin_manager: pluggy.PluginManager | None = None
+    ) -> None:
+        self.settings = settings
+        self.device = device
+        self.plugin_manager = plugin_manager if plugin_manager is not None else get_plugin_manager(settings)
+        self._plugins = self._discover()
+        # Options are checked now so a typo in config stops start-up, not the first study.
+        self._options = {name: self._config_options(plugin) for name, plugin in self._plugins.items()}
+        self._loaded: dict[str, LoadedModel] = {}
+        self._load_lock = threading.Lock()
+
+    # -- discovery --------------------------------------------------------------------------
+
+    def _discover(self) -> dict[str, ModelPlugin]:
+        plugins: dict[str, ModelPlugin] = {}
+        # pluggy calls the most recently registered plugin first; reversed gives registration order.
+        for returned in reversed(self.plugin_manager.hook.pacs_triage_register_models()):
+            for plugin in returned or ():
+                if not isinstance(plugin, TorchModelPlugin):
+                    raise StartupError(
+                        f"pacs_triage_register_models returned {plugin!r}, not a TorchModelPlugin"
+                    )
+                if plugin.name in plugins:
+                    raise StartupError(
+                        f"two plugins register a model named {plugin.name!r}: "
+                        f"{plugins[plugin.name]!r} and {plugin!r}"
+                    )
+                plugins[plugin.name] = plugin
+        for name in self.settings.plugins.models:
+            if name not in plugins:
+                log.warning("plugin.config_for_unknown_model", model=name)
+        return plugins
+
+    def _config_options(self, plugin: ModelPlugin) -> dict[str, Any]:
+        configured = self.settings.plugin_config(plugin.name).options
+        unknown = sorted(set(configured) - set(plugin.default_options))
+        if unknown:
+            raise StartupError(
+                f"plugins.models.{plugin.name}.options has unknown keys {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(plugin.default_options))}"
+            )
+        options = {**plugin.default_options, **configured}
+        for key, allowed in (("frames", FRAME_POLICIES), ("crop", CROP_MODES)):
+            if options[key] not in allowed:
+                raise StartupError(
+                    f"plugins.models.{plugin.name}.options.{key} is {options[key]!r}, "
+                    f"not one of {', '.join(allowed)}"
+                )
+        return options
+
+    @property
+    def registered_models(self) -> list[ModelPlugin]:
+        """Every model a plugin registered, enabled or not."""
+        return list(self._plugins.values())
+
+    @property
+    def models(self) -> list[ModelPlugin]:
+        """The enabled models: not in ``plugins.disabled`` and not ``enabled: false``."""
+        return [p for p in self._plugins.values() if self.is_enabled(p.name)]
+
+    def is_enabled(self, name: str) -> bool:
+        return name not in self.settings.plugins.disabled and self.settings.plugin_config(name).enabled
+
+    def plugin(self, name: str) -> ModelPlugin:
+        """The registered model called *name*.
+
+        :raises PluginError: when no plugin registers it.
+        """
+        try:
+            return self._plugins[name]
+        except KeyError:
+            raise PluginError(
+                name, f"no such model; registered: {', '.join(sorted(self._plugins)) or 'none'}"
+            ) from None
+
+    # -- accept rules -----------------------------------------------------------------------
+
+    def skip_reason(self, plugin: ModelPlugin, ref: ImageRef) -> str | None:
+        """Why *plugin* declines *ref* (modality, For Processing, tomosynthesis, SOP class, view,
+        laterality), or ``None`` when it accepts it."""
+        rule = plugin.spec.accepts
+        options = self._options[plugin.name]
+        accept_for_processing = (
+            rule.accept_for_processing
+            if options["accept_for_processing"] is None
+            else options["accept_for_processing"]
+        )
+        accept_tomo = (
+            rule.accept_tomosynthesis_volumes
+            if options["accept_tomosynthesis_volumes"] is None
+            else options["accept_tomosynthesis_volumes"]
+        )
+        if rule.modalities and ref.modality not in rule.modalities:
+            return f"modality {ref.modality or '(none)'} is not one of {', '.join(rule.modalities)}"
+        for_processing = (
+            ref.presentation_intent == "FOR PROCESSING" or ref.sop_class_uid in FOR_PROCESSING_SOP_CLASSES
+        )
+        if for_processing and not accept_for_processing:
+            return "For Processing image (raw detector data); only For Presentation images are read"
+        if ref.sop_class_uid in _TOMOSYNTHESIS_SOP_CLASSES and not accept_tomo:
+            return "tomosynthesis volume or projection set; 2D and synthesized 2D views are read"
+        if rule.sop_class_uids and ref.sop_class_uid not in rule.sop_class_uids:
+            return f"SOP class {ref.sop_class_uid} is not accepted"
+        if rule.views and ref.view not in rule.views:
+            return f"view {ref.view or '(none)'} is not one of {', '.join(rule.views)}"
+        if rule.lateralities and ref.laterality not in rule.lateralities:
+            return f"laterality {ref.laterality or '(none)'} is not one of {', '.join(rule.lateralities)}"
+        return None
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def load(self, name: str) -> LoadedModel:
+        """Build and load model *name* on first use; later calls return the same model.
+
+        :raises PluginError: when it is disabled, has no usable weights, or cannot be built.
+        """
+        loaded = self._loaded.get(name)
+        if loaded is not None:
+            return loaded
+        with self._load_lock:
+            if name not in self._loaded:
+                self._loaded[name] = self._load(self.plugin(name))
+            return self._loaded[name]
+
+    def _load(self, plugin: ModelPlugin) -> LoadedModel:
+        name = plugin.name
+        if not self.is_enabled(name):
+            raise PluginError(name, "is disabled in the configuration")
+        config = self.settings.plugin_config(name)
+        started = time.perf_counter()
+        try:
+            source = resolve_weights(name, self.settings)
+            spec, options, state, sha256, demo = plugin.spec, dict(self._options[name]), None, "", source.demo
+            if source.path is not None:
+                state, meta = load_checkpoint(source.path)
+                if meta.architecture != spec.arch:
+                    raise PermanentError(
+                        f"{source.path} holds a {meta.architecture!r} model, not {spec.arch!r}"
+                    )
+                if set(meta.class_names) != set(spec.classes):
+                    raise PermanentError(
+                        f"{source.path} has classes {meta.class_names}, expected {spec.classes}"
+                    )
+                spec = dataclasses.replace(
+                    spec,
+                    classes=meta.class_names,
+                    input_size=meta.input_size,
+                    mean=meta.norm_mean,
+                    std=meta.norm_std,
+                    thresholds={**spec.thresholds, **meta.thresholds},
+                )
+                options = {**plugin.default_options, **meta.options, **config.options}
+                if meta.temperature is not None and "temperature" not in config.options:
+                    options["temperature"] = meta.temperature
+                sha256, demo = meta.sha256, demo or meta.demo
+            spec = dataclasses.replace(spec, thresholds={**spec.thresholds, **config.thresholds})
+            if options["cam_target_class"] and options["cam_target_class"] not in spec.classes:
+                raise PermanentError(
+                    f"cam_target_class {options['cam_target_class']!r} is not one of {spec.classes}"
+                )
+            device = torch.device(config.device or self.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise PermanentError(f"device {device} was asked for but CUDA is not available")
+            bound = plugin.bind(spec, demo_weights=demo, weights_sha256=sha256)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_DEMO_SEED)
+                model = bound.build_model(options)
+            if state is not None:
+                model.load_state_dict(state, strict=True)
+            model.to(device).eval().requires_grad_(False)
+        except PluginError:
+            raise
+        except Exception as exc:  # building or loading a third-party model can raise anything
+            raise PluginError(name, f"cannot be loaded: {exc}") from exc
+        log.info(
+            "model.loaded",
+            model=spec.model_id,
+            weights=str(source.path) if source.path else "random",
+            demo_weights=demo,
+            device=str(device),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return LoadedModel(
+            plugin=bound,
+            model=model,
+            options=options,
+            device=device,
+            batch_size=config.batch_size,
+            demo_weights=demo,
+            weights_path=source.path,
+            weights_sha256=sha256,
+        )
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, plugin_name: str, refs: Sequence[ImageRef]) -> list[Result]:
+        """Decode, preprocess, run (batched), explain and postprocess *refs* with one model.
+
+        :returns: One result per image, in order; a multi-frame image run with ``frames: all``
+            gives one per frame.  Nothing raises for a bad image or a failing model.
+        :raises PluginError: only for a model name no plugin registers.
+        """
+
+        def decode(ref: ImageRef, frames: str) -> list[tuple[ImageRef, np.ndarray]]:
+            return [
+                (dataclasses.replace(ref, frame_index=i), image)
+                for i, image in decode_frames(ref.path, frames)
+            ]
+
+        return self._run(self.plugin(plugin_name), [(ref, decode) for ref in refs])
+
+    def run_images(self, plugin_name: str, images: Sequence[tuple[ImageRef, np.ndarray]]) -> list[Result]:
+        """As :meth:`run`, for images already decoded to display-ready ``uint8`` (one per ref)."""
+        jobs = [(ref, lambda ref, _frames, image=image: [(ref, image)]) for ref, image in images]
+        return self._run(self.plugin(plugin_name), jobs)
+
+    def _run(self, plugin: ModelPlugin, jobs: Sequence[tuple[ImageRef, _Decoder]]) -> list[Result]:
+        started = time.perf_counter()
+        # Results are placed by position because batching finishes images out of order.
+        results: list[Result | None] = []
+        batch: list[tuple[int, ImageRef, torch.Tensor, Letterbox]] = []
+        loaded: LoadedModel | None = None
+        load_error = ""
+        for ref, decode in jobs:
+            reason = self.skip_reason(plugin, ref)
+            if reason is not None:  # decided from the header: skipped images are never decoded
+                results.append(SkippedImage(model_name=plugin.name, image=ref, reason=reason))
+                continue
+            if loaded is None and not load_error:
+                try:
+                    loaded = self.load(plugin.name)
+                except PluginError as exc:
+                    load_error = str(exc)
+            if loaded is None:
+                results.append(ImageFailure(model_name=plugin.name, image=ref, error=load_error))
+                continue
+            try:
+                frames = decode(ref, loaded.options["frames"])
+            except Exception as exc:  # decode_frames names the file; anything else is still this image's
+                error = str(exc) if isinstance(exc, PermanentError) else f"cannot decode {ref.path}: {exc!r}"
+                results.append(ImageFailure(model_name=plugin.name, image=ref, error=error))
+                continue
+            for frame_ref, image in frames:
+                prepared = self._preprocess(loaded, frame_ref, image)
+                results.append(prepared if isinstance(prepared, ImageFailure) else None)
+                if not isinstance(prepared, ImageFailure):
+                    batch.append((len(results) - 1, *prepared))
+                if len(batch) == loaded.batch_size:
+                    self._infer_into(loaded, batch, results)
+                    batch = []
+        if batch and loaded is not None:
+            self._infer_into(loaded, batch, results)
+        done = [r for r in results if r is not None]
+        log.info(
+            "model.run",
+            model=plugin.spec.model_id,
+            images=len(jobs),
+            predictions=sum(isinstance(r, Prediction) for r in done),
+            failures=sum(isinstance(r, ImageFailure) for r in done),
+            skipped=sum(isinstance(r, SkippedImage) for r in done),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return done
+
+    def _infer_into(
+        self,
+        loaded: LoadedModel,
+        batch: list[tuple[int, ImageRef, torch.Tensor, Letterbox]],
+        results: list[Result | None],
+    ) -> None:
+        outcomes = self._infer(loaded, [(ref, tensor, box) for _, ref, tensor, box in batch])
+        for (position, *_), outcome in zip(batch, outcomes, strict=True):
+            results[position] = outcome
+
+    def _preprocess(
+        self, loaded: LoadedModel, ref: ImageRef, image: np.ndarray
+    ) -> tuple[ImageRef, torch.Tensor, Letterbox] | ImageFailure:
+        try:
+            tensor, box = loaded.plugin.preprocess(image, ref, loaded.options)
+        except Exception as exc:  # a plugin's preprocessing can raise anything
+            return ImageFailure(
+                model_name=loaded.plugin.name, image=ref, error=f"preprocessing failed: {exc!r}"
+            )
+        expected = (3, *loaded.plugin.spec.input_size)
+        if tuple(tensor.shape) != expected:
+            return ImageFailure(
+                model_name=loaded.plugin.name,
+                image=ref,
+                error=f"preprocessing returned shape {tuple(tensor.shape)}, expected {expected}",
+            )
+        return ref, tensor, box
+
+    def _infer(
+        self, loaded: LoadedModel, batch: list[tuple[ImageRef, torch.Tensor, Letterbox]]
+    ) -> list[Result]:
+        plugin = loaded.plugin
+        try:
+            inputs = torch.stack([tensor for _, tensor, _ in batch]).to(loaded.device)
+            amp = bool(loaded.options["amp"]) and loaded.device.type == "cuda"
+            with torch.autocast(loaded.device.type, enabled=amp):
+                output = plugin.forward(loaded.model, inputs, loaded.options)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            if loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) > 1:  # a smaller batch may fit
+                return [result for item in batch for result in self._infer(loaded, [item])]
+            return self._fail(plugin.name, batch, f"out of memory on {loaded.device}: {exc}")
+        except Exception as exc:  # a plugin's forward can raise anything
+            return self._fail(plugin.name, batch, f"forward failed: {exc!r}")
+        problem = _check_output(output, len(batch), len(plugin.spec.classes))
+        if problem:
+            return self._fail(plugin.name, batch, problem)
+        results: list[Result] = []
+        for (ref, _, box), image_output in zip(batch, output.split(), strict=True):
+            if not np.all(np.isfinite(image_output.logits)):
+                results.append(
+                    ImageFailure(model_name=plugin.name, image=ref, error="model returned non-finite logits")
+                )
+                continue
+            try:
+                prediction = plugin.postprocess(image_output, box, ref, loaded.options)
+                if not isinstance(prediction, Prediction):
+                    raise TypeError(f"postprocess returned {type(prediction).__name__}, not Prediction")
+                # The host has the last word on which weights made it, so demo output cannot pass as real.
+                weights = (loaded.demo_weights, loaded.weights_sha256)
+                if (prediction.demo_weights, prediction.weights_sha256) != weights:
+                    prediction = dataclasses.replace(
+                        prediction, demo_weights=weights[0], weights_sha256=weights[1]
+                    )
+            except Exception as exc:  # includes Prediction's own validation (NaN maps, bad risk)
+                results.append(
+                    ImageFailure(model_name=plugin.name, image=ref, error=f"postprocessing failed: {exc!r}")
+                )
+                continue
+            results.append(prediction)
+        return results
+
+    @staticmethod
+    def _fail(name: str, batch: list[tuple[ImageRef, torch.Tensor, Letterbox]], error: str) -> list[Result]:
+        log.error("model.failed", model=name, images=len(batch), error=error)
+        return [ImageFailure(model_name=name, image=ref, error=error) for ref, _, _ in batch]
+
+
+def _check_output(output: object, batch_size: int, num_classes: int) -> str | None:
+    """What is wrong with a plugin's batch output, or ``None``."""
+    if not isinstance(output, ModelOutput):
+        return f"forward returned {type(output).__name__}, not ModelOutput"
+    if tuple(output.logits.shape) != (batch_size, num_classes):
+        return f"logits have shape {tuple(output.logits.shape)}, expected ({batch_size}, {num_classes})"
+    maps = {"heatmap": output.heatmap, **output.extra_maps}
+    for map_name, tensor in maps.items():
+        if tensor is not None and (tensor.ndim != 3 or tensor.shape[0] != batch_size):
+            return f"{map_name} has shape {tuple(tensor.shape)}, expected ({batch_size}, h, w)"
+    return None

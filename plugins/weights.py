@@ -1,0 +1,226 @@
+"""Model checkpoints: a safetensors file plus JSON metadata, and where a model's weights come from.
+
+A checkpoint is ``<name>.safetensors`` whose header metadata holds the JSON metadata under the
+``pacs_triage`` key, plus an optional sidecar ``<name>.json`` with the same fields and the file's
+sha256.  The sidecar wins where both give a field, so a site can retune thresholds without
+rewriting the weights; its ``sha256`` must match the file.  Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
+
+from gateway.errors import PermanentError
+from gateway.settings import Settings
+
+METADATA_KEY = "pacs_triage"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointMetadata:
+    """What a checkpoint says about itself; the model is rebuilt from this and nothing else."""
+
+    #: The plugin's ``spec.arch``; a checkpoint for another architecture is refused.
+    architecture: str
+    model_id: str
+    version: str
+    #: Class names in logit order.
+    class_names: tuple[str, ...]
+    norm_mean: tuple[float, ...]
+    norm_std: tuple[float, ...]
+    #: Model input (height, width).
+    input_size: tuple[int, int]
+    thresholds: dict[str, float] = field(default_factory=dict)
+    #: Temperature-scaling calibration: probabilities are ``softmax(logits / temperature)``.
+    temperature: float | None = None
+    #: Plugin options the weights were trained with (e.g. ``cbam_reduction``); extra keys are kept.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Free text: datasets, splits, dates.
+    training_data: str = ""
+    #: True for untrained demo weights; every prediction made with them says so.
+    demo: bool = False
+    #: sha256 of the weights file, filled in when it is saved or loaded.
+    sha256: str = ""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("class_names", "norm_mean", "norm_std", "input_size"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any], source: str) -> CheckpointMetadata:
+        """Validate *data* (read from *source*, named in errors)."""
+        required = (
+            "architecture",
+            "model_id",
+            "version",
+            "class_names",
+            "norm_mean",
+            "norm_std",
+            "input_size",
+        )
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise PermanentError(f"checkpoint metadata in {source} lacks {', '.join(missing)}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise PermanentError(f"checkpoint metadata in {source} has unknown keys {', '.join(unknown)}")
+        size = data["input_size"]
+        input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        temperature = data.get("temperature")
+        if temperature is not None and not float(temperature) > 0:
+            raise PermanentError(
+                f"checkpoint metadata in {source}: temperature must be > 0, got {temperature}"
+            )
+        return cls(
+            architecture=str(data["architecture"]),
+            model_id=str(data["model_id"]),
+            version=str(data["version"]),
+            class_names=tuple(str(c) for c in data["class_names"]),
+            norm_mean=tuple(float(v) for v in data["norm_mean"]),
+            norm_std=tuple(float(v) for v in data["norm_std"]),
+            input_size=input_size,
+            thresholds={str(k): float(v) for k, v in dict(data.get("thresholds") or {}).items()},
+            temperature=None if temperature is None else float(temperature),
+            options=dict(data.get("options") or {}),
+            training_data=str(data.get("training_data", "")),
+            demo=bool(data.get("demo", False)),
+            sha256=str(data.get("sha256", "")),
+        )
+
+
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar of a weights file: ``x.safetensors`` -> ``x.json``."""
+    return path.with_suffix(".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    model: torch.nn.Module | dict[str, torch.Tensor], path: str | Path, metadata: CheckpointMetadata
+) -> CheckpointMetadata:
+    """Write *model*'s weights as safetensors with *metadata* in the header and in a JSON sidecar.
+
+    :param model: A module or a state dict.
+    :param path: The ``.safetensors`` file to write; the sidecar goes next to it.
+    :param metadata: What the checkpoint says about itself (``sha256`` is filled in here).
+    :returns: *metadata* with the written file's sha256.
+    """
+    path = Path(path)
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    header = metadata.to_json_dict()
+    del header["sha256"]  # a file cannot hold its own hash; the sidecar carries it
+    save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(header)})
+    metadata = replace(metadata, sha256=file_sha256(path))
+    sidecar_path(path).write_text(json.dumps(metadata.to_json_dict(), indent=2) + "\n")
+    return metadata
+
+
+def _safetensors_header_metadata(blob: bytes) -> dict[str, str]:
+    # safetensors layout: an 8-byte little-endian header length, then the JSON header.
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    return dict(header.get("__metadata__") or {})
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMetadata]:
+    """Read a checkpoint written by :func:`save_checkpoint` (or a ``.pt`` state dict with a sidecar).
+
+    :raises PermanentError: naming the file when it is missing, unreadable, has no metadata, or
+        its sha256 differs from the sidecar's.
+    """
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise PermanentError(f"cannot read weights file {path}: {exc.strerror or exc}") from exc
+    sha256 = hashlib.sha256(blob).hexdigest()
+    data: dict[str, Any] = {}
+    try:
+        if path.suffix == ".safetensors":
+            state = load_safetensors_bytes(blob)
+            header = _safetensors_header_metadata(blob).get(METADATA_KEY)
+            if header:
+                data.update(json.loads(header))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every reader raises its own types on corrupt files
+        raise PermanentError(f"weights file {path} is corrupt or not a checkpoint: {exc}") from exc
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        try:
+            data.update(json.loads(sidecar.read_text()))
+        except (OSError, ValueError) as exc:
+            raise PermanentError(f"cannot read checkpoint metadata {sidecar}: {exc}") from exc
+    if not data:
+        raise PermanentError(
+            f"weights file {path} has no metadata: "
+            f"neither a '{METADATA_KEY}' safetensors header entry nor {sidecar}"
+        )
+    if data.get("sha256") and data["sha256"] != sha256:
+        raise PermanentError(f"weights file {path} has sha256 {sha256}, but {sidecar} says {data['sha256']}")
+    data["sha256"] = sha256
+    if not isinstance(state, dict):
+        raise PermanentError(f"weights file {path} does not hold a state dict")
+    return state, CheckpointMetadata.from_json_dict(data, str(path))
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a model's weights come from: a file, or (demo only) a seeded random initialisation."""
+
+    path: Path | None
+    demo: bool
+
+
+def resolve_weights(name: str, settings: Settings) -> WeightsSource:
+    """Choose the weights of model *name*: the configured file, else demo weights if allowed.
+
+    Demo weights are ``plugins.demo_weights_dir/<name>.safetensors`` when that file exists, else a
+    seeded random initialisation.
+
+    :raises PermanentError: when no weights are configured and demo weights are not allowed.
+    """
+    configured = settings.plugin_config(name).weights
+    if configured is not None:
+        return WeightsSource(Path(configured), demo=False)
+    if not settings.plugins.allow_demo_weights:
+        raise PermanentError(
+            f"model {name!r} has no weights: set plugins.models.{name}.weights to a checkpoint, "
+            "or set plugins.allow_demo_weights for untrained demo output"
+        )
+    demo_dir = settings.plugins.demo_weights_dir
+    if demo_dir is not None and (Path(demo_dir) / f"{name}.safetensors").is_file():
+        return WeightsSource(Path(demo_dir) / f"{name}.safetensors", demo=True)
+    return WeightsSource(None, demo=True)
+
+
+def describe_weights(name: str, settings: Settings) -> str:
+    """One line for ``plugins list``: ``<path> sha256:<hex>``, ``missing ...`` or ``demo ...``."""
+    try:
+        source = resolve_weights(name, settings)
+    except PermanentError:
+        return "missing"
+    if source.path is None:
+        return "demo (random init)"
+    if not source.path.is_file():
+        return f"missing ({source.path})"
+    described = f"{source.path} sha256:{file_sha256(source.path)}"
+    return f"demo {described}" if source.demo else described
