@@ -182,8 +182,9 @@ class Orthanc:
 class StoreSCP:
     """A DCMTK ``storescp`` that writes every received instance into a directory."""
 
-    def __init__(self, workdir: Path, *, aet: str = "STORESCP", startup_timeout: float = 15.0) -> None:
-        """Start ``storescp`` on a free port, storing into ``workdir/received``.
+    def __init__(self, workdir: Path, *, aet: str = "STORESCP", startup_timeout: float = 15.0,
+                 port: int | None = None) -> None:
+        """Start ``storescp`` on *port* (a free one by default), storing into ``workdir/received``.
 
         :param workdir: A directory for received files and the log.
         :param aet: The AE title storescp answers to.
@@ -193,7 +194,7 @@ class StoreSCP:
         if binary is None:
             raise FileNotFoundError("storescp (DCMTK) is not installed")
         self.aet = aet
-        self.port = get_free_port()
+        self.port = port or get_free_port()
         self.output_dir = workdir / "received"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "storescp.log"

@@ -61,12 +61,22 @@ def make_instance(
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
-    ds.StudyDate = "20261126"
+    ds.PatientSex = "F"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20261126"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "SYNTH0001"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "pacs-triage tests"
     ds.Modality = modality
     if modality == "MG":
         ds.ImageLaterality = laterality
         ds.ViewPosition = view
         ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PatientOrientation = ["P", "L" if laterality == "R" else "R"] if view == "CC" else ["A", "FR"]
+        ds.ImagerPixelSpacing = [0.1, 0.1]
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
 from gateway import cli as gateway_cli
 from gateway.errors import PacsTriageError
 from gateway.logging import configure_logging
-from gateway.settings import load_settings
+from gateway.settings import Settings, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +53,50 @@ def _optional_command_modules() -> list[Any]:
     return modules
 
 
-def run_up(args: argparse.Namespace, settings: Any) -> int:
-    """The embedded default: today the gateway with the configured dispatcher."""
-    return gateway_cli.run_gateway(args, settings)
+def make_dispatcher(settings: Settings) -> Any:
+    """The dispatcher ``dispatch.kind`` names: Celery for the pipeline, logging for a gateway alone."""
+    if settings.dispatch.kind == "logging":
+        return None  # the gateway's own LoggingDispatcher
+    from workers.app import configure_app
+    from workers.dispatch import CeleryDispatcher
+
+    return CeleryDispatcher(configure_app(settings))
+
+
+def _die_with_parent() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): the worker goes when `up` goes, even after kill -9.
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def run_up(args: argparse.Namespace, settings: Settings) -> int:
+    """The embedded default: the gateway and a worker on this machine, through the same code path.
+
+    The worker is ``pacs-triage worker`` in a child process with the same configuration, so the
+    only difference from a distributed set-up is where the processes run.
+    """
+    import os
+    import subprocess
+
+    settings = settings.model_copy(update={"dispatch": settings.dispatch.model_copy(update={"kind": "celery"})})
+    env = {**os.environ, "PACS_TRIAGE_GATEWAY__DATA_DIR": str(Path(settings.gateway.data_dir).resolve())}
+    command = [sys.executable, "-m", "workers.cli", "worker"]
+    if args.config:
+        command += ["--config", args.config]
+    worker = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+    try:
+        return gateway_cli.run_gateway(args, settings, make_dispatcher(settings))
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = args.overrides(args) if hasattr(args, "overrides") else {}
-        settings = load_settings(args.config, overrides=overrides)
+        settings = load_settings(getattr(args, "config", None), overrides=overrides)
         configure_logging(settings.logging.level, json_output=settings.logging.json_output,
                           hash_key=settings.logging.hash_key)
+        if args.func is gateway_cli.run_gateway:
+            return int(gateway_cli.run_gateway(args, settings, make_dispatcher(settings)) or 0)
         return int(args.func(args, settings) or 0)
     except PacsTriageError as exc:
         print(f"pacs-triage: error: {exc}", file=sys.stderr)

@@ -1,0 +1,94 @@
+"""The Celery application and its reliability settings; each setting cites the docs page behind it.
+
+Two brokers, one code path:
+
+- ``broker.url: embedded`` (the default) is kombu's SQLAlchemy transport on a SQLite file in the
+  data directory.  It needs no service, keeps queued messages on disk across restarts, and is
+  the same kombu/Celery machinery the Redis set-up uses.  Its limits: one machine, polling, and
+  no message priorities (FIFO).
+- ``broker.url: redis://...`` is production: priorities through Redis's priority transport,
+  several worker nodes, a visibility timeout longer than the longest task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from gateway.settings import Settings
+
+ANALYSIS_QUEUE = "analysis"
+DELIVERY_QUEUE = "delivery"
+
+app = Celery("pacs_triage", include=["workers.tasks"])
+
+_settings: Settings | None = None
+
+
+def broker_url(settings: Settings) -> str:
+    if settings.broker.url == "embedded":
+        path = Path(settings.gateway.data_dir).resolve() / "broker.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqla+sqlite:///{path}"
+    return settings.broker.url
+
+
+def configure_app(settings: Settings) -> Celery:
+    """Point the app at the configured broker and apply the reliability settings."""
+    global _settings
+    _settings = settings
+    url = broker_url(settings)
+    longest_task = settings.worker.time_limit_seconds + settings.delivery.backoff_max_seconds
+    visibility = max(settings.broker.visibility_timeout_seconds, int(longest_task * 2))
+    transport: dict[str, Any] = {}
+    if url.startswith(("redis://", "rediss://")):
+        # routing.html "Redis Message Priorities": 0 is the highest; one list per level.
+        transport = {"queue_order_strategy": "priority", "priority_steps": list(range(10)), "sep": ":",
+                     # redis.html "Visibility Timeout": longer than the longest task plus retry delays.
+                     "visibility_timeout": visibility}
+    app.conf.update(
+        broker_url=url,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_polling_interval=0.2,  # the SQLite transport polls; keep hand-off latency low
+        result_backend=None,
+        task_ignore_result=True,  # results live in our own journal (workers/results.py)
+        # tasks.html: ack after the task ran, and requeue when a worker process dies mid-task;
+        # our attempts counter caps redeliveries so a poison study cannot loop.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # optimizing.html "Prefetch Limits": one task reserved per process for long tasks.
+        worker_prefetch_multiplier=1,
+        # security.html / configuration.html: JSON only, never pickle.
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        # configuration.html task_soft_time_limit / task_time_limit.
+        task_soft_time_limit=settings.worker.soft_time_limit_seconds,
+        task_time_limit=settings.worker.time_limit_seconds,
+        # configuration.html worker_soft_shutdown_timeout: requeue unacked work on shutdown.
+        worker_soft_shutdown_timeout=10.0,
+        worker_enable_soft_shutdown_on_idle=True,
+        # configuration.html worker_max_tasks_per_child: bounds any slow leak in model code.
+        worker_max_tasks_per_child=200,
+        worker_hijack_root_logger=False,
+        task_default_queue=ANALYSIS_QUEUE,
+        task_routes={"workers.tasks.analyse": {"queue": ANALYSIS_QUEUE},
+                     "workers.tasks.deliver": {"queue": DELIVERY_QUEUE}},
+        task_queue_max_priority=9,
+        task_default_priority=6,
+    )
+    return app
+
+
+def current_settings() -> Settings:
+    """The settings the app was configured with (workers inherit them across fork)."""
+    if _settings is None:
+        from gateway.settings import load_settings
+
+        configure_app(load_settings())
+    if _settings is None:
+        raise RuntimeError("the Celery app has no settings")
+    return _settings

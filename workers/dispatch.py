@@ -1,0 +1,33 @@
+"""The Celery dispatcher the gateway is given: a completed study becomes a first-stage analysis task."""
+
+from __future__ import annotations
+
+import kombu.exceptions
+from celery import Celery
+
+from gateway.errors import TransientError
+from gateway.messages import StudyJob
+from workers.app import ANALYSIS_QUEUE
+
+
+class CeleryDispatcher:
+    """Publishes ``workers.tasks.analyse`` by name, at the study's incoming priority.
+
+    :param app: A configured Celery app (:func:`workers.app.configure_app`).
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def dispatch(self, job: StudyJob) -> None:
+        try:
+            self.app.send_task(
+                "workers.tasks.analyse",
+                kwargs={"job": job.to_json_dict(), "stage": "first"},
+                queue=ANALYSIS_QUEUE,
+                priority=int(job.priority),
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except (kombu.exceptions.OperationalError, OSError) as exc:
+            raise TransientError(f"broker unreachable: {exc}") from exc

@@ -1,0 +1,255 @@
+"""Celery tasks: two-stage, risk-first analysis on the analysis queue, and delivery on its own queue.
+
+Messages carry the job (UIDs and storage paths) and output paths, never pixels.  Each task
+counts its starts in the results journal; past ``worker.max_redeliveries`` (a process killed
+mid-task again and again) the work is dead-lettered instead of looping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from gateway.errors import PermanentError, TransientError
+from gateway.messages import Priority, StudyJob
+from gateway.settings import DestinationSettings, Settings
+from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
+from workers.pacs import compute_backoff, deliver as deliver_to_pacs
+from workers.pipeline import (
+    ModelRun,
+    accepting_models,
+    combine_risk,
+    model_host,
+    output_dir_for,
+    prediction_summary,
+    run_model,
+    study_refs,
+)
+from workers.results import ResultsStore
+
+log = structlog.get_logger(__name__)
+
+_stores: dict[str, ResultsStore] = {}
+
+
+def results_store(settings: Settings) -> ResultsStore:
+    path = str(Path(settings.gateway.data_dir).resolve() / "results.sqlite")
+    if path not in _stores:
+        _stores[path] = ResultsStore(path)
+    return _stores[path]
+
+
+def worker_device(settings: Settings) -> str:
+    return os.environ.get("PACS_TRIAGE_WORKER_DEVICE") or settings.worker.device
+
+
+def _too_many_attempts(store: ResultsStore, settings: Settings, key: str, task: str, job_id: str,
+                       kwargs: dict[str, Any]) -> bool:
+    attempt = store.bump_attempt(key)
+    if attempt <= settings.worker.max_redeliveries:
+        return False
+    letter = store.dead_letter(task, job_id, kwargs, f"started {attempt} times without finishing "
+                                                      "(the worker died each time)")
+    store.event(job_id, "dead-lettered", f"letter {letter}")
+    log.error("task.dead_lettered", task=task, job_id=job_id, attempts=attempt, letter=letter)
+    return True
+
+
+def _findings(runs: list[ModelRun]) -> list[dict[str, Any]]:
+    return [prediction_summary(p) for run in runs for p in run.predictions]
+
+
+@app.task(name="workers.tasks.analyse", bind=True, acks_late=True)
+def analyse(self: Task, job: dict[str, Any], stage: str = "first") -> None:
+    """Analyse one study version.
+
+    Stage ``first`` runs the fast triage model (``triage.first_stage_model``) at the incoming
+    priority; its risk sets the priority of stage ``rest`` (every other accepting model) and of
+    the deliveries, so a suspicious study's full analysis and results overtake routine ones.
+    Any failure dead-letters the study visibly instead of leaving it "analysing" forever.
+    """
+    settings = current_settings()
+    study = StudyJob.from_json_dict(job)
+    store = results_store(settings)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=study.job_id, stage=stage)
+    key = f"analyse:{study.job_id}:{stage}"
+
+    def give_up(error: str) -> None:
+        store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
+                           priority=int(study.priority), state="dead-lettered")
+
+    if _too_many_attempts(store, settings, key, "analyse", study.job_id, {"job": job, "stage": stage}):
+        give_up("too many attempts")
+        return
+    try:
+        _analyse(study, job, stage, settings, store, key)
+    except Exception as exc:  # recorded and visible; Celery would ack it anyway (tasks.html)
+        log.exception("analysis.failed")
+        letter = store.dead_letter("analyse", study.job_id, {"job": job, "stage": stage},
+                                   f"analysis failed: {type(exc).__name__}: {exc}")
+        store.event(study.job_id, "dead-lettered", f"letter {letter}")
+        store.reset_attempts(key)
+        give_up(str(exc))
+
+
+def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Settings, store: ResultsStore,
+             key: str) -> None:
+    store.event(study.job_id, f"analysis_start:{stage}")
+    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
+                       priority=int(study.priority), state="analysing")
+    host = model_host(settings, worker_device(settings))
+    refs, unreadable = study_refs(study)
+    for problem in unreadable:
+        log.warning("instance.unreadable", sop_uid_hash=problem["sop_instance_uid"][-8:], error=problem["error"])
+    models = accepting_models(host, refs)
+    first = settings.triage.first_stage_model
+    if stage == "first" and first in models:
+        this_stage, later = [first], [m for m in models if m != first]
+    elif stage == "first":
+        this_stage, later = models, []
+    else:
+        this_stage, later = [m for m in models if m != first], []
+
+    runs: list[ModelRun] = []
+    try:
+        for model in this_stage:
+            run = run_model(host, model, refs, study, output_dir_for(settings, study, model))
+            runs.append(run)
+            store.record_analysis(study.job_id, model, run.risk, [prediction_summary(p) for p in run.predictions],
+                                  [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
+                                   for f in run.failures], [str(p) for p in run.outputs])
+            store.event(study.job_id, f"model_done:{model}",
+                        json.dumps({"inference_s": round(run.seconds_inference, 3),
+                                    "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures)}))
+    except SoftTimeLimitExceeded:
+        store.event(study.job_id, "analysis_timeout", stage)
+        raise
+
+    all_risks = [a["risk"] for a in store.analyses(study.job_id) if a["risk"] is not None]
+    risk = combine_risk(all_risks, settings.triage.policy)
+    priority = study.priority
+    if risk is not None:
+        priority = min(study.priority, Priority.from_risk(risk, settings.triage.high_risk_threshold))
+    previous = store.study(study.study_instance_uid)
+    findings = json.loads(previous["findings"]) if previous and previous["job_id"] == study.job_id else []
+    findings += _findings(runs)
+    demo = any(f.get("demo_weights") for f in findings)
+    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
+                       priority=int(priority), state="analysed" if not later else "analysing",
+                       risk=risk, findings=findings, demo_weights=demo)
+    store.event(study.job_id, f"analysis_end:{stage}", f"risk={risk}")
+
+    if risk is not None and risk >= settings.triage.high_risk_threshold and stage == "first":
+        host.plugin_manager.hook.pacs_triage_high_risk_study(
+            study_instance_uid=study.study_instance_uid, risk=risk,
+            predictions=[p for run in runs for p in run.predictions])
+
+    outputs = [str(p) for run in runs for p in run.outputs]
+    if outputs:
+        app.send_task("workers.tasks.deliver", kwargs={"job_id": study.job_id, "paths": outputs,
+                                                       "study_uid": study.study_instance_uid},
+                      queue=DELIVERY_QUEUE, priority=int(priority))
+    if later:
+        app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "rest"},
+                      queue=ANALYSIS_QUEUE, priority=int(priority))
+    store.reset_attempts(key)
+
+
+def _destination_key(destination: DestinationSettings) -> str:
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+@app.task(name="workers.tasks.deliver", bind=True, acks_late=True, max_retries=None)
+def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> None:
+    """C-STORE a study's outputs to every configured destination, retrying with capped backoff.
+
+    Output UIDs are deterministic, so a retry or a redelivery re-sends the same instances and the
+    PACS stores no duplicate.  After ``delivery.max_retries`` the delivery is dead-lettered.
+    """
+    settings = current_settings()
+    store = results_store(settings)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    kwargs = {"job_id": job_id, "paths": paths, "study_uid": study_uid}
+    key = f"deliver:{job_id}:{hashlib.sha256('|'.join(paths).encode()).hexdigest()[:16]}"
+    if _too_many_attempts(store, settings, key, "deliver", job_id, kwargs):
+        return
+    if not settings.delivery.destinations:
+        store.event(job_id, "outputs_kept_locally", f"{len(paths)} objects; no delivery destination configured")
+        _mark_delivered(store, study_uid, job_id)
+        store.reset_attempts(key)
+        return
+    datasets = []
+    for path in paths:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            store.dead_letter("deliver", job_id, kwargs, f"output {path} unreadable: {exc}")
+            return
+    pending_error: Exception | None = None
+    for destination in settings.delivery.destinations:
+        where = _destination_key(destination)
+        try:
+            results = deliver_to_pacs(datasets, destination)
+        except TransientError as exc:
+            pending_error = exc
+            for ds in datasets:
+                store.record_delivery(sop_uid=ds.SOPInstanceUID, destination=where, job_id=job_id,
+                                      status="retrying", error=str(exc))
+            continue
+        except PermanentError as exc:
+            store.dead_letter("deliver", job_id, kwargs, f"{where}: {exc}")
+            store.event(job_id, "dead-lettered", where)
+            return
+        for result in results:
+            store.record_delivery(sop_uid=result.sop_instance_uid, destination=where, job_id=job_id,
+                                  status="stored" if result.ok else "failed", error=str(result.error or ""))
+        refused = [r for r in results if not r.ok and not r.retryable]
+        if refused:
+            store.dead_letter("deliver", job_id, kwargs, f"{where}: {refused[0].error}")
+            store.event(job_id, "dead-lettered", where)
+            return
+        pending_error = next((r.error for r in results if not r.ok), pending_error)
+    if pending_error is not None:
+        retries = self.request.retries
+        if retries >= settings.delivery.max_retries:
+            letter = store.dead_letter("deliver", job_id, kwargs, f"gave up after {retries + 1} tries: {pending_error}")
+            store.event(job_id, "dead-lettered", f"letter {letter}")
+            if study_uid:
+                row = store.study(study_uid)
+                if row is not None:
+                    store.upsert_study(study_uid=study_uid, job_id=job_id, version=row["version"],
+                                       priority=row["priority"], state="dead-lettered")
+            store.reset_attempts(key)
+            return
+        delay = compute_backoff(retries, settings.delivery.backoff_base_seconds,
+                            settings.delivery.backoff_max_seconds, jitter=True)
+        store.event(job_id, "delivery_retry", f"in {delay:.1f}s: {pending_error}")
+        store.reset_attempts(key)
+        raise self.retry(countdown=delay, exc=pending_error)
+    store.event(job_id, "delivered", f"{len(datasets)} objects")
+    _mark_delivered(store, study_uid, job_id)
+    store.reset_attempts(key)
+
+
+def _mark_delivered(store: ResultsStore, study_uid: str, job_id: str) -> None:
+    """Mark the study delivered once every output of every finished stage reached every destination."""
+    row = store.study(study_uid) if study_uid else None
+    if row is None or row["job_id"] != job_id or row["state"] != "analysed":
+        return
+    settings = current_settings()
+    wanted = {Path(path).stem for analysis in store.analyses(job_id) for path in json.loads(analysis["outputs"])}
+    stored = {(d["sop_uid"], d["destination"]) for d in store.deliveries(job_id) if d["status"] == "stored"}
+    destinations = [_destination_key(d) for d in settings.delivery.destinations]
+    if all((uid, where) in stored for uid in wanted for where in destinations):
+        store.upsert_study(study_uid=study_uid, job_id=job_id, version=row["version"], priority=row["priority"],
+                           state="delivered" if destinations else "done")
