@@ -40,6 +40,11 @@ def configure_app(settings: Settings) -> Celery:
     global _settings
     _settings = settings
     url = broker_url(settings)
+    if app.conf.broker_url not in (None, url):
+        # Connection pools made for an earlier broker would keep publishing there; drop them as
+        # Celery itself does after a fork.
+        app._pool = None
+        app.amqp._producer_pool = None
     longest_task = settings.worker.time_limit_seconds + settings.delivery.backoff_max_seconds
     visibility = max(settings.broker.visibility_timeout_seconds, int(longest_task * 2))
     transport: dict[str, Any] = {}
