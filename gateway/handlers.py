@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,12 +16,15 @@ from pydicom.dataset import Dataset
 
 from gateway.journal import InstanceRecord, Journal, StoreOutcome
 from gateway.messages import Priority
-from gateway.spool import Spool, same_content, uid_problem
+from gateway.spool import Spool, fsync_path, same_content, uid_problem
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
 
 log = structlog.get_logger(__name__)
+# structlog renders an event (timestamp included) before the stdlib level filter drops it; the
+# per-instance success line is skipped up front when INFO is off, as it is in production.
+_stdlib_log = logging.getLogger(__name__)
 
 #: Storage statuses we return (PS3.4 Annex B.2.3; 0xCxxx is "Error: cannot understand").
 STATUS_SUCCESS = 0x0000
@@ -27,6 +33,108 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INVALID_UID = 0xC220
 STATUS_UID_MISMATCH = 0xC221
 STATUS_PROCESSING_FAILURE = 0x0110
+#: The reason each refusal is counted under in the journal's ``refusals`` table (and /metrics).
+_REFUSAL_REASONS = {STATUS_OUT_OF_RESOURCES: "out_of_resources", STATUS_CANNOT_UNDERSTAND: "undecodable",
+                    STATUS_INVALID_UID: "invalid_uid", STATUS_UID_MISMATCH: "uid_mismatch"}
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One instance waiting for its group commit."""
+
+    record: InstanceRecord
+    outcome: StoreOutcome
+    done: bool = False
+    version: int = 0
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Commits the journal rows of concurrent C-STOREs together: one transaction, one WAL fsync.
+
+    Each receiving thread has already made its file durable under its final name (file fsync,
+    rename, directory fsync: those run in parallel, one per thread).  Threads that arrive while a
+    commit is running queue up; when it ends, one of them commits the whole queue.  A lone thread
+    commits its own row at once, so a single association pays no extra latency.
+
+    :param journal: Where the rows go.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._busy = False
+
+    def submit(self, record: InstanceRecord, outcome: StoreOutcome) -> int:
+        """Block until *record* is committed and return its study version.
+
+        :raises sqlite3.Error: if the journal refused the row.
+        """
+        item = _Pending(record, outcome)
+        with self._cond:
+            self._queue.append(item)
+            while self._busy and not item.done:
+                self._cond.wait()
+            batch: list[_Pending] = []
+            if not item.done:
+                self._busy = True
+                batch, self._queue = self._queue, []
+        if batch:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.version
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            versions = self.journal.record_instances([(item.record, item.outcome) for item in batch])
+            for item, version in zip(batch, versions, strict=True):
+                item.version = version
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:
+                # One bad row must not fail its neighbours: retry them one transaction each.
+                for item in batch:
+                    try:
+                        item.version = self.journal.record_instance(item.record, item.outcome)
+                    except Exception as single:  # reported to that item's own thread
+                        item.error = single
+        finally:
+            for item in batch:
+                if not item.version and item.error is None:
+                    item.error = RuntimeError("the journal commit was interrupted")
+                item.done = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Described:
+    """The header values the journal and the triage priority use, decoded once."""
+
+    modality: str
+    laterality: str
+    view: str
+    presentation: str
+    study_description: str
+    requested_priority: str
+
+    @classmethod
+    def of(cls, header: Dataset) -> _Described:
+        return cls(
+            modality=str(header.get("Modality", "") or ""),
+            laterality=str(header.get("ImageLaterality", "") or header.get("Laterality", "") or "").upper(),
+            view=_view_of(header),
+            presentation=str(header.get("PresentationIntentType", "") or "").upper(),
+            study_description=str(header.get("StudyDescription", "") or "").upper(),
+            requested_priority=str(header.get("RequestedProcedurePriority", "") or "").upper(),
+        )
+
 
 def _view_of(ds: Dataset) -> str:
     view = str(ds.get("ViewPosition", "") or "")
@@ -60,6 +168,7 @@ class StoreHandler:
         self.spool = spool
         self.journal = journal
         self.stat_keywords = tuple(k.upper() for k in stat_keywords)
+        self.group_commit = GroupCommit(journal)
 
     def __call__(self, event: Event) -> int:
         started = time.perf_counter()
@@ -68,9 +177,13 @@ class StoreHandler:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(calling_ae=calling_ae, peer=event.assoc.requestor.address)
         temp_path = Path(event.dataset_path)
+        status = STATUS_PROCESSING_FAILURE
         try:
-            return self._store(event, temp_path, calling_ae, request, started)
+            status = self._store(event, temp_path, calling_ae, request, started)
+            return status
         finally:
+            if status != STATUS_SUCCESS:
+                self._count_refusal(status)
             # Whatever happened, no partial file stays in incoming/ (pynetdicom unlinks it too,
             # but only by the name it knows, which we may have moved).
             temp_path.unlink(missing_ok=True)
@@ -89,6 +202,8 @@ class StoreHandler:
                 raise ValueError(f"no {' or '.join(missing)} in the data set")
             uids = {name: header.get(name) for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                                                          "SOPClassUID")}
+            # Decoded here, where a malformed value is a 0xC210, not later as a crash after the rename.
+            described = _Described.of(header)
         except Exception as exc:  # any decode failure of untrusted bytes is a 0xC210, never a crash
             where = self.spool.quarantine(temp_path, f"undecodable: {type(exc).__name__}: {exc}",
                                           {"calling_ae": calling_ae})
@@ -107,35 +222,46 @@ class StoreHandler:
 
         final_path = self.spool.instance_path(study_uid, sop_uid)
         outcome = StoreOutcome.NEW
-        if self.journal.find_instance(sop_uid) is not None and final_path.exists():
+        # The file test first: it is a stat, and it spares new instances a journal query.
+        if final_path.exists() and self.journal.find_instance(sop_uid) is not None:
             outcome = StoreOutcome.DUPLICATE if same_content(temp_path, final_path) else StoreOutcome.REPLACED
         size = temp_path.stat().st_size
         try:
             if outcome is not StoreOutcome.DUPLICATE:
-                self.spool.commit(temp_path, final_path)
+                # fsync, rename, fsync the folders: each thread its own, so concurrent
+                # associations' flushes overlap instead of queueing behind one another.
+                for directory in self.spool.place(temp_path, final_path):
+                    fsync_path(directory)
         except OSError as exc:
             log.error("store.refused", reason="write_failed", error=str(exc), status=hex(STATUS_OUT_OF_RESOURCES))
             return STATUS_OUT_OF_RESOURCES
 
         record = InstanceRecord(
             sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
-            sop_class_uid=str(header.get("SOPClassUID", request.AffectedSOPClassUID)),
-            transfer_syntax=transfer_syntax, modality=str(header.get("Modality", "") or ""),
-            laterality=str(header.get("ImageLaterality", "") or header.get("Laterality", "") or "").upper(),
-            view=_view_of(header), presentation=str(header.get("PresentationIntentType", "") or "").upper(),
+            sop_class_uid=str(uids["SOPClassUID"] or request.AffectedSOPClassUID),
+            transfer_syntax=transfer_syntax, modality=described.modality, laterality=described.laterality,
+            view=described.view, presentation=described.presentation,
             path=self.spool.relative(final_path), size=size, calling_ae=calling_ae,
-            priority=int(self._priority(request, header)),
+            priority=int(self._priority(request, described)),
         )
-        version = self.journal.record_instance(record, outcome)
-        log.info("store.received", outcome=str(outcome), study_version=version, bytes=size,
-                 modality=record.modality, ms=round(1000 * (time.perf_counter() - started), 2))
+        # The journal commit (its WAL fsync) is shared with concurrent associations.
+        version = self.group_commit.submit(record, outcome)
+        if _stdlib_log.isEnabledFor(logging.INFO):
+            log.info("store.received", outcome=str(outcome), study_version=version, bytes=size,
+                     modality=record.modality, ms=round(1000 * (time.perf_counter() - started), 2))
         return STATUS_SUCCESS
 
-    def _priority(self, request: Any, header: Dataset) -> Priority:
+    def _count_refusal(self, status: int) -> None:
+        # For /metrics; a journal that cannot count must not change the status the peer gets.
+        try:
+            self.journal.record_refusal(_REFUSAL_REASONS.get(status, "processing_failure"))
+        except Exception as exc:
+            log.warning("store.refusal_not_counted", error=str(exc))
+
+    def _priority(self, request: Any, described: _Described) -> Priority:
         priority = Priority.from_dimse(int(getattr(request, "Priority", 0) or 0))
-        description = str(header.get("StudyDescription", "") or "").upper()
-        if str(header.get("RequestedProcedurePriority", "")).upper() == "STAT" or any(
-            word in description for word in self.stat_keywords
+        if described.requested_priority == "STAT" or any(
+            word in described.study_description for word in self.stat_keywords
         ):
             priority = Priority.STAT
         return priority

@@ -2,12 +2,15 @@
 
 The journal is the gateway's memory across crashes: an instance is acknowledged only after its
 row is committed here, and on restart the assembler reads study state back from it.  Several
-receiving processes may share one journal file; SQLite's locking serialises their writes.
+receiving processes may share one journal file.  Their write transactions queue on an ``flock``
+of a lock file beside it, which wakes the next writer as soon as the lock is free; SQLite's own
+busy handler would have it sleep and retry, milliseconds at a time, on every collision.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import sqlite3
 import threading
 import time
@@ -15,6 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's busy handler alone serialises the processes
+    fcntl = None  # type: ignore[assignment]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -59,6 +67,11 @@ CREATE TABLE IF NOT EXISTS events (
     detail      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_study ON events (study_uid, version);
+CREATE TABLE IF NOT EXISTS refusals (       -- refused C-STOREs counted by reason, for /metrics
+    reason   TEXT PRIMARY KEY,
+    count    INTEGER NOT NULL,
+    last_at  REAL NOT NULL
+);
 """
 
 
@@ -122,6 +135,8 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._writer_lock = (os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+                             if fcntl is not None else None)
         self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -135,17 +150,26 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._writer_lock is not None:
+                os.close(self._writer_lock)
+                self._writer_lock = None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if self._writer_lock is not None:
+                fcntl.flock(self._writer_lock, fcntl.LOCK_EX)
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if self._writer_lock is not None:
+                    fcntl.flock(self._writer_lock, fcntl.LOCK_UN)
 
     # ---------------------------------------------------------------- instances
 
@@ -160,42 +184,54 @@ class Journal:
         after completion re-opens the study instead of being dropped.  A duplicate only bumps the
         study's duplicate counter.
         """
+        return self.record_instances([(rec, outcome)], now)[0]
+
+    def record_instances(self, items: list[tuple[InstanceRecord, StoreOutcome]],
+                         now: float | None = None) -> list[int]:
+        """Commit several stored instances in one transaction (one fsync) and return their study versions.
+
+        Each item is recorded exactly as :meth:`record_instance` would, in order; if any fails,
+        none is committed.
+        """
         now = time.time() if now is None else now
         with self._transaction() as db:
-            current = db.execute(
-                "SELECT version, state FROM studies WHERE study_uid = ? ORDER BY version DESC LIMIT 1",
-                (rec.study_uid,),
-            ).fetchone()
-            if outcome is StoreOutcome.DUPLICATE:
-                if current is not None:
-                    db.execute(
-                        "UPDATE studies SET duplicates = duplicates + 1 WHERE study_uid = ? AND version = ?",
-                        (rec.study_uid, current["version"]),
-                    )
-                    return int(current["version"])
-            if current is not None and current["state"] == StudyState.RECEIVING:
-                version = int(current["version"])
+            return [self._record(db, rec, outcome, now) for rec, outcome in items]
+
+    def _record(self, db: sqlite3.Connection, rec: InstanceRecord, outcome: StoreOutcome, now: float) -> int:
+        current = db.execute(
+            "SELECT version, state FROM studies WHERE study_uid = ? ORDER BY version DESC LIMIT 1",
+            (rec.study_uid,),
+        ).fetchone()
+        if outcome is StoreOutcome.DUPLICATE:
+            if current is not None:
                 db.execute(
-                    "UPDATE studies SET last_at = ?, priority = MIN(priority, ?) WHERE study_uid = ? AND version = ?",
-                    (now, rec.priority, rec.study_uid, version),
+                    "UPDATE studies SET duplicates = duplicates + 1 WHERE study_uid = ? AND version = ?",
+                    (rec.study_uid, current["version"]),
                 )
-            else:
-                version = 1 if current is None else int(current["version"]) + 1
-                db.execute(
-                    "INSERT INTO studies (study_uid, version, state, calling_ae, modality, priority, first_at, last_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec.study_uid, version, StudyState.RECEIVING, rec.calling_ae, rec.modality, rec.priority, now, now),
-                )
-                self._event(db, rec.study_uid, version, now, "first_instance",
-                            "reopened" if current is not None else "")
+                return int(current["version"])
+        if current is not None and current["state"] == StudyState.RECEIVING:
+            version = int(current["version"])
             db.execute(
-                "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
-                " modality, laterality, view, presentation, path, size, calling_ae, study_version, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (rec.sop_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax, rec.modality,
-                 rec.laterality, rec.view, rec.presentation, rec.path, rec.size, rec.calling_ae, version, now),
+                "UPDATE studies SET last_at = ?, priority = MIN(priority, ?) WHERE study_uid = ? AND version = ?",
+                (now, rec.priority, rec.study_uid, version),
             )
-            return version
+        else:
+            version = 1 if current is None else int(current["version"]) + 1
+            db.execute(
+                "INSERT INTO studies (study_uid, version, state, calling_ae, modality, priority, first_at, last_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (rec.study_uid, version, StudyState.RECEIVING, rec.calling_ae, rec.modality, rec.priority, now, now),
+            )
+            self._event(db, rec.study_uid, version, now, "first_instance",
+                        "reopened" if current is not None else "")
+        db.execute(
+            "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
+            " modality, laterality, view, presentation, path, size, calling_ae, study_version, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.sop_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax, rec.modality,
+             rec.laterality, rec.view, rec.presentation, rec.path, rec.size, rec.calling_ae, version, now),
+        )
+        return version
 
     def study_instances(self, study_uid: str) -> list[sqlite3.Row]:
         with self._lock:
@@ -255,3 +291,12 @@ class Journal:
     def _event(db: sqlite3.Connection, study_uid: str, version: int, now: float, event: str, detail: str) -> None:
         db.execute("INSERT INTO events (study_uid, version, at, event, detail) VALUES (?, ?, ?, ?, ?)",
                    (study_uid, version, now, event, detail))
+
+    # ---------------------------------------------------------------- refusals
+
+    def record_refusal(self, reason: str, now: float | None = None) -> None:
+        """Count one refused instance under *reason* (a fixed word, never patient data)."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO refusals (reason, count, last_at) VALUES (?, 1, ?)"
+                       " ON CONFLICT(reason) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+                       (reason, time.time() if now is None else now))

@@ -83,7 +83,7 @@ class GatewaySettings(_Section):
     max_associations: int = Field(default=16, ge=1)
     #: Largest PDU we announce.  Never unlimited: a peer may then send a whole multi-GB object
     #: as one PDU, which pynetdicom reads into memory before the spool sees it.
-    max_pdu_size: int = Field(default=262_144, ge=4096, le=64 * 2**20)
+    max_pdu_size: int = Field(default=1_048_576, ge=4096, le=64 * 2**20)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
@@ -198,6 +198,34 @@ class TriageSettings(_Section):
     stat_keywords: tuple[str, ...] = ("STAT", "URGENT")
 
 
+class HttpSettings(_Section):
+    """The operations web service (``pacs-triage serve-http``): worklist page, JSON API and /metrics."""
+
+    #: Whether ``pacs-triage up`` starts the web service too; ``serve-http`` always runs it.
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    #: Bearer tokens accepted on every endpoint but health and readiness.  Several may be valid
+    #: at once, so a token is rotated by adding the new one, moving clients, then removing the old.
+    #: Empty: ``serve-http`` makes a random token for its run and prints it.
+    tokens: tuple[str, ...] = ()
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens_as_strings(cls, value: Any) -> Any:
+        # From the environment a single token arrives as a scalar, and an all-digit one as an int.
+        if value is None:
+            return ()
+        if isinstance(value, (str, int)):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            tokens = tuple(str(v) for v in value)
+            if any(not t.strip() for t in tokens):
+                raise ValueError("an empty token would let anyone in")
+            return tokens
+        return value
+
+
 class Settings(_Section):
     gateway: GatewaySettings = GatewaySettings()
     assembly: AssemblySettings = AssemblySettings()
@@ -208,6 +236,7 @@ class Settings(_Section):
     delivery: DeliverySettings = DeliverySettings()
     worker: WorkerSettings = WorkerSettings()
     triage: TriageSettings = TriageSettings()
+    http: HttpSettings = HttpSettings()
 
     #: The file this was loaded from, for messages; not a config key.
     source: str = Field(default="<defaults>", exclude=True)

@@ -96,11 +96,28 @@ class Spool:
         return str(path.relative_to(self.root))
 
     def commit(self, temp_path: Path, final_path: Path) -> None:
-        """fsync *temp_path*, then atomically move it to *final_path* and fsync the directory."""
+        """fsync *temp_path*, then atomically move it to *final_path* and fsync the directories."""
+        for directory in self.place(temp_path, final_path):
+            fsync_path(directory)
+
+    def place(self, temp_path: Path, final_path: Path) -> tuple[Path, ...]:
+        """fsync *temp_path* and atomically rename it to *final_path*, creating its folders.
+
+        The new name is durable only once the returned directories are fsynced: the file's
+        folder, and the parent of every folder created here (a new study's folder is itself
+        a new entry).  Callers fsync them, possibly once for many files (group commit).
+        """
         fsync_path(temp_path)
-        final_path.parent.mkdir(parents=True, exist_ok=True)
+        directory = final_path.parent
+        if directory.is_dir():
+            to_sync: tuple[Path, ...] = (directory,)
+        else:
+            missing = [directory, *(p for p in directory.parents if p.is_relative_to(self.studies))]
+            missing = [p for p in missing if not p.is_dir()]
+            directory.mkdir(parents=True, exist_ok=True)
+            to_sync = (directory, *(p.parent for p in missing))
         os.replace(temp_path, final_path)
-        fsync_path(final_path.parent)
+        return to_sync
 
     def quarantine(self, temp_path: Path, reason: str, context: dict[str, str]) -> Path:
         """Move undecodable bytes aside for inspection, with a JSON note of why."""
