@@ -44,7 +44,7 @@ def _optional_command_modules() -> list[Any]:
     import importlib
 
     modules = []
-    for name in ("plugins.cli", "workers.commands"):
+    for name in ("plugins.cli", "workers.commands", "workers.http_cli"):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
@@ -85,18 +85,20 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
 
     settings = settings.model_copy(update={"dispatch": settings.dispatch.model_copy(update={"kind": "celery"})})
     env = {**os.environ, "PACS_TRIAGE_GATEWAY__DATA_DIR": str(Path(settings.gateway.data_dir).resolve())}
-    command = [sys.executable, "-m", "workers.cli", "worker"]
-    if args.config:
-        command += ["--config", args.config]
-    worker = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+    config = ["--config", args.config] if args.config else []
+    commands = [["worker"]] + ([["serve-http"]] if settings.http.enabled else [])
+    children = [subprocess.Popen([sys.executable, "-m", "workers.cli", *command, *config], env=env,
+                                 preexec_fn=_die_with_parent) for command in commands]
     try:
         return gateway_cli.run_gateway(args, settings, make_dispatcher(settings))
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
