@@ -273,11 +273,18 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_conn_open(event: Event) -> None:
-    """``evt.EVT_CONN_OPEN``: turn Nagle off, or small C-STOREs wait ~40 ms for delayed ACKs."""
+    """``evt.EVT_CONN_OPEN``: turn Nagle off and give the accepted socket the network timeout.
+
+    Without TCP_NODELAY small C-STOREs wait ~40 ms for delayed ACKs.  Without a timeout a peer
+    that stalls in the middle of a PDU would hold its association, its slot under
+    ``max_associations`` and its half-file forever: CPython's ``accept()`` does not pass the
+    listener's timeout on, and a read that times out becomes a transport-closed event.
+    """
     raw = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if raw is not None:
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(event.assoc.ae.network_timeout)
         except OSError:
             pass
 

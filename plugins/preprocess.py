@@ -22,7 +22,6 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 
 from gateway.errors import PermanentError
@@ -72,13 +71,20 @@ _VIEW_MEANINGS = {
 def read_image_ref(path: str | os.PathLike[str]) -> ImageRef:
     """Describe the image at *path* from its header only (pixel data is not read).
 
-    :raises PermanentError: naming the file when it is not DICOM or lacks a required UID.
+    :raises PermanentError: naming the file when it is not DICOM, its header cannot be decoded, or
+        it lacks a required UID.
     """
     path = Path(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise PermanentError(f"{path} is not a readable DICOM file: {exc}") from exc
+        return _image_ref(path)
+    except PermanentError:
+        raise
+    except Exception as exc:  # pydicom decodes elements lazily and raises many types on bad bytes
+        raise PermanentError(f"{path} is not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+
+
+def _image_ref(path: Path) -> ImageRef:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
     uids = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         value = str(ds.get(keyword, "") or "")
@@ -173,18 +179,35 @@ def decode_frames(
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if policy in ("all", "max_variance") and frames > 1:
             stack = pixel_array(ds)
+            for frame in stack:
+                _check_frame_shape(frame, ds, path)
             decoded = [(i, to_display(stack[i], ds, i)) for i in range(frames)]
             if policy == "all":
                 return decoded
             return [max(decoded, key=lambda item: float(item[1].var()))]
         index = frames // 2 if policy == "middle" else 0
-        return [(index, to_display(pixel_array(ds, index=index if frames > 1 else None), ds, index))]
+        stored = pixel_array(ds, index=index if frames > 1 else None)
+        _check_frame_shape(stored, ds, path)
+        return [(index, to_display(stored, ds, index))]
     except PermanentError:
         raise
-    except Exception as exc:  # pydicom and its decoders raise many types on bad files
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a Rust decoder's panic is a BaseException (pyo3)
         raise PermanentError(
             f"cannot decode {path} ({transfer_syntax}): {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _check_frame_shape(stored: np.ndarray, ds: Dataset, path: Path) -> None:
+    """Refuse a decoded frame whose shape disagrees with Rows, Columns and Samples per Pixel.
+
+    Lenient decoders return whatever the bytes allow when the header understates the data.
+    """
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    expected = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) + ((samples,) if samples > 1 else ())
+    if stored.shape != expected:
+        raise PermanentError(f"{path}: decoded frame has shape {stored.shape}, the header says {expected}")
 
 
 def to_display(stored: np.ndarray, ds: Dataset, frame_index: int = 0) -> np.ndarray:
