@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import structlog
+import structlog.tracebacks
 
 _hash_key: bytes = secrets.token_bytes(32)
 
@@ -58,7 +59,8 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None, h
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                           exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -70,7 +72,9 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None, h
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *([structlog.processors.dict_tracebacks] if json_output else []),
+            # Structured tracebacks without local variables: locals can hold patient data.
+            *([structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False))] if json_output else []),
             renderer,
         ],
     )

@@ -176,7 +176,8 @@ class DestinationSettings(_Section):
 
 class DeliverySettings(_Section):
     destinations: tuple[DestinationSettings, ...] = ()
-    max_retries: int = Field(default=8, ge=0)
+    #: 16 tries with the default backoff span about 45 minutes of PACS outage on average.
+    max_retries: int = Field(default=16, ge=0)
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     backoff_max_seconds: float = Field(default=600.0, gt=0)
 

@@ -377,7 +377,9 @@ class ModelHost:
             if len(batch) > 1:  # a smaller batch may fit
                 return [result for item in batch for result in self._infer(loaded, [item])]
             return self._fail(plugin.name, batch, f"out of memory on {loaded.device}: {exc}")
-        except Exception as exc:  # a plugin's forward can raise anything
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - anything, including a native extension's panic
             return self._fail(plugin.name, batch, f"forward failed: {exc!r}")
         problem = _check_output(output, len(batch), len(plugin.spec.classes))
         if problem:

@@ -211,6 +211,7 @@ def build_sr(
     software_version: str = "",
     institution_name: str | None = None,
     created: datetime.datetime | None = None,
+    source_digests: Mapping[str, str] | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 Measurement Report of one model on one study.
 
@@ -235,6 +236,8 @@ def build_sr(
     :param software_version: Our software version, recorded as Software Versions.
     :param institution_name: Institution Name to record, if any.
     :param created: Content date and time; now by default.
+    :param source_digests: SOP Instance UID -> digest of that source's content; when given, the
+        report's UID changes with the content of its sources (:func:`workers.uids.sr_instance_uid`).
     :raises ValueError: on empty input, mixed studies or models, or a prediction whose image
         is not in *evidence*.
     """
@@ -263,7 +266,11 @@ def build_sr(
         raise ValueError(f"the evaluated images belong to several studies: {sorted(study_uids)}")
     study_uid = study_uids.pop()
 
-    sop_uid = uids.sr_instance_uid(study_uid, used, model.model_id, model.version)
+    digests: list[str] = []
+    if source_digests:
+        # Paired with their UIDs, so two sources swapping content still change the report's UID.
+        digests = [f"{uid}={source_digests[uid]}" for uid in used if uid in source_digests]
+    sop_uid = uids.sr_instance_uid(study_uid, used, model.model_id, model.version, digests)
     provenance: dict[str, Any] = {"model_id": model.model_id, "demo_weights": demo_weights}
     weights = sorted({p.weights_sha256 for p in predictions if p.weights_sha256})
     if weights:
@@ -583,6 +590,7 @@ def build_heatmap_sc(
     manufacturer: str = MANUFACTURER,
     software_version: str = "",
     max_dimension: int = 2048,
+    source_digest: str = "",
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture that shows *prediction*'s heatmap over its source image.
 
@@ -600,6 +608,7 @@ def build_heatmap_sc(
     :param manufacturer: Manufacturer of this software.
     :param software_version: Our software version, recorded as Software Versions.
     :param max_dimension: Longest side of the image part of the SC, in pixels.
+    :param source_digest: Digest of the source's content; when given, the SC's UID changes with it.
     :raises ValueError: when the prediction has no heatmap or does not match *source*.
     """
     if prediction.heatmap is None:
@@ -651,6 +660,7 @@ def build_heatmap_sc(
             prediction.model_id,
             prediction.model_version,
             prediction.image.frame_index,
+            source_digest,
         ),
         instance_number=instance_number,
         manufacturer=manufacturer,

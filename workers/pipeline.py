@@ -5,6 +5,7 @@ Nothing here talks to Celery, so the same code serves the tasks, the tests and t
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class ModelRun:
     outputs: list[Path] = field(default_factory=list)
     seconds_inference: float = 0.0
     seconds_outputs: float = 0.0
+    #: Why the SR and SCs could not be built, when the model predicted but its outputs failed.
+    outputs_error: str | None = None
 
     @property
     def risk(self) -> float | None:
@@ -61,6 +64,9 @@ def study_refs(job: StudyJob) -> tuple[list[ImageRef], list[dict[str, str]]]:
             refs.append(read_image_ref(root / instance.path))
         except PermanentError as exc:
             unreadable.append({"sop_instance_uid": instance.sop_instance_uid, "error": str(exc)})
+        except Exception as exc:  # pydicom raises more than read_image_ref names (NotImplementedError...)
+            error = f"{instance.path} is not a readable DICOM file: {type(exc).__name__}"
+            unreadable.append({"sop_instance_uid": instance.sop_instance_uid, "error": error})
     return refs, unreadable
 
 
@@ -95,9 +101,13 @@ def run_model(host: ModelHost, model: str, refs: Sequence[ImageRef], job: StudyJ
     try:
         run.outputs = write_outputs(host, model, run.predictions, output_dir)
     except Exception as exc:  # a writer bug must fail this model's outputs, not the study
-        log.exception("outputs.failed", model=model, job_id=job.job_id)
+        # No traceback and no message in the log: both carry the source's patient attributes when one
+        # of them is what failed (pydicom: "Unable to convert '1971-03-04' to 'DA' object", and the
+        # frame locals of highdicom's constructor).  The journal, next to the images, keeps the message.
+        log.error("outputs.failed", model=model, job_id=job.job_id, error=type(exc).__name__)
+        run.outputs_error = f"building outputs failed: {type(exc).__name__}: {exc}"
         run.failures.append(ImageFailure(model_name=model, image=run.predictions[0].image,
-                                         error=f"building outputs failed: {type(exc).__name__}: {exc}"))
+                                         error=run.outputs_error))
     run.seconds_outputs = time.perf_counter() - started
     return run
 
@@ -106,17 +116,31 @@ def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction]
     """Build the SR and one SC per prediction with a heatmap; save them as DICOM files."""
     plugin = host.plugin(model)
     sources = {p.image.sop_instance_uid: pydicom.dcmread(p.image.path) for p in predictions}
+    # A resend with the same UIDs but other bytes (the gateway keeps the new copy as a new study
+    # version) must give outputs with new UIDs, or the PACS keeps the stale ones.
+    digests = {p.image.sop_instance_uid: file_digest(p.image.path) for p in predictions}
     reported = ReportedModel.from_spec(plugin.spec, predictions[0].parameters)
     demo = any(p.demo_weights for p in predictions)
     output_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    sr = build_sr(list(sources.values()), predictions, model=reported, demo_weights=demo)
+    sr = build_sr(list(sources.values()), predictions, model=reported, demo_weights=demo,
+                  source_digests=digests)
     written.append(_save(sr, output_dir))
     for index, prediction in enumerate(p for p in predictions if p.heatmap is not None):
         sc = build_heatmap_sc(sources[prediction.image.sop_instance_uid], None, prediction,
-                              instance_number=index + 1, display_name=plugin.spec.display_name)
+                              instance_number=index + 1, display_name=plugin.spec.display_name,
+                              source_digest=digests[prediction.image.sop_instance_uid])
         written.append(_save(sc, output_dir))
     return written
+
+
+def file_digest(path: str | Path) -> str:
+    """A short SHA-256 of a file's bytes: what a source's content is, for the output UIDs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:32]
 
 
 def _save(dataset: pydicom.Dataset, directory: Path) -> Path:

@@ -180,6 +180,20 @@ class ResultsStore:
                 (sop_uid, destination, job_id, status, error, time.time()),
             )
 
+    def stored_at(self, sop_uids: list[str]) -> set[tuple[str, str]]:
+        """(SOP UID, destination) pairs journalled as stored, whichever job's delivery stored them.
+
+        A later study version shares its unchanged outputs with the earlier one; their rows keep
+        the job that first delivered them.
+        """
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(sop_uids), 500):  # SQLite's limit on bound parameters
+            chunk = sop_uids[start:start + 500]
+            rows = self._query("SELECT sop_uid, destination FROM deliveries WHERE status = 'stored'"
+                               f" AND sop_uid IN ({','.join('?' * len(chunk))})", tuple(chunk))
+            found.update((r["sop_uid"], r["destination"]) for r in rows)
+        return found
+
     def deliveries(self, job_id: str | None = None) -> list[sqlite3.Row]:
         if job_id is None:
             return self._query("SELECT * FROM deliveries ORDER BY updated_at")

@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
 import pydicom
 import structlog
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from gateway.errors import PermanentError, TransientError
 from gateway.messages import Priority, StudyJob
@@ -38,6 +39,12 @@ from workers.results import ResultsStore
 log = structlog.get_logger(__name__)
 
 _stores: dict[str, ResultsStore] = {}
+
+#: Publishing a follow-up task (delivery, stage two) rides out a broker restart of this long (about 25 s)
+#: before giving the study back; kombu's defaults give up after about one second.
+_PUBLISH_RETRY = {"max_retries": 10, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 3.0}
+#: The broker is unreachable: a fault of the queue, never of the study.
+_BROKER_ERRORS = (kombu.exceptions.OperationalError, ConnectionError)
 
 
 def results_store(settings: Settings) -> ResultsStore:
@@ -92,8 +99,21 @@ def analyse(self: Task, job: dict[str, Any], stage: str = "first") -> None:
         return
     try:
         _analyse(study, job, stage, settings, store, key)
-    except Exception as exc:  # recorded and visible; Celery would ack it anyway (tasks.html)
-        log.exception("analysis.failed")
+    except _BROKER_ERRORS as exc:
+        # The analysis is journalled, but its delivery could not be queued.  Dead-lettering would hide a
+        # finished study behind a broker restart: give the message back instead (requeued now if the
+        # broker is back, else Redis restores it after the visibility timeout) and let it run again.
+        log.warning("analysis.requeued", reason="broker unreachable", error=str(exc))
+        store.event(study.job_id, "requeued", "broker unreachable when queueing the next step")
+        store.reset_attempts(key)
+        raise Reject(str(exc), requeue=True) from exc
+    except BaseException as exc:  # recorded and visible; Celery would ack it anyway (tasks.html)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise  # the process is going away: acks_late + reject_on_worker_lost give the study back
+        # BaseException, not Exception: a Rust decoder's panic (pyo3's PanicException) is one, and
+        # escaping here it left the study "analysing" for ever with its message acknowledged.
+        # Type only: messages and traceback locals can hold patient attributes; the letter keeps the message.
+        log.error("analysis.failed", error=type(exc).__name__)
         letter = store.dead_letter("analyse", study.job_id, {"job": job, "stage": stage},
                                    f"analysis failed: {type(exc).__name__}: {exc}")
         store.event(study.job_id, "dead-lettered", f"letter {letter}")
@@ -124,9 +144,10 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         for model in this_stage:
             run = run_model(host, model, refs, study, output_dir_for(settings, study, model))
             runs.append(run)
+            # Unreadable instances are every model's failures: journalled and shown, not only logged.
             store.record_analysis(study.job_id, model, run.risk, [prediction_summary(p) for p in run.predictions],
                                   [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
-                                   for f in run.failures], [str(p) for p in run.outputs])
+                                   for f in run.failures] + unreadable, [str(p) for p in run.outputs])
             store.event(study.job_id, f"model_done:{model}",
                         json.dumps({"inference_s": round(run.seconds_inference, 3),
                                     "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures)}))
@@ -153,14 +174,25 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
             study_instance_uid=study.study_instance_uid, risk=risk,
             predictions=[p for run in runs for p in run.predictions])
 
+    unbuilt = [f"{run.model}: {run.outputs_error}" for run in runs if run.outputs_error]
+    if unbuilt:
+        # Predictions without their SR/SCs: nothing would ever reach the PACS and the study would stay
+        # "analysed" for good.  Dead-letter it, visibly; its risk and findings stay on the worklist.
+        raise PermanentError("; ".join(unbuilt))
+    if not later and not findings:
+        analyses = store.analyses(study.job_id)
+        failed = [f"{a['model']}: {f['error']}" for a in analyses for f in json.loads(a["failures"])]
+        if failed:
+            # Every image failed in every model: nothing will reach the PACS, so say so visibly.
+            raise PermanentError(f"no model could analyse any image: {'; '.join(failed[:5])}")
     outputs = [str(p) for run in runs for p in run.outputs]
     if outputs:
         app.send_task("workers.tasks.deliver", kwargs={"job_id": study.job_id, "paths": outputs,
                                                        "study_uid": study.study_instance_uid},
-                      queue=DELIVERY_QUEUE, priority=int(priority))
+                      queue=DELIVERY_QUEUE, priority=int(priority), retry=True, retry_policy=_PUBLISH_RETRY)
     if later:
         app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "rest"},
-                      queue=ANALYSIS_QUEUE, priority=int(priority))
+                      queue=ANALYSIS_QUEUE, priority=int(priority), retry=True, retry_policy=_PUBLISH_RETRY)
     store.reset_attempts(key)
 
 
@@ -248,7 +280,9 @@ def _mark_delivered(store: ResultsStore, study_uid: str, job_id: str) -> None:
         return
     settings = current_settings()
     wanted = {Path(path).stem for analysis in store.analyses(job_id) for path in json.loads(analysis["outputs"])}
-    stored = {(d["sop_uid"], d["destination"]) for d in store.deliveries(job_id) if d["status"] == "stored"}
+    # By SOP UID, not by job: outputs a new study version shares with the previous one were stored
+    # by the previous version's delivery (their journal rows keep that job id).
+    stored = store.stored_at(sorted(wanted))
     destinations = [_destination_key(d) for d in settings.delivery.destinations]
     if all((uid, where) in stored for uid in wanted for where in destinations):
         store.upsert_study(study_uid=study_uid, job_id=job_id, version=row["version"], priority=row["priority"],

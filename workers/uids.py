@@ -45,7 +45,11 @@ def sr_series_uid(study_uid: str, model_id: str, model_version: str) -> UID:
 
 
 def sr_instance_uid(
-    study_uid: str, source_sop_instance_uids: Iterable[str], model_id: str, model_version: str
+    study_uid: str,
+    source_sop_instance_uids: Iterable[str],
+    model_id: str,
+    model_version: str,
+    source_digests: Iterable[str] = (),
 ) -> UID:
     """SOP Instance UID of the SR that reports *model_id* on these source images.
 
@@ -53,9 +57,14 @@ def sr_instance_uid(
     :param source_sop_instance_uids: SOP Instance UIDs of every evaluated image (any order).
     :param model_id: The model's stable id.
     :param model_version: The model's version string.
+    :param source_digests: Digests of the sources' content (any order).  A source resent with the
+        same UID but other bytes then gives a new report UID: a PACS keeps the first object it got
+        under a UID and would silently drop the new findings.
     """
+    digests = _sorted_unique(source_digests)
     return derive_uid(
-        "sr-instance", study_uid, *_sorted_unique(source_sop_instance_uids), model_id, model_version
+        "sr-instance", study_uid, *_sorted_unique(source_sop_instance_uids), model_id, model_version,
+        *(["content", *digests] if digests else []),
     )
 
 
@@ -75,6 +84,7 @@ def sc_instance_uid(
     model_id: str,
     model_version: str,
     frame_index: int = 0,
+    source_digest: str = "",
 ) -> UID:
     """SOP Instance UID of the heatmap Secondary Capture of one source image (or frame).
 
@@ -83,9 +93,12 @@ def sc_instance_uid(
     :param model_id: The model's stable id.
     :param model_version: The model's version string.
     :param frame_index: Zero-based frame of a multi-frame source.
+    :param source_digest: Digest of the source's content: new bytes under the same source UID
+        give a new heatmap UID (see :func:`sr_instance_uid`).
     """
     return derive_uid(
-        "sc-instance", study_uid, source_sop_instance_uid, model_id, model_version, str(frame_index)
+        "sc-instance", study_uid, source_sop_instance_uid, model_id, model_version, str(frame_index),
+        *(["content", source_digest] if source_digest else []),
     )
 
 

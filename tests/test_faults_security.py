@@ -1,0 +1,74 @@
+"""Security: no patient name, ID or birth date in any log, even on the error paths most likely to print one.
+
+Every :class:`~tests.faults_harness.Pipeline` of this suite greps its processes' logs (gateway, workers,
+storescu) for the patient data it sent when it closes, so each fault scenario checks this too.  This test
+goes looking for leaks on purpose: patient attributes with values a conformant modality would never send
+(too long, the wrong date format, stray characters), which make pydicom and highdicom warn or raise
+with the value in the message, plus data sets the gateway refuses for undecodable bytes, bad UIDs and a
+UID mismatch.  The rest of the security scenarios already have tests (``docs/reliability.md``): an unknown
+calling AE (``tests/test_gateway_scp.py``), TLS with a wrong client certificate
+(``tests/test_gateway_tls_memory.py``) and the HTTP API without a token (``tests/test_http.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.faults_harness import Pipeline, phi_study
+
+pytestmark = [pytest.mark.redis, pytest.mark.peers]
+
+
+def _nonconformant_patient(number: int) -> list[pydicom.Dataset]:
+    study = phi_study(number, seed=number)
+    for ds in study:
+        ds.PatientName = (
+            f"SYNTH^PATIENT{number:04d}^" + "LONGMIDDLENAME" * 6
+        )  # a component over 64 characters
+        ds.PatientID = f"PID{number:04d}-" + "9" * 70  # LO allows 64
+        ds.PatientBirthDate = f"19{50 + number % 40:02d}-03-04"  # ISO, not DICOM's YYYYMMDD
+        ds.OtherPatientIDs = f"OTHER{number:05d}"
+        ds.PatientAddress = f"{number} SYNTHETIC ROAD"
+    return study
+
+
+def _garbled_after_patient_name(ds: pydicom.Dataset, directory: Path) -> Path:
+    """*ds* as a file whose Patient ID element claims a length far past the end of the data."""
+    path = directory / "garbled.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = bytearray(path.read_bytes())
+    tag = b"\x10\x00\x20\x00LO"  # (0010,0020) Patient ID, explicit VR little endian
+    at = data.index(tag) + len(tag)
+    data[at : at + 2] = b"\xff\x7f"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.slow
+def test_no_patient_data_in_any_log_even_on_error_paths(tmp_path: Path) -> None:
+    with Pipeline(tmp_path) as pipeline:
+        pipeline.start_gateway()
+        pipeline.start_worker()
+        good = phi_study(60, seed=3)
+        odd = _nonconformant_patient(61)
+        with warnings.catch_warnings(), pydicom.config.disable_value_validation():
+            warnings.simplefilter("ignore")
+            statuses = pipeline.c_store(good + odd)
+        assert statuses == [0x0000] * 8
+
+        # Refusals: a UID that is not one, and bytes that do not decode, right after the patient's name.
+        bad_uid, garbled = phi_study(62, seed=4)[:2]
+        bad_uid.SeriesInstanceUID = "1.2.03.4"
+        assert pipeline.c_store([bad_uid]) == [0xC220]
+        # The oversized Patient ID swallows the UIDs after it: undecodable (0xC210) or without UIDs (0xC220).
+        assert pipeline.c_store_file(_garbled_after_patient_name(garbled, tmp_path)) in (0xC210, 0xC220)
+
+        uids = [str(good[0].StudyInstanceUID), str(odd[0].StudyInstanceUID)]
+        pipeline.wait_settled(uids, timeout=90)
+        pipeline.check_invariant(uids)
+        assert pipeline.phi >= {"SYNTH^PATIENT0060", "PATIENT0061", odd[0].PatientID, odd[0].PatientBirthDate}
+    # Leaving the with block greps every log for pipeline.phi (faults_harness.assert_no_phi_in_logs).
