@@ -25,7 +25,7 @@ from torch import nn
 
 from plugins import preprocess as pre
 from plugins.explain import grad_cam, linear_cam, normalise_minmax
-from plugins.types import ImageRef, Letterbox, ModelSpec, Prediction
+from plugins.types import AcceptRule, ImageRef, Letterbox, ModelSpec, Prediction
 
 #: Options every plugin understands; ``plugins.models.<name>.options`` overrides them.
 BASE_OPTIONS: Mapping[str, Any] = {
@@ -53,6 +53,19 @@ BASE_OPTIONS: Mapping[str, Any] = {
     "accept_for_processing": None,
     "accept_tomosynthesis_volumes": None,
 }
+
+
+#: What the 2-D mammography models accept.  The For Processing and tomosynthesis classes are listed so
+#: that the config flags accepting them can work; the host skips them by default.
+MAMMOGRAPHY_2D = AcceptRule(
+    modalities=("MG",),
+    sop_class_uids=(
+        pre.MG_FOR_PRESENTATION,
+        "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image Storage - For Processing
+        pre.BREAST_TOMOSYNTHESIS,
+        *pre.BREAST_PROJECTION,
+    ),
+)
 
 
 @dataclass(frozen=True, kw_only=True)

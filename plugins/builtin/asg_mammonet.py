@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from plugins import hookimpl
-from plugins.base import BASE_OPTIONS, ModelPlugin, TorchModelPlugin
-from plugins.preprocess import BREAST_PROJECTION, BREAST_TOMOSYNTHESIS, MG_FOR_PRESENTATION
-from plugins.types import AcceptRule, ModelSpec
+from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ModelPlugin, TorchModelPlugin
+from plugins.types import ModelSpec
 
 __all__ = ["CBAM", "MODEL_CFGS", "AsgMammoNet", "AsgMammoNetPlugin", "ChannelAttention", "SpatialAttention"]
 
@@ -139,17 +138,7 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "arch": "asg_mammonet",
         "classes": ("benign", "malignant"),
         "positive_classes": ("malignant",),
-        "accepts": AcceptRule(
-            modalities=("MG",),
-            # The For Processing and tomosynthesis classes are listed so the config flags that
-            # accept them can work; the host skips them by default.
-            sop_class_uids=(
-                MG_FOR_PRESENTATION,
-                "1.2.840.10008.5.1.4.1.1.1.2.1",
-                BREAST_TOMOSYNTHESIS,
-                *BREAST_PROJECTION,
-            ),
-        ),
+        "accepts": MAMMOGRAPHY_2D,
         "input_size": (224, 224),
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,

@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from plugins import hookimpl
-from plugins.base import BASE_OPTIONS, ModelOutput, ModelPlugin, TorchModelPlugin
-from plugins.preprocess import BREAST_PROJECTION, BREAST_TOMOSYNTHESIS, MG_FOR_PRESENTATION
-from plugins.types import AcceptRule, ModelSpec
+from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ModelOutput, ModelPlugin, TorchModelPlugin
+from plugins.types import ModelSpec
 from plugins.weights import CheckpointMetadata, load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -545,17 +544,7 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "arch": ARCH,
         "classes": CLASSES,
         "positive_classes": ("malignant",),
-        "accepts": AcceptRule(
-            modalities=("MG",),
-            # For Processing and tomosynthesis classes are listed so the config flags that accept them can
-            # work; the host skips them by default.
-            sop_class_uids=(
-                MG_FOR_PRESENTATION,
-                "1.2.840.10008.5.1.4.1.1.1.2.1",
-                BREAST_TOMOSYNTHESIS,
-                *BREAST_PROJECTION,
-            ),
-        ),
+        "accepts": MAMMOGRAPHY_2D,
         "input_size": (224, 224),
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,

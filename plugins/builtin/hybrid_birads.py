@@ -36,10 +36,9 @@ from torch import nn
 
 from plugins import hookimpl
 from plugins import preprocess as pre
-from plugins.base import BASE_OPTIONS, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
+from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.explain import grad_cam, normalise_minmax
-from plugins.preprocess import BREAST_PROJECTION, BREAST_TOMOSYNTHESIS, MG_FOR_PRESENTATION
-from plugins.types import AcceptRule, ImageRef, Letterbox, ModelSpec, Prediction
+from plugins.types import ImageRef, Letterbox, ModelSpec, Prediction
 from plugins.weights import CheckpointMetadata
 
 __all__ = [
@@ -532,17 +531,7 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "arch": "hybrid_birads_resnet50",
         "classes": CLASS_NAMES,
         "positive_classes": ("BI-RADS 4", "BI-RADS 5"),
-        "accepts": AcceptRule(
-            modalities=("MG",),
-            # For Processing and tomosynthesis classes are listed so the config flags that accept them can
-            # work; the host skips them by default.
-            sop_class_uids=(
-                MG_FOR_PRESENTATION,
-                "1.2.840.10008.5.1.4.1.1.1.2.1",
-                BREAST_TOMOSYNTHESIS,
-                *BREAST_PROJECTION,
-            ),
-        ),
+        "accepts": MAMMOGRAPHY_2D,
         "input_size": (224, 224),
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,

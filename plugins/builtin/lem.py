@@ -34,10 +34,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from plugins import hookimpl
-from plugins.base import BASE_OPTIONS, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
-from plugins.preprocess import BREAST_PROJECTION, BREAST_TOMOSYNTHESIS, MG_FOR_PRESENTATION
+from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.types import (
-    AcceptRule,
     ImageRef,
     Letterbox,
     LocalisationPoint,
@@ -848,17 +846,7 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "arch": ARCH,
         "classes": CLASSES,
         "positive_classes": ("malignant",),
-        "accepts": AcceptRule(
-            modalities=("MG",),
-            # For Processing and tomosynthesis classes are listed so the config flags that accept them can
-            # work; the host skips them by default.
-            sop_class_uids=(
-                MG_FOR_PRESENTATION,
-                "1.2.840.10008.5.1.4.1.1.1.2.1",
-                BREAST_TOMOSYNTHESIS,
-                *BREAST_PROJECTION,
-            ),
-        ),
+        "accepts": MAMMOGRAPHY_2D,
         "input_size": (1024, 832),
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
