@@ -4,7 +4,7 @@ Each architecture trains from random weights with its demo profile (the recipe's
 schedule at a small input size) on generated DICOM phantoms, must reach a held-out AUC of at least 0.9,
 is evaluated through the plugin with the full metric report, calibrated on the validation split and
 exported; the host then loads the exported checkpoint and predicts on a new synthetic DICOM.  Everything
-runs on one CPU thread.
+runs on one CPU thread.  CLGB-Net and the hybrid BI-RADS model learn a reduced task here (``REDUCED``).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     )
 
 
-def test_cli_train_evaluate_deploy_and_demo_weights(
+def test_cli_train_deploy_and_evaluate(
     phantom_sets: dict[str, list[Record]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest = tmp_path / "data.csv"

@@ -39,13 +39,14 @@ def build_recipe(name: str, input_size: str | None) -> Recipe:
     plugin = ModelHost(Settings(plugins=PluginSettings(load_entrypoints=False))).plugin(name)
     profile = DEMO_PROFILES[name]
     if input_size == "paper":
-        size = tuple(plugin.spec.input_size)
-    elif input_size:
+        # The paper's build (e.g. clgb_net with ResNet-50), at the spec's input size.
+        return get_recipe(plugin)
+    if input_size:
         height, _, width = input_size.partition("x")
         size = (int(height), int(width or height))
     else:
         size = profile.input_size
-    # The profile's options keep the small variants (e.g. clgb_net's ResNet-18) at every size.
+    # Otherwise the demo profile's build (e.g. clgb_net with ResNet-18), at the size asked for.
     return get_recipe(plugin, options=profile.options, input_size=size)  # type: ignore[arg-type]
 
 
@@ -112,9 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    where = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}"
-    )
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"# {where}, torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}")
     print("| architecture | input | trained params (M) | optimiser | step (img/s) | augment (img/s) |")
     print("|---|---|---|---|---|---|")

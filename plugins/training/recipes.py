@@ -1263,7 +1263,7 @@ DEMO_PROFILES: dict[str, DemoProfile] = {
         hyperparameters={
             "optimizer": "adam",
             "lr": 1e-3,
-            "epochs": 3,
+            "epochs": 4,
             "batch_size": 8,
             "alpha_ramp_epochs": 2,
             "augment": False,

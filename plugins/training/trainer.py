@@ -350,20 +350,22 @@ class Trainer:
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
     def preload(self) -> None:
-        """Decode and prepare every image once (fills the caches; with normalisation fitted on the training
-        split where the recipe does), with a progress bar."""
-        total = len(self.train_set) + len(self.val_set)
+        """Decode and prepare every image once, filling the caches, and fit the normalisation on the training
+        split where the recipe does; with a progress bar.  Without caches only the fitting reads images."""
+        fits = type(self.recipe).fit_normalisation is not Recipe.fit_normalisation
+        read_train = self.train_set.cache is not None or fits
+        read_val = self.val_set.cache is not None
+        total = len(self.train_set) * read_train + len(self.val_set) * read_val
         with tqdm(
             total=total, desc="decoding", unit="img", disable=_disable(self.config.progress), leave=False
         ) as bar:
             prepared = []
-            for index in range(len(self.train_set)):
+            for index in range(len(self.train_set) if read_train else 0):
                 prepared.append(self.train_set.prepared(index))
                 bar.update()
             self.recipe.fit_normalisation(prepared)
-            if self.train_set.cache is None:
-                prepared.clear()
-            for index in range(len(self.val_set)):
+            prepared.clear()
+            for index in range(len(self.val_set) if read_val else 0):
                 self.val_set[index]
                 bar.update()
 
