@@ -1,7 +1,7 @@
-"""Training and evaluation support: dataset adapters, patient-level splits and the papers' metrics.
+"""Training and evaluation: dataset adapters, patient-level splits, the papers' metrics, recipes and the loop.
 
-The modules here use numpy, pydicom and OpenCV only, so they load without torch; the training loops that
-need torch build on them.
+``datasets`` and ``metrics`` use numpy, pydicom and OpenCV only and load without torch; ``recipes``,
+``trainer`` and ``evaluate`` import torch.
 """
 
 from __future__ import annotations
