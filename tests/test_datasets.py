@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import plistlib
 import random
+import re
+import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -201,7 +205,8 @@ _INBREAST_HEADER = [
 ]  # fmt: skip
 
 
-def _inbreast_fixture(root: Path) -> None:
+def _inbreast_table(root: Path) -> list[list[str]]:
+    """The DICOMs and lesion XML of a tiny INbreast, and its table's rows as the CSV export has them."""
     rows = [
         ("R", "CC", "22678622", "1", "a1b2c3d4e5f60708"),
         ("R", "ML", "22678646", "4a", "a1b2c3d4e5f60708"),
@@ -214,7 +219,6 @@ def _inbreast_fixture(root: Path) -> None:
         table.append(["removed", "removed", side, view, "201001", number, "2", birads] + [""] * 9)
     table.append([""] * 17)
     table.append(["", "", "", "", "", "Total", "", ""] + [""] * 9)
-    _write_csv(root / "INbreast.csv", _INBREAST_HEADER, table, delimiter=";")
     square = ["(10.0, 10.0)", "(30.0, 10.0)", "(30.0, 30.0)", "(10.0, 30.0)"]
     roi = {
         "Images": [
@@ -229,6 +233,11 @@ def _inbreast_fixture(root: Path) -> None:
     (root / "AllXML").mkdir()
     with (root / "AllXML" / "22678646.xml").open("wb") as handle:
         plistlib.dump(roi, handle)
+    return table
+
+
+def _inbreast_fixture(root: Path) -> None:
+    _write_csv(root / "INbreast.csv", _INBREAST_HEADER, _inbreast_table(root), delimiter=";")
 
 
 def test_inbreast_labels_patients_and_masks(tmp_path: Path) -> None:
@@ -253,16 +262,97 @@ def test_inbreast_errors(tmp_path: Path) -> None:
     assert len(load_inbreast(tmp_path, check_files=False)) == 4
 
 
-def test_inbreast_xls_without_pandas_asks_for_the_csv(tmp_path: Path) -> None:
-    try:
-        import pandas  # noqa: F401, PLC0415
-    except ImportError:
-        pass
-    else:
-        pytest.skip("pandas is installed, so the .xls is read directly")
-    _touch(tmp_path / "INbreast.xls", b"\xd0\xcf\x11\xe0")
+#: The acquisition date of the second image is a date-formatted cell in the spreadsheets.
+_INBREAST_DATE = datetime.datetime(2010, 1, 15)
+
+
+def _sheet_value(text: str) -> str | int | float:
+    """A CSV cell as the released spreadsheet types it: digits are numeric cells (File Name, ACR...)."""
+    return int(text) if text.isdigit() else text
+
+
+def _inbreast_sheet(root: Path) -> list[list[Any]]:
+    rows: list[list[Any]] = [list(_INBREAST_HEADER)]
+    rows += [[_sheet_value(cell) for cell in row] for row in _inbreast_table(root)]
+    rows[2][4] = _INBREAST_DATE
+    return rows
+
+
+def _write_xls(path: Path, rows: list[list[Any]]) -> Path:
+    xlwt = pytest.importorskip("xlwt")
+    book = xlwt.Workbook()
+    sheet = book.add_sheet("INbreast")
+    date_style = xlwt.easyxf(num_format_str="YYYY-MM-DD")
+    for r, row in enumerate(rows):
+        for c, value in enumerate(row):
+            if isinstance(value, datetime.datetime):
+                sheet.write(r, c, value, date_style)
+            elif value != "":
+                # xlwt stores every number as a float, as Excel does: 20586934 comes back as 20586934.0.
+                sheet.write(r, c, value)
+    book.add_sheet("notes").write(0, 0, "only the first sheet is read")
+    book.save(str(path))
+    return path
+
+
+def _write_xlsx(path: Path, rows: list[list[Any]]) -> Path:
+    openpyxl = pytest.importorskip("openpyxl")
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in rows:
+        sheet.append([None if value == "" else value for value in row])
+    for cell in sheet["E"]:
+        if isinstance(cell.value, datetime.datetime):
+            cell.number_format = "yyyy-mm-dd"
+    book.create_sheet("notes")["A1"] = "only the first sheet is read"
+    book.save(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".xls", ".xlsx"])
+def test_inbreast_spreadsheet_reads_as_its_csv_export(tmp_path: Path, suffix: str) -> None:
+    csv_root, sheet_root = tmp_path / "csv", tmp_path / "sheet"
+    _inbreast_fixture(csv_root)
+    rows = _inbreast_sheet(sheet_root)
+    table = sheet_root / f"INbreast{suffix}"
+    (_write_xls if suffix == ".xls" else _write_xlsx)(table, rows)
+    expected = load_inbreast(csv_root)
+    records = load_inbreast(sheet_root)  # found on its own: no CSV beside it
+    assert [r.path.name for r in records] == [r.path.name for r in expected]
+    assert [r.label for r in records] == [r.label for r in expected]
+    assert [r.birads for r in records] == [1, 4, 2, 5] == [r.birads for r in expected]
+    assert [r.patient_id for r in records] == [r.patient_id for r in expected]
+    assert [r.mask_path is not None for r in records] == [False, True, False, False]
+    for record, reference in zip(records, expected, strict=True):
+        assert record.extra["table"] == str(table)
+        assert record.extra["row"] == reference.extra["row"]
+        assert record.extra["birads_raw"] == reference.extra["birads_raw"]
+        assert record.extra["density"] == "2"
+    assert [r.extra["acquisition_date"] for r in records] == ["201001", "2010-01-15", "201001", "201001"]
+    assert load_inbreast(sheet_root, table=table, birads1_as_normal=True)[0].label == "normal"
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("INbreast.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"junk" * 200),  # OLE magic, no BIFF
+        ("INbreast.xlsx", b"PK\x03\x04junk"),  # zip magic, no archive
+    ],
+)
+def test_inbreast_corrupt_spreadsheet_names_the_file(tmp_path: Path, name: str, content: bytes) -> None:
+    _touch(tmp_path / name, content)
+    with pytest.raises(DatasetError, match=re.escape(f"{name}: cannot read the spreadsheet: ")) as caught:
+        load_inbreast(tmp_path, table=tmp_path / name)
+    assert caught.value.file == tmp_path / name and caught.value.row is None
+
+
+def test_inbreast_xls_without_xlrd_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _touch(tmp_path / "INbreast.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1")
+    monkeypatch.setitem(sys.modules, "xlrd", None)  # makes `import xlrd` raise ImportError
     with pytest.raises(
-        DatasetError, match=r"INbreast\.xls: reading \.xls spreadsheets needs pandas and xlrd.*CSV"
+        DatasetError, match=r"INbreast\.xls: .*needs the xlrd package.*pip install xlrd.*CSV"
     ):
         load_inbreast(tmp_path, table=tmp_path / "INbreast.xls")
 

@@ -42,9 +42,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> N
         "--dataset",
         choices=DATASETS,
         default="csv",
-        help="the data set's layout: cbis-ddsm (case-description CSVs + DICOM), inbreast (XLS/CSV + DICOM), "
-        "mias (Info.txt + PGM), busi (class folders + masks) or csv (path,label[,birads,patient_id,mask]); "
-        "default csv",
+        help="the data set's layout: cbis-ddsm (case-description CSVs + DICOM), inbreast "
+        "(XLS/XLSX/CSV + DICOM), mias (Info.txt + PGM), busi (class folders + masks) or csv "
+        "(path,label[,birads,patient_id,mask]); default csv",
     )
     group.add_argument(
         "--data",
@@ -66,6 +66,16 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> N
         metavar="K",
         help="INbreast: BI-RADS >= K is malignant (default 4)",
     )
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; 0 loads in the main process")
+    return value
 
 
 def _register_train(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -146,9 +156,17 @@ def _register_train(subparsers: Any, parents: list[argparse.ArgumentParser]) -> 
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="mixed precision (default: on CUDA)",
+        help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on the CPU (fast only where the "
+        "CPU has bfloat16 instructions); default on for CUDA, off for the CPU",
     )
-    run.add_argument("--workers", type=int, help="data-loading processes (default: 8 on CUDA, 0 on the CPU)")
+    run.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        metavar="N",
+        help="data-loading processes, each with one thread; 0 = decode and augment in the main process "
+        "(default: up to 8 on CUDA, 0 on the CPU, where workers compete with training for the cores); "
+        "the weights do not depend on N",
+    )
     run.add_argument(
         "--cache",
         choices=("auto", "memory", "none"),

@@ -12,6 +12,7 @@ Splits never put one patient in two parts: images are grouped by ``patient_id`` 
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import io
 import math
@@ -134,35 +135,141 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str
     return header, rows
 
 
-def _read_excel_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Rows of the first sheet of an .xls/.xlsx, through pandas (with xlrd or openpyxl) when installed."""
-    engine = "xlrd" if path.suffix.lower() == ".xls" else "openpyxl"
-    try:
-        # pandas is optional (spreadsheets only), so it is imported here and may have no stubs.
-        import pandas as pd  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: PLC0415
+def _number_text(value: float) -> str:
+    """A spreadsheet number as its CSV export writes it: whole numbers without ".0" (file names, dates)."""
+    if math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
-        __import__(engine)
-    except ImportError as error:
-        raise DatasetError(
-            path,
-            None,
-            f"reading {path.suffix} spreadsheets needs pandas and {engine}, which are not installed "
-            f"({error}); install them (pip install pandas {engine}) or export the sheet as CSV "
-            f"(for example: soffice --headless --convert-to csv {path.name}) and pass the CSV instead",
-        ) from error
+
+def _temporal_text(value: datetime.datetime | datetime.date | datetime.time) -> str:
+    """ISO text; a date-time at midnight is a date, since that is how a date-formatted cell is typed."""
+    if isinstance(value, datetime.datetime) and value.time() == datetime.time(0):
+        return value.date().isoformat()
+    return value.isoformat()
+
+
+def _xls_cell_text(cell: Any, datemode: int) -> str:
+    import xlrd  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: PLC0415
+
+    kind, value = cell.ctype, cell.value
+    if kind in (xlrd.XL_CELL_EMPTY, xlrd.XL_CELL_BLANK):
+        return ""
+    if kind == xlrd.XL_CELL_NUMBER:
+        return _number_text(value)
+    if kind == xlrd.XL_CELL_DATE:
+        try:
+            year, month, day, hour, minute, second = xlrd.xldate_as_tuple(value, datemode)
+        except xlrd.XLDateError:
+            return _number_text(value)  # an out-of-range "date" is still the number the sheet holds
+        if (year, month, day) == (0, 0, 0):
+            return datetime.time(hour, minute, second).isoformat()
+        return _temporal_text(datetime.datetime(year, month, day, hour, minute, second))
+    if kind == xlrd.XL_CELL_BOOLEAN:
+        return "TRUE" if value else "FALSE"
+    if kind == xlrd.XL_CELL_ERROR:
+        return str(xlrd.error_text_from_code.get(value, f"#ERROR{value}"))
+    return str(value).strip()
+
+
+def _xlsx_cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):  # before the numbers: bool is an int
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return _number_text(value)
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return _temporal_text(value)
+    return str(value).strip()
+
+
+def _missing_excel_package(path: Path, package: str, error: ImportError) -> DatasetError:
+    return DatasetError(
+        path,
+        None,
+        f"reading {path.suffix or 'Excel'} spreadsheets needs the {package} package, which is not installed "
+        f"({error}); install it (pip install {package}, or the ml extra) or export the first sheet as CSV "
+        f"(for example: soffice --headless --convert-to csv {path.name}) and pass the CSV instead",
+    )
+
+
+def _xls_grid(path: Path) -> list[list[str]]:
+    """Cell texts of the first sheet of a legacy (BIFF) .xls, row by row from row 1."""
     try:
-        frame = pd.read_excel(path, engine=engine, dtype=str, header=0)
-    except Exception as error:  # pandas raises many types for a corrupt workbook
+        import xlrd  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: PLC0415
+    except ImportError as error:
+        raise _missing_excel_package(path, "xlrd", error) from error
+    try:
+        book = xlrd.open_workbook(str(path), on_demand=True)
+    except Exception as error:  # xlrd raises XLRDError, CompDocError, struct.error... for a corrupt file
         raise DatasetError(path, None, f"cannot read the spreadsheet: {error}") from error
-    header = [_normalise_column(str(name)) for name in frame.columns]
+    try:
+        if book.nsheets < 1:
+            return []
+        sheet = book.sheet_by_index(0)
+        return [[_xls_cell_text(cell, book.datemode) for cell in sheet.row(i)] for i in range(sheet.nrows)]
+    except Exception as error:
+        raise DatasetError(path, None, f"cannot read the spreadsheet: {error}") from error
+    finally:
+        book.release_resources()
+
+
+def _xlsx_grid(path: Path) -> list[list[str]]:
+    """Cell texts of the first sheet of an .xlsx, row by row from row 1 (formulas as last computed)."""
+    try:
+        import openpyxl  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: PLC0415
+    except ImportError as error:
+        raise _missing_excel_package(path, "openpyxl", error) from error
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as error:  # BadZipFile, KeyError, InvalidFileException... for a corrupt file
+        raise DatasetError(path, None, f"cannot read the spreadsheet: {error}") from error
+    try:
+        if not book.worksheets:
+            return []
+        sheet = book.worksheets[0]
+        # Some writers record a wrong sheet size, and read-only mode would then cut the rows off there.
+        sheet.reset_dimensions()
+        return [[_xlsx_cell_text(value) for value in row] for row in sheet.iter_rows(values_only=True)]
+    except Exception as error:  # the sheet's XML is parsed lazily, so corruption may surface here
+        raise DatasetError(path, None, f"cannot read the spreadsheet: {error}") from error
+    finally:
+        book.close()
+
+
+def _is_xlsx(path: Path) -> bool:
+    """True for a zip (.xlsx) file, False for anything else (a legacy .xls is an OLE file).
+
+    The content decides, not the suffix, because a sheet saved as .xlsx but named .xls (or the reverse)
+    is common and each library refuses the other's format.
+    """
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise DatasetError(path, None, f"cannot read the spreadsheet: {error.strerror or error}") from error
+    if magic == b"PK\x03\x04":
+        return True
+    if magic == b"\xd0\xcf\x11\xe0":
+        return False
+    return path.suffix.lower() == ".xlsx"
+
+
+def _read_excel_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header (normalised) and (sheet row, record) pairs of the first sheet of an .xls (xlrd) or .xlsx
+    (openpyxl); cells become the text a CSV export holds, so every adapter reads both alike."""
+    grid = _xlsx_grid(path) if _is_xlsx(path) else _xls_grid(path)
+    numbered = [(number, cells) for number, cells in enumerate(grid, start=1) if any(cells)]
+    if not numbered:
+        raise DatasetError(path, None, "the spreadsheet's first sheet is empty")
+    header_cells = numbered[0][1]
+    header = [_normalise_column(cell) for cell in header_cells]
     rows: list[tuple[int, dict[str, str]]] = []
-    for offset, values in enumerate(frame.itertuples(index=False), start=2):
-        cells = [
-            "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
-            for value in values
-        ]
-        if any(cells):
-            rows.append((offset, dict(zip(header, cells, strict=True))))
+    for row_number, cells in numbered[1:]:
+        # Cells under no header (notes beside the table) are dropped, as a CSV export's extra columns.
+        padded = cells + [""] * (len(header) - len(cells))
+        rows.append((row_number, {name: padded[i] for i, name in enumerate(header) if name}))
     return header, rows
 
 
@@ -478,11 +585,13 @@ def load_inbreast(
     ``birads`` keeps the category (6 included; a BI-RADS 1-5 model maps 6 to 5).  ``mask_path`` is the
     lesion XML in ``AllXML/`` when it exists (:func:`read_mask` rasterises it).
 
-    Reading the .xls needs pandas with xlrd, which is optional; without them pass the CSV export.
+    The .xls is read with xlrd and an .xlsx with openpyxl (both in the ``ml`` extra); numeric cells read as
+    their CSV export writes them ("20586934", not "20586934.0"), so the table and its export agree.
 
     :param root: the INbreast release folder.
     :param table: the table to read (default: ``INbreast.xls``/``.xlsx``/``.csv`` found under ``root``; a CSV
-        is preferred when both exist, since it needs no optional dependency).
+        is preferred when both exist, since it is what someone exported on purpose and needs no spreadsheet
+        library).
     :param dicom_dir: the DICOM folder (default ``root/AllDICOMs``, else ``root``).
     :param xml_dir: the lesion-annotation folder (default ``root/AllXML``).
     :param malignant_min_birads: the lowest BI-RADS category labelled malignant.
