@@ -4,8 +4,9 @@
 
 1. split by patient (the recipe's shares, the data set's official split, or k folds where the paper used
    cross-validation);
-2. train with the recipe (:mod:`plugins.training.recipes`): seeded, with progress bars and ETAs, AMP and
-   worker processes on a GPU, a resumable state file written after every epoch;
+2. train with the recipe (:mod:`plugins.training.recipes`): seeded, with progress bars and ETAs, mixed
+   precision (float16 on a GPU, bfloat16 on request on the CPU) and worker processes, a resumable state
+   file written after every epoch;
 3. export the best weights as a checkpoint the plugin loads (:func:`plugins.weights.save_checkpoint`),
    run the validation split through the plugin's own inference path and fit the temperature there
    (ECE before and after), and write the checkpoint again with the temperature;
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import structlog
 import torch
@@ -71,6 +73,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "amp_dtype",
     "deploy_checkpoint",
     "export_checkpoint",
     "held_out_records",
@@ -99,6 +102,46 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast type of mixed precision on *device*: float16 on CUDA (with a gradient scaler, since its
+    range underflows small gradients), bfloat16 on the CPU (the half type CPUs have instructions for, such as
+    AVX512-BF16 and AMX; it keeps float32's range, so it needs no scaler).
+
+    :raises ValueError: for a device type without autocast support here.
+    """
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16
+    raise ValueError(
+        f"AMP (mixed precision) runs on CUDA or the CPU, not on {device}; turn it off (--no-amp)"
+    )
+
+
+def _float32(output: Any) -> Any:
+    """*output* (a tensor, or tuples, lists and dicts of them) with floating tensors cast to float32.
+
+    The loss and the probabilities are computed from this, outside autocast, so that a bfloat16 or float16
+    forward pass never reaches a softmax or a log at reduced precision.
+    """
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a named tuple takes its fields apart
+        return type(output)(*(_float32(item) for item in output))
+    if isinstance(output, tuple | list):
+        return type(output)(_float32(item) for item in output)
+    if isinstance(output, Mapping):
+        return {key: _float32(value) for key, value in output.items()}
+    return output
+
+
+def _loader_worker_init(_worker_id: int) -> None:
+    # Each worker would otherwise start as many torch and OpenCV threads as there are cores, so N workers
+    # oversubscribe the machine N times over and slow the main process's training step.
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)  # 0: OpenCV runs sequentially in this process
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -202,9 +245,9 @@ class TrainConfig:
     seed: int = 42
     #: "auto" (CUDA when available), "cpu", "cuda" or "cuda:1".
     device: str = "auto"
-    #: Mixed precision; None = on CUDA only.
+    #: Mixed precision: float16 with a gradient scaler on CUDA, bfloat16 on the CPU; None = on CUDA only.
     amp: bool | None = None
-    #: DataLoader worker processes; None = up to 8 on CUDA, 0 on the CPU.
+    #: DataLoader worker processes (0 = load in the main process); None = up to 8 on CUDA, 0 on the CPU.
     workers: int | None = None
     #: Progress bars; None = when stderr is a terminal.
     progress: bool | None = None
@@ -294,9 +337,11 @@ class Trainer:
         self.recipe, self.config = recipe, config
         self.device = config.torch_device()
         self.amp = bool(config.amp if config.amp is not None else self.device.type == "cuda")
-        if self.amp and self.device.type != "cuda":
-            raise ValueError("AMP (mixed precision) needs a CUDA device")
+        #: The autocast type when :attr:`amp` is on (float32 when off, for the record).
+        self.amp_dtype = amp_dtype(self.device) if self.amp else torch.float32
         workers = config.workers
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be 0 (load in the main process) or more, got {workers}")
         self.workers = (
             (min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0) if workers is None else workers
         )
@@ -406,7 +451,7 @@ class Trainer:
         if resumed and resumed["finished"]:
             start_stage = len(stages)
         global_epoch = len(history)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.uses_scaler)
         epochs_this_run, images_seen = 0, 0
         started = time.perf_counter()
         for stage_index in range(start_stage, len(stages)):
@@ -419,7 +464,8 @@ class Trainer:
                 optimizer.load_state_dict(resumed["optimizer"])
                 if scheduler is not None and resumed["scheduler"] is not None:
                     scheduler.load_state_dict(resumed["scheduler"])
-                scaler.load_state_dict(resumed["scaler"])
+                if resumed["scaler"]:  # empty when saved without a scaler (AMP off, or bfloat16)
+                    scaler.load_state_dict(resumed["scaler"])
                 tracker.load(resumed["tracker"])
                 first_epoch = resumed["epoch_in_stage"] + 1
             stopped = self._should_stop(stage, tracker)
@@ -479,6 +525,14 @@ class Trainer:
             images_per_second=images_seen / seconds if images_seen and seconds > 0 else 0.0,
         )
 
+    @property
+    def uses_scaler(self) -> bool:
+        """True when the loss is scaled: float16 autocast only (bfloat16 has float32's exponent range)."""
+        return self.amp and self.amp_dtype == torch.float16
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
     def _should_stop(self, stage: Any, tracker: _BestTracker) -> bool:
         patience = self.recipe.patience
         return bool(
@@ -504,7 +558,10 @@ class Trainer:
             sampler=sampler,
             generator=torch.Generator().manual_seed(epoch_seed),
             num_workers=workers,
+            worker_init_fn=_loader_worker_init if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
+            # Not persistent: a loader serves one epoch (its sampler is that epoch's), and a worker keeps the
+            # copy of the data set it started with, so a persistent one would augment with a stale epoch.
             persistent_workers=False,
             # A last batch of one image breaks batch norm in training mode.
             drop_last=train and length % batch_size == 1 and length > 1,
@@ -544,9 +601,9 @@ class Trainer:
                 inputs = inputs.to(device, non_blocking=True)
                 targets = torch.as_tensor(targets, dtype=torch.long).to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=self.amp):
+                with self._autocast():
                     output = model(inputs)
-                    loss, loss_parts = recipe.loss(output, targets, global_epoch, self.train_labels)
+                loss, loss_parts = recipe.loss(_float32(output), targets, global_epoch, self.train_labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the training loss became {float(loss)} in {description}; lower the learning rate"
@@ -589,9 +646,9 @@ class Trainer:
         for inputs, targets in loader:
             inputs = inputs.to(device, non_blocking=True)
             targets = torch.as_tensor(targets, dtype=torch.long).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=self.amp):
-                output = model(inputs)
-                loss, _ = recipe.loss(output, targets, epoch, self.train_labels)
+            with self._autocast():
+                output = _float32(model(inputs))
+            loss, _ = recipe.loss(output, targets, epoch, self.train_labels)
             losses.append(float(loss) * inputs.shape[0])
             logits_all.append(recipe.logits(output).float().cpu().numpy())
             targets_all.append(targets.cpu().numpy())

@@ -1,0 +1,187 @@
+"""Mixed precision and worker processes of the training loop, on tiny US-Fusion runs.
+
+The CPU tests show that ``amp=True`` trains with bfloat16 autocast and exports float32 weights, and that
+worker processes change nothing in the weights (each sample's augmentation is seeded from the run's seed,
+the epoch and the sample, never from the process that loads it).  The CUDA test checks the default there:
+float16 autocast with a gradient scaler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from gateway.settings import ModelSettings, PluginSettings, Settings
+from plugins.host import ModelHost
+from plugins.synthetic import write_dataset_dir
+from plugins.training.datasets import Record, load_generic_csv
+from plugins.training.recipes import DEMO_PROFILES, UsFusionRecipe, get_recipe
+from plugins.training.trainer import (
+    STATE_FILE,
+    TrainConfig,
+    Trainer,
+    derive_seed,
+    seed_everything,
+    train,
+)
+from plugins.weights import load_checkpoint
+
+SEED = 11
+NAME = "us_fusion"
+#: The demo profile cut down to seconds on one thread: 24 images of 64x64, MobileNetV2 branch only, two
+#: epochs with augmentation on, so that each epoch's seeds (and the worker copies of the data) matter.
+PROFILE = dataclasses.replace(
+    DEMO_PROFILES[NAME],
+    images=24,
+    input_size=(64, 64),
+    options={"fusion": "a_only"},
+    hyperparameters={**DEMO_PROFILES[NAME].hyperparameters, "epochs": 2, "augment": True},
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Other jobs share the machine's cores, and one thread makes float sums independent of the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[Record]:
+    root = tmp_path_factory.mktemp("us")
+    manifest = write_dataset_dir(root, PROFILE.kind, PROFILE.images, SEED, classes=PROFILE.classes)
+    return load_generic_csv(manifest)
+
+
+@pytest.fixture
+def forward_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtype of every output of models the recipe builds (what autocast made of the forward pass)."""
+    seen: list[torch.dtype] = []
+    build = UsFusionRecipe.build_model
+
+    def build_and_watch(self: UsFusionRecipe) -> torch.nn.Module:
+        model = build(self)
+        model.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+        return model
+
+    monkeypatch.setattr(UsFusionRecipe, "build_model", build_and_watch)
+    return seen
+
+
+def _train(records: list[Record], config: TrainConfig, **hyperparameters: Any) -> Any:
+    return train(
+        NAME,
+        records,
+        config,
+        hyperparameters={**PROFILE.hyperparameters, **hyperparameters},
+        options=PROFILE.options,
+        input_size=PROFILE.input_size,
+        dataset="synthetic",
+        split=PROFILE.split,
+        folds=0,
+        n_bootstrap=0,
+        log_line=lambda line: None,
+    )
+
+
+def _fit(records: list[Record], config: TrainConfig) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Train only (no export or evaluation): the final weights and the history."""
+    plugin = ModelHost(Settings(), "cpu").plugin(NAME)
+    recipe = get_recipe(
+        plugin,
+        hyperparameters=PROFILE.hyperparameters,
+        options=PROFILE.options,
+        input_size=PROFILE.input_size,
+    )
+    trainer = Trainer(recipe, config, records[:18], records[18:], log_line=lambda line: None)
+    trainer.prepare()
+    seed_everything(derive_seed(config.seed, "init"))
+    fit = trainer.fit(recipe.build_model())
+    return {k: v.detach().clone() for k, v in fit.model.state_dict().items()}, fit.history
+
+
+def test_amp_on_the_cpu_trains_in_bfloat16_and_exports_float32(
+    records: list[Record], forward_dtypes: list[torch.dtype], tmp_path: Path
+) -> None:
+    config = TrainConfig(out_dir=tmp_path / "run", seed=SEED, progress=False, device="cpu", amp=True)
+    result = _train(records, config, epochs=1)
+    assert len(result.history) == 1
+    assert set(forward_dtypes) == {torch.bfloat16}  # training and validation passes alike
+    row = result.history[0]
+    assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+    # bfloat16 has float32's range: no loss scaling, so the state holds no scaler.
+    assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)["scaler"] == {}
+    state, metadata = load_checkpoint(result.checkpoint)
+    assert state and all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    assert metadata.sha256 == result.metadata.sha256
+    host = ModelHost(
+        Settings(
+            plugins=PluginSettings(
+                load_entrypoints=False, models={NAME: ModelSettings(weights=result.checkpoint)}
+            )
+        )
+    )
+    assert host.load(NAME).plugin.name == NAME
+
+
+class _ThreadCounts(Dataset[tuple[int, int]]):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return torch.get_num_threads(), cv2.getNumThreads()
+
+
+def test_worker_processes_give_the_same_weights(records: list[Record], tmp_path: Path) -> None:
+    main_weights, main_history = _fit(
+        records, TrainConfig(out_dir=tmp_path / "main", seed=SEED, progress=False, device="cpu", workers=0)
+    )
+    # Uncached, so that the workers decode and prepare the DICOMs themselves.
+    workers = TrainConfig(
+        out_dir=tmp_path / "workers", seed=SEED, progress=False, device="cpu", workers=2, cache="none"
+    )
+    worker_weights, worker_history = _fit(records, workers)
+    assert len(main_history) == len(worker_history) == 2
+    assert [r["train_loss"] for r in main_history] == [r["train_loss"] for r in worker_history]
+    assert [r["val_loss"] for r in main_history] == [r["val_loss"] for r in worker_history]
+    assert main_weights.keys() == worker_weights.keys()
+    for key, value in main_weights.items():
+        assert torch.equal(value, worker_weights[key]), key
+
+
+def test_workers_run_one_thread_each(records: list[Record], tmp_path: Path) -> None:
+    plugin = ModelHost(Settings(), "cpu").plugin(NAME)
+    recipe = get_recipe(plugin, hyperparameters={"batch_size": 1}, input_size=PROFILE.input_size)
+    config = TrainConfig(out_dir=tmp_path, seed=SEED, progress=False, device="cpu", workers=2)
+    trainer = Trainer(recipe, config, records[:4], [], log_line=lambda line: None)
+    loader = trainer._loader(_ThreadCounts(), epoch_seed=0, train=False)
+    counts = {(int(torch_threads), int(cv_threads)) for torch_threads, cv_threads in loader}
+    assert counts == {(1, 1)}
+    with pytest.raises(ValueError, match="workers must be 0"):
+        Trainer(recipe, dataclasses.replace(config, workers=-1), records[:4], [])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_is_float16_with_a_gradient_scaler(
+    records: list[Record], forward_dtypes: list[torch.dtype], tmp_path: Path
+) -> None:
+    config = TrainConfig(out_dir=tmp_path / "run", seed=SEED, progress=False, device="cuda")
+    result = _train(records, config)
+    assert set(forward_dtypes) == {torch.float16}
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+    scaler = torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)["scaler"]
+    assert scaler and scaler["scale"] > 0  # a scaler that was used records its scale
+    state, _ = load_checkpoint(result.checkpoint)
+    assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
