@@ -34,7 +34,7 @@ from plugins.preprocess import (
     decode_frames,
 )
 from plugins.types import ImageFailure, ImageRef, Letterbox, Prediction, SkippedImage
-from plugins.weights import load_checkpoint, resolve_weights
+from plugins.weights import load_checkpoint, reported_version, resolve_weights
 
 log = structlog.get_logger(__name__)
 
@@ -220,6 +220,9 @@ class ModelHost:
                     mean=meta.norm_mean,
                     std=meta.norm_std,
                     thresholds={**spec.thresholds, **meta.thresholds},
+                    # Outputs carry this version (SR, device UID, output UIDs): retrained weights must give
+                    # new objects, or a PACS keeps the report of the old ones under the same UIDs.
+                    version=reported_version(spec.version, meta.version, meta.sha256),
                 )
                 options = {**plugin.default_options, **meta.options, **config.options}
                 if meta.temperature is not None and "temperature" not in config.options:

@@ -25,6 +25,21 @@ from gateway.settings import Settings
 METADATA_KEY = "pacs_triage"
 
 
+
+def reported_version(plugin_version: str, weights_version: str, sha256: str) -> str:
+    """The version a model reports when it runs with a checkpoint: the plugin's code and the weights.
+
+    ``"1.0/w2.1-3f2a9c1e"`` is plugin 1.0 with weights version 2.1 whose file digest starts ``3f2a9c1e``.
+    The digest is there because two trainings may both call themselves version 1.0.  At most 64
+    characters (a DICOM LO value).
+
+    :param plugin_version: ``ModelSpec.version``.
+    :param weights_version: :attr:`CheckpointMetadata.version`.
+    :param sha256: the checkpoint file's sha256 (hex).
+    """
+    weights = f"w{weights_version}" + (f"-{sha256[:8]}" if sha256 else "")
+    return f"{plugin_version}/{weights}"[:64]
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointMetadata:
     """What a checkpoint says about itself; the model is rebuilt from this and nothing else."""

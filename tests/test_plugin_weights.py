@@ -16,6 +16,7 @@ from plugins.weights import (
     describe_weights,
     file_sha256,
     load_checkpoint,
+    reported_version,
     resolve_weights,
     save_checkpoint,
     sidecar_path,
@@ -122,3 +123,11 @@ def test_resolve_weights(tmp_path: Path) -> None:
     assert resolve_weights("m", demo).path == tmp_path / "m.safetensors"
     assert describe_weights("m", demo).startswith(f"demo {tmp_path / 'm.safetensors'} sha256:")
     assert describe_weights("m", Settings()) == "missing"
+
+
+def test_reported_version_names_the_weights() -> None:
+    first, second = "3f2a9c1e" + "0" * 56, "77aa01bc" + "0" * 56
+    # Two trainings that both call themselves 1.0 still report different versions (and so new output UIDs).
+    assert reported_version("1.0", "1.0", first) != reported_version("1.0", "1.0", second)
+    assert reported_version("1.0", "2.1", first) == "1.0/w2.1-3f2a9c1e"
+    assert len(reported_version("1.0", "x" * 100, first)) == 64  # a DICOM LO value

@@ -114,7 +114,8 @@ def run_model(host: ModelHost, model: str, refs: Sequence[ImageRef], job: StudyJ
 
 def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction], output_dir: Path) -> list[Path]:
     """Build the SR and one SC per prediction with a heatmap; save them as DICOM files."""
-    plugin = host.plugin(model)
+    # The loaded model's spec: its version names the checkpoint it runs with, as its predictions do.
+    plugin = host.load(model).plugin
     sources = {p.image.sop_instance_uid: pydicom.dcmread(p.image.path) for p in predictions}
     # A resend with the same UIDs but other bytes (the gateway keeps the new copy as a new study
     # version) must give outputs with new UIDs, or the PACS keeps the stale ones.
