@@ -28,7 +28,9 @@ from plugins.training.trainer import (
     STATE_FILE,
     TrainConfig,
     Trainer,
+    TrainingSet,
     derive_seed,
+    load_training_image,
     seed_everything,
     train,
 )
@@ -185,3 +187,36 @@ def test_cuda_default_is_float16_with_a_gradient_scaler(
     assert scaler and scaler["scale"] > 0  # a scaler that was used records its scale
     state, _ = load_checkpoint(result.checkpoint)
     assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_without_augmentation_training_sees_what_inference_sees(records: list[Record], cache: bool) -> None:
+    # A hybrid recipe (stretch resize + CLAHE after it) on mammograms: the path where a second resize of a
+    # prepared image used to differ from the plugin's own preprocessing.
+    mammograms = load_generic_csv(
+        write_dataset_dir(records[0].path.parent.parent / f"mg-{cache}", "mg-birads", 5, SEED)
+    )
+    plugin = ModelHost(Settings(), "cpu").plugin("hybrid_birads")
+    recipe = get_recipe(plugin, hyperparameters={"augment": False}, input_size=(64, 64))
+    training = TrainingSet(recipe, mammograms, [0] * len(mammograms), SEED, cache=cache)
+    for index, record in enumerate(mammograms):
+        ref, image = load_training_image(record, recipe)
+        tensor, _ = training[index]
+        assert torch.equal(tensor, recipe.eval_input(image, ref))
+
+
+def test_hybrid_cosine_schedule_anneals_to_zero_over_the_stage() -> None:
+    plugin = ModelHost(Settings(), "cpu").plugin("hybrid_birads")
+    hyperparameters = {"schedule": "cosine", "stage1_epochs": 0, "epochs": 3, "lr": 1e-3}
+    (stage,) = get_recipe(plugin, hyperparameters=hyperparameters, input_size=(64, 64)).stages(5)
+    assert stage.scheduler is not None and stage.scheduler_step == "batch"
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = stage.scheduler(optimizer, 5)
+    for _ in range(3 * 5):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    (paper,) = get_recipe(plugin, hyperparameters={"stage1_epochs": 0}, input_size=(64, 64)).stages(5)
+    assert paper.scheduler_step == "plateau"  # the paper's ReduceLROnPlateau stays the default
+    with pytest.raises(ValueError, match="schedule 'linear' is not plateau or cosine"):
+        get_recipe(plugin, hyperparameters={"schedule": "linear"}, input_size=(64, 64))

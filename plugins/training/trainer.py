@@ -196,6 +196,7 @@ class TrainingSet(Dataset[tuple[torch.Tensor, int]]):
         self.recipe, self.records, self.targets = recipe, list(records), list(targets)
         self.seed, self.epoch = seed, 0
         self.cache: list[np.ndarray | None] | None = [None] * len(records) if cache else None
+        self.plain_cache: list[torch.Tensor | None] | None = [None] * len(records) if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -209,7 +210,24 @@ class TrainingSet(Dataset[tuple[torch.Tensor, int]]):
             self.cache[index] = prepared
         return prepared
 
+    def plain(self, index: int) -> torch.Tensor:
+        """The image exactly as the plugin feeds it to the model at inference (training without augmentation).
+
+        Preparing once and resizing again later is a second interpolation that inference never does (and,
+        with a letterbox, another placement); without augmentation nothing justifies training on other
+        pixels than the model is validated and deployed on.  Call after the normalisation is fitted.
+        """
+        if self.plain_cache is not None and self.plain_cache[index] is not None:
+            return self.plain_cache[index]  # type: ignore[return-value]
+        ref, image = load_training_image(self.records[index], self.recipe)
+        tensor = self.recipe.eval_input(image, ref)
+        if self.plain_cache is not None:
+            self.plain_cache[index] = tensor
+        return tensor
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not self.recipe.hp["augment"]:
+            return self.plain(index), self.targets[index]
         sample_seed = derive_seed(self.seed, "augment", self.epoch, index)
         tensor = self.recipe.train_input(self.prepared(index), sample_seed)
         return tensor, self.targets[index]
