@@ -125,6 +125,24 @@ def test_multi_scale_option_gives_245_tokens() -> None:
     assert ms.config_dict()["scales"] == ["layer3", "layer4"]
 
 
+def test_smaller_resnet_backbone_option() -> None:
+    # The demo profile trains from random weights with ResNet-18 tokens; everything after them is unchanged.
+    small = hybrid_birads_resnet50(backbone="resnet18", input_size=96).eval()
+    assert small.proj.in_channels == 512 and small.pos_embed.shape == (1, 9, 128)
+    with torch.no_grad():
+        out = small.forward_intermediates(torch.randn(2, 3, 96, 96))
+    assert out["tokens"].shape == (2, 9, 128) and out["logits"].shape == (2, 5)
+    assert small.config_dict()["backbone"] == "resnet18"
+    assert _count(small.encoder.parameters()) == 132_480 and _count(small.head.parameters()) == 132_357
+    # keras40 stage 2 on a basic block (no conv3): layer4 and the end of layer3's last block.
+    params = {id(p) for p in set_training_stage(small, 2)}
+    assert all(id(p) in params for p in small.backbone.layer4.parameters())
+    assert all(id(p) in params for p in small.backbone.layer3[-1].conv2.parameters())
+    assert not any(id(p) in params for p in small.backbone.layer3[-1].conv1.parameters())
+    with pytest.raises(ValueError, match="timm ResNet"):
+        hybrid_birads_resnet50(backbone="efficientnet_b0")
+
+
 # --- §8.3: parameter counts and staged unfreezing -----------------------------------------------------------
 
 

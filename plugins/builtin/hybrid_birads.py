@@ -72,7 +72,6 @@ CamLayer = Literal["layer4", "proj"]
 
 _SCALE_INDEX: dict[str, int] = {"layer3": 3, "layer4": 4}
 _SCALE_STRIDE: dict[str, int] = {"layer3": 16, "layer4": 32}
-_SCALE_CHANNELS: dict[str, int] = {"layer3": 1024, "layer4": 2048}
 
 
 class HybridBiradsNet(nn.Module):
@@ -102,6 +101,8 @@ class HybridBiradsNet(nn.Module):
     :param dal_mode: ``"multiplicative"`` CE·(1+λE) or ``"additive"`` CE+λE.
     :param unfreeze: stage-2 unfreezing: ``"keras40"`` (layer4 + the tail of layer3[5]) or ``"layer3_block"``.
     :param cam_layer: Grad-CAM target: ``"layer4"`` (2048x7x7) or ``"proj"`` (128x7x7).
+    :param backbone: timm ResNet of the tokens: ``"resnet50"`` [paper]; a smaller one (``"resnet18"``) for
+        training from random weights on a CPU, as the demo profile does.
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class HybridBiradsNet(nn.Module):
         dal_mode: DalMode = "multiplicative",
         unfreeze: UnfreezeMode = "keras40",
         cam_layer: CamLayer = "layer4",
+        backbone: str = "resnet50",
     ) -> None:
         super().__init__()
         scales = tuple(scales)
@@ -169,25 +171,31 @@ class HybridBiradsNet(nn.Module):
             "dal_mode": dal_mode,
             "unfreeze": unfreeze,
             "cam_layer": cam_layer,
+            "backbone": backbone,
         }
         self.num_classes = num_classes
         self.input_size = input_size
         self.scales = scales
         self.cam_layer = cam_layer
 
+        if not backbone.startswith("resnet"):
+            # The stage-2 unfreezing, Grad-CAM's layer4 and the scale names assume ResNet stage names.
+            raise ValueError(f"backbone must be a timm ResNet (resnet18, resnet50, ...), got {backbone!r}")
         self.backbone = timm.create_model(
-            "resnet50",
+            backbone,
             pretrained=False,
             features_only=True,
             out_indices=tuple(_SCALE_INDEX[s] for s in scales),
         )
+        # Channels from the backbone itself: ResNet-50's 1024/2048 (the paper), or a smaller ResNet's.
+        channels = dict(zip(scales, self.backbone.feature_info.channels(), strict=True))
         # C5's projection and embedding keep the spec's names (proj, pos_embed), so a single-scale checkpoint
         # has exactly the spec's keys.
-        self.proj = nn.Conv2d(_SCALE_CHANNELS["layer4"], embed_dim, kernel_size=1, bias=True)
+        self.proj = nn.Conv2d(channels["layer4"], embed_dim, kernel_size=1, bias=True)
         grid = input_size // _SCALE_STRIDE["layer4"]
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim))
         if "layer3" in scales:
-            self.proj_layer3 = nn.Conv2d(_SCALE_CHANNELS["layer3"], embed_dim, kernel_size=1, bias=True)
+            self.proj_layer3 = nn.Conv2d(channels["layer3"], embed_dim, kernel_size=1, bias=True)
             grid3 = input_size // _SCALE_STRIDE["layer3"]
             self.pos_embed_layer3 = nn.Parameter(torch.zeros(1, grid3 * grid3, embed_dim))
             self.scale_embed = nn.Parameter(torch.zeros(1, len(scales), embed_dim))
@@ -340,10 +348,11 @@ def _check_state_dict_fits(
 
 
 def load_imagenet_backbone(model: HybridBiradsNet, path: str | Path) -> None:
-    """Load a stock timm ``resnet50`` ImageNet state dict (safetensors or timm ``.pth``) into the backbone.
+    """Load a stock timm ImageNet state dict (safetensors or timm ``.pth``) of the model's backbone
+    (``resnet50`` by default) into it.
 
     The features-only backbone has every key of the classifier model except ``fc.*`` (spec §5), so a missing
-    key, an unexpected key other than ``fc.*`` or a shape mismatch means the file is not a ResNet-50.
+    key, an unexpected key other than ``fc.*`` or a shape mismatch means the file is not that ResNet.
 
     :param model: the model whose ``backbone`` is loaded in place.
     :param path: a local file; nothing is downloaded.
@@ -351,10 +360,11 @@ def load_imagenet_backbone(model: HybridBiradsNet, path: str | Path) -> None:
     :raises ValueError: when the file does not fit the backbone.
     """
     path = Path(path)
+    backbone = model.config_dict()["backbone"]
     if not path.is_file():
-        raise FileNotFoundError(f"ImageNet ResNet-50 weights not found: {path}")
+        raise FileNotFoundError(f"ImageNet {backbone} weights not found: {path}")
     state = load_state_dict(str(path), weights_only=True)
-    _check_state_dict_fits(model.backbone, state, ("fc.",), f"{path} (timm resnet50)")
+    _check_state_dict_fits(model.backbone, state, ("fc.",), f"{path} (timm {backbone})")
     model.backbone.load_state_dict(state, strict=False)
 
 

@@ -163,11 +163,14 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, max_degrees: float =
 
 
 def _stage2_modules(model: HybridBiradsNet) -> list[nn.Module]:
-    """The backbone part Keras' ``ResNet50.layers[-40:]`` covers: all of layer4 plus the tail of layer3[5]."""
-    block = model.backbone.layer3[5]
+    """The backbone part Keras' ``ResNet50.layers[-40:]`` covers: all of layer4 plus the tail of layer3[5]
+    (the last block of layer3, whatever the ResNet's depth)."""
+    block = model.backbone.layer3[-1]
     if model.config_dict()["unfreeze"] == "layer3_block":
         return [model.backbone.layer4, block]
-    return [model.backbone.layer4, block.conv2, block.bn2, block.conv3, block.bn3]
+    # A bottleneck block ends conv2/bn2/conv3/bn3; a basic block (resnet18/34) has no conv3.
+    tail = [getattr(block, name) for name in ("conv2", "bn2", "conv3", "bn3") if hasattr(block, name)]
+    return [model.backbone.layer4, *tail]
 
 
 def set_training_stage(model: HybridBiradsNet, stage: Literal[1, 2]) -> list[nn.Parameter]:
