@@ -4,7 +4,7 @@ Each architecture trains from random weights with its demo profile (the recipe's
 schedule at a small input size) on generated DICOM phantoms, must reach a held-out AUC of at least 0.9,
 is evaluated through the plugin with the full metric report, calibrated on the validation split and
 exported; the host then loads the exported checkpoint and predicts on a new synthetic DICOM.  Everything
-runs on one CPU thread.  CLGB-Net and the hybrid BI-RADS model learn a reduced task here (``REDUCED``).
+runs on one CPU thread.  The hybrid BI-RADS model learns a reduced task here (``REDUCED``).
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ pytestmark = pytest.mark.slow
 
 ARCHITECTURES = ("asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion")
 SEED = 3
-#: The two heaviest models (ResNet + Swin-T; ResNet-50 + MHSA) cannot tell round from spiculated masses within
-#: CI's budget from random weights (see docs/training.md, "What the test proves"); their tests train the
-#: lesion-or-not subset of the phantoms (normal vs malignant, i.e. BI-RADS 1 vs 5) instead of every class.
+#: The hybrid model (ResNet-50 + MHSA) does not learn all five BI-RADS grades from random weights within
+#: CI's budget (see docs/training.md, "What the test proves"); its test trains the lesion-or-not subset of
+#: the phantoms (BI-RADS 1 vs 5) instead of every class.
 REDUCED: dict[str, dict[str, object]] = {
-    "clgb_net": {"kind": "mg", "classes": ("normal", "malignant"), "images": 240},
     "hybrid_birads": {"kind": "mg", "classes": ("normal", "malignant"), "images": 240},
 }
 
@@ -136,7 +135,8 @@ def test_trains_to_auc_calibrates_exports_and_serves(
     flat = result.test.flat()
     for metric in ("accuracy", "precision", "recall", "specificity", "f1", "mcc", "dip", "auc", "ece"):
         assert metric in flat and math.isfinite(flat[metric]), metric
-    assert report.auc_ci is not None and report.auc_ci[0] <= report.auc <= report.auc_ci[1] + 1e-9
+    # A perfect AUC is 1 - 1e-16 as a mean of per-class AUCs and exactly 1 in every bootstrap resample.
+    assert report.auc_ci is not None and report.auc_ci[0] - 1e-9 <= report.auc <= report.auc_ci[1] + 1e-9
     assert set(report.per_class) == set(result.metadata.class_names)
     test_dir = tmp_path / "run" / "test"
     for file in ("metrics.json", "confusion_matrix.png", "roc.png", "predictions.csv", "comparison.txt"):
