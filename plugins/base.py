@@ -232,8 +232,24 @@ class TorchModelPlugin(abc.ABC):
             extra_maps={name: pre.map_to_source(m, box) for name, m in output.extra_maps.items()},
             demo_weights=self.demo_weights,
             weights_sha256=self.weights_sha256,
-            parameters={"thresholds": dict(self.spec.thresholds)},
+            parameters={
+                "thresholds": dict(self.spec.thresholds),
+                # What makes this model differ from the plugin's stock build (a checkpoint's backbone or
+                # fusion branch, its temperature, a site's override) belongs in the report's parameters.
+                **({"options": changed} if (changed := self._changed_options(options)) else {}),
+            },
         )
+
+    def _changed_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        def plain(value: Any) -> Any:  # a checkpoint's JSON gives lists where the defaults have tuples
+            return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+        defaults = self.default_options
+        return {
+            key: value
+            for key, value in sorted(options.items())
+            if key not in defaults or plain(defaults[key]) != plain(value)
+        }
 
 
 #: What ``pacs_triage_register_models`` returns and the host runs; every model plugin today is a

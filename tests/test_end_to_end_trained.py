@@ -212,6 +212,8 @@ def test_trained_checkpoints_serve_in_the_pipeline(tmp_path: Path, one_thread: N
                               and item.ConceptNameCodeSequence[0].CodeValue == ALGORITHM_PARAMETERS}
                 assert f"weights_sha256={sha256[arch]}" in parameters, parameters
                 assert "demo_weights=False" in parameters, parameters
+                if arch == "us_fusion":  # trained with one branch only: the report must say which build ran
+                    assert any(p.startswith("options=") and "a_only" in p for p in parameters), parameters
                 for leaf in group.get("ContentSequence", []):
                     if leaf.get("ValueType") == "NUM" and \
                             leaf.ConceptNameCodeSequence[0].CodeValue == PROBABILITY_OF_CANCER:
