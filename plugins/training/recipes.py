@@ -1216,8 +1216,8 @@ def get_recipe(
 
 @dataclass(frozen=True, kw_only=True)
 class DemoProfile:
-    """Settings that train one architecture from random weights on synthetic phantoms in about a minute of
-    one CPU core: what ``pacs-triage demo-weights`` and the tests use.
+    """Settings that train one architecture from random weights on synthetic phantoms in one to three
+    minutes of one CPU core: what ``pacs-triage demo-weights`` and the tests use.
 
     The papers' recipes assume ImageNet weights and hours on a GPU; these keep each recipe's loss, sampler
     and schedule but use a small input, a higher learning rate and no geometric augmentation (the phantoms
