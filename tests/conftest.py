@@ -27,6 +27,18 @@ def _strict_pydicom() -> Iterator[None]:
     pydicom.config.settings.writing_validation_mode = old
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests: other jobs share the CI machine's two cores, and float sums
+    then do not depend on the thread count."""
+    import torch  # only the modules that ask for it pay for the import
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -31,6 +32,27 @@ REDIS_DB = 10
 PROBABILITY_OF_CANCER = "111047"
 
 
+def write_site_config(
+    tmp_path: Path, port: int, orthanc: Any, redis_db: int, *, allow_demo_weights: bool
+) -> Path:
+    """A site config for the whole pipeline on loopback: gateway on *port*, Celery on Redis db *redis_db*,
+    ASG-MammoNet (first stage) and US-Fusion only, delivering to *orthanc*."""
+    config = tmp_path / "site.yaml"
+    config.write_text(yaml.safe_dump({
+        "gateway": {"port": port, "host": "127.0.0.1", "data_dir": str(tmp_path / "data")},
+        "assembly": {"quiet_seconds": 2.0, "tick_seconds": 0.2},
+        "broker": {"url": redis_url(redis_db)},
+        "dispatch": {"kind": "celery"},
+        "logging": {"level": "INFO", "json_output": True},
+        "plugins": {"allow_demo_weights": allow_demo_weights, "load_entrypoints": False,
+                    "disabled": [m for m in BUILTIN_MODELS if m not in ("asg_mammonet", "us_fusion")]},
+        "triage": {"first_stage_model": "asg_mammonet"},
+        "delivery": {"destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1",
+                                       "port": orthanc.dicom_port}]},
+    }))
+    return config
+
+
 @pytest.mark.redis
 @pytest.mark.peers
 @pytest.mark.slow
@@ -40,19 +62,7 @@ def test_storescu_to_gateway_to_worker_to_orthanc(tmp_path: Path) -> None:
     client.flushdb()
     port = get_port()
     with running_orthanc(tmp_path / "orthanc") as orthanc:
-        config = tmp_path / "site.yaml"
-        config.write_text(yaml.safe_dump({
-            "gateway": {"port": port, "host": "127.0.0.1", "data_dir": str(tmp_path / "data")},
-            "assembly": {"quiet_seconds": 2.0, "tick_seconds": 0.2},
-            "broker": {"url": redis_url(REDIS_DB)},
-            "dispatch": {"kind": "celery"},
-            "logging": {"level": "INFO", "json_output": True},
-            "plugins": {"allow_demo_weights": True, "load_entrypoints": False,
-                        "disabled": [m for m in BUILTIN_MODELS if m not in ("asg_mammonet", "us_fusion")]},
-            "triage": {"first_stage_model": "asg_mammonet"},
-            "delivery": {"destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1",
-                                           "port": orthanc.dicom_port}]},
-        }))
+        config = write_site_config(tmp_path, port, orthanc, REDIS_DB, allow_demo_weights=True)
         log = tmp_path / "processes.log"
         with log.open("ab") as out:
             gateway = subprocess.Popen([sys.executable, "-m", "workers.cli", "gateway", "--config", str(config)],

@@ -25,7 +25,6 @@ import pydicom
 import pytest
 import redis
 import torch
-import yaml
 
 from gateway.settings import load_settings
 from plugins import synthetic
@@ -35,8 +34,8 @@ from plugins.types import Prediction
 from plugins.weights import file_sha256, load_checkpoint
 from tests.conftest import require_binary
 from tests.peers import running_orthanc
-from tests.test_end_to_end import PROBABILITY_OF_CANCER, _image_of, _walk
-from tests.test_triage_order import BUILTIN_MODELS, redis_url, start_worker, stop
+from tests.test_end_to_end import PROBABILITY_OF_CANCER, _image_of, _walk, write_site_config
+from tests.test_triage_order import redis_url, start_worker, stop
 from tests.utils import get_port, wait_for
 from workers.results import ResultsStore
 
@@ -90,19 +89,7 @@ def test_trained_checkpoints_serve_in_the_pipeline(tmp_path: Path, one_thread: N
     client.flushdb()
     port = get_port()
     with running_orthanc(tmp_path / "orthanc") as orthanc:
-        config = tmp_path / "site.yaml"
-        config.write_text(yaml.safe_dump({
-            "gateway": {"port": port, "host": "127.0.0.1", "data_dir": str(tmp_path / "data")},
-            "assembly": {"quiet_seconds": 2.0, "tick_seconds": 0.2},
-            "broker": {"url": redis_url(REDIS_DB)},
-            "dispatch": {"kind": "celery"},
-            "logging": {"level": "INFO", "json_output": True},
-            "plugins": {"allow_demo_weights": False, "load_entrypoints": False,
-                        "disabled": [m for m in BUILTIN_MODELS if m not in TRAINED]},
-            "triage": {"first_stage_model": "asg_mammonet"},
-            "delivery": {"destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1",
-                                           "port": orthanc.dicom_port}]},
-        }))
+        config = write_site_config(tmp_path, port, orthanc, REDIS_DB, allow_demo_weights=False)
 
         checkpoints: dict[str, Path] = {}
         for arch, kind in TRAINED.items():

@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ from plugins.training.trainer import (
 from plugins.types import Prediction
 from plugins.weights import file_sha256, load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ARCHITECTURES = ("asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion")
 SEED = 3
@@ -55,15 +54,6 @@ REDUCED: dict[str, dict[str, object]] = {
 def _profile(name: str) -> DemoProfile:
     profile = DEMO_PROFILES[name]
     return dataclasses.replace(profile, **REDUCED.get(name, {}))  # type: ignore[arg-type]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Other jobs share the CI machine's cores; one thread also makes the timings comparable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

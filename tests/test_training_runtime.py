@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ from plugins.training.trainer import (
 )
 from plugins.weights import load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SEED = 11
 NAME = "us_fusion"
 #: The demo profile cut down to seconds on one thread: 24 images of 64x64, MobileNetV2 branch only, two
@@ -47,15 +48,6 @@ PROFILE = dataclasses.replace(
     options={"fusion": "a_only"},
     hyperparameters={**DEMO_PROFILES[NAME].hyperparameters, "epochs": 2, "augment": True},
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Other jobs share the machine's cores, and one thread makes float sums independent of the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
