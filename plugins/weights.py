@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,32 @@ def reported_version(plugin_version: str, weights_version: str, sha256: str) -> 
     """
     weights = f"w{weights_version}" + (f"-{sha256[:8]}" if sha256 else "")
     return f"{plugin_version}/{weights}"[:64]
+
+
+def check_state_dict_fits(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    allowed_unexpected: tuple[str, ...],
+    source: str,
+) -> None:
+    """Raise unless *state* fills every key of *module* with the right shape, leaving over only keys that
+    start with *allowed_unexpected* (a classifier head, say).
+
+    ``load_state_dict(strict=False)`` would skip missing keys silently and fail halfway on a shape
+    mismatch; checking first gives one clear message and leaves the module untouched.
+
+    :param source: what the state came from, for the message (a file and the timm model name).
+    :raises ValueError: naming the first missing, unexpected and mismatched keys.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(allowed_unexpected)]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source} does not fit: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
+            f"keys {unexpected[:3]}, {len(mismatched)} shape mismatches {mismatched[:3]}"
+        )
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointMetadata:

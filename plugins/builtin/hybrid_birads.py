@@ -39,7 +39,7 @@ from plugins import preprocess as pre
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.explain import grad_cam, normalise_minmax
 from plugins.types import ImageRef, Letterbox, ModelSpec, Prediction
-from plugins.weights import CheckpointMetadata
+from plugins.weights import CheckpointMetadata, check_state_dict_fits
 
 __all__ = [
     "CAFFE_MEAN_BGR",
@@ -331,22 +331,6 @@ def hybrid_birads_resnet50(**kwargs: Any) -> HybridBiradsNet:
 # -------------------------------------------------------------------------
 
 
-def _check_state_dict_fits(
-    module: nn.Module, state: Mapping[str, torch.Tensor], allowed_unexpected: tuple[str, ...], source: str
-) -> None:
-    # load_state_dict(strict=False) would skip missing keys silently and fail halfway on a shape mismatch;
-    # checking first gives one clear message and leaves the module untouched.
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own and not k.startswith(allowed_unexpected)]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source} does not fit: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
-            f"keys {unexpected[:3]}, {len(mismatched)} shape mismatches {mismatched[:3]}"
-        )
-
-
 def load_imagenet_backbone(model: HybridBiradsNet, path: str | Path) -> None:
     """Load a stock timm ImageNet state dict (safetensors or timm ``.pth``) of the model's backbone
     (``resnet50`` by default) into it.
@@ -364,7 +348,7 @@ def load_imagenet_backbone(model: HybridBiradsNet, path: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"ImageNet {backbone} weights not found: {path}")
     state = load_state_dict(str(path), weights_only=True)
-    _check_state_dict_fits(model.backbone, state, ("fc.",), f"{path} (timm {backbone})")
+    check_state_dict_fits(model.backbone, state, ("fc.",), f"{path} (timm {backbone})")
     model.backbone.load_state_dict(state, strict=False)
 
 

@@ -44,7 +44,7 @@ from plugins.base import BASE_OPTIONS, ModelOutput, ModelPlugin, TorchModelPlugi
 from plugins.builtin.asg_mammonet import CBAM
 from plugins.explain import grad_cam, normalise_minmax
 from plugins.types import AcceptRule, ModelSpec
-from plugins.weights import CheckpointMetadata
+from plugins.weights import CheckpointMetadata, check_state_dict_fits
 
 __all__ = [
     "CLASS_NAMES",
@@ -305,22 +305,6 @@ def us_fusion_mnv2_dn121(**kwargs: Any) -> UsFusionNet:
 # -------------------------------------------------------------------------
 
 
-def _check_state_dict_fits(
-    module: nn.Module, state: Mapping[str, torch.Tensor], allowed_unexpected: tuple[str, ...], source: str
-) -> None:
-    # load_state_dict(strict=False) would skip missing keys silently and fail halfway on a shape mismatch;
-    # checking first gives one clear message and leaves the module untouched.
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own and not k.startswith(allowed_unexpected)]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source} does not fit: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
-            f"keys {unexpected[:3]}, {len(mismatched)} shape mismatches {mismatched[:3]}"
-        )
-
-
 def load_imagenet_backbones(
     model: UsFusionNet,
     mobilenet_path: str | Path | None = None,
@@ -351,7 +335,7 @@ def load_imagenet_backbones(
         if attr == "branch_a" and isinstance(model.branch_a.bn2, nn.Identity):
             allowed += ("conv_head.", "bn2.")
         state = load_state_dict(str(path), weights_only=True)
-        _check_state_dict_fits(branch, state, allowed, f"{path} (timm {arch})")
+        check_state_dict_fits(branch, state, allowed, f"{path} (timm {arch})")
         branch.load_state_dict(state, strict=False)
 
 

@@ -42,6 +42,7 @@ from plugins import preprocess as pre
 from plugins.base import BASE_OPTIONS, TorchModelPlugin
 from plugins.training.datasets import Record
 from plugins.types import ImageRef, ModelSpec
+from plugins.weights import check_state_dict_fits
 
 __all__ = [
     "RECIPES",
@@ -181,16 +182,8 @@ def load_timm_backbone(
         if not path.is_file():
             raise FileNotFoundError(f"ImageNet weights for {timm_name} not found: {path}")
         state = timm.models.load_state_dict(str(path), use_ema=True)
+    check_state_dict_fits(module, state, allowed_unexpected, f"{source} (the {timm_name} backbone)")
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own and not k.startswith(allowed_unexpected)]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source} does not fit the {timm_name} backbone: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(mismatched)} shape mismatches "
-            f"{mismatched[:3]}"
-        )
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
