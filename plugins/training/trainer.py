@@ -195,8 +195,13 @@ class TrainingSet(Dataset[tuple[torch.Tensor, int]]):
     ) -> None:
         self.recipe, self.records, self.targets = recipe, list(records), list(targets)
         self.seed, self.epoch = seed, 0
-        self.cache: list[np.ndarray | None] | None = [None] * len(records) if cache else None
-        self.plain_cache: list[torch.Tensor | None] | None = [None] * len(records) if cache else None
+        augment = bool(recipe.hp["augment"])
+        # Without augmentation a training image is exactly what the plugin feeds the model at inference, as
+        # for validation: a second resize of a prepared image would give other pixels (and, with a letterbox,
+        # another placement) than the model is validated and deployed on.
+        self.plain: EvalSet | None = None if augment else EvalSet(recipe, records, targets, cache)
+        # Prepared images are the augmentation's input, so they are only kept when there is augmentation.
+        self.cache: list[np.ndarray | None] | None = [None] * len(records) if cache and augment else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -210,24 +215,9 @@ class TrainingSet(Dataset[tuple[torch.Tensor, int]]):
             self.cache[index] = prepared
         return prepared
 
-    def plain(self, index: int) -> torch.Tensor:
-        """The image exactly as the plugin feeds it to the model at inference (training without augmentation).
-
-        Preparing once and resizing again later is a second interpolation that inference never does (and,
-        with a letterbox, another placement); without augmentation nothing justifies training on other
-        pixels than the model is validated and deployed on.  Call after the normalisation is fitted.
-        """
-        if self.plain_cache is not None and self.plain_cache[index] is not None:
-            return self.plain_cache[index]  # type: ignore[return-value]
-        ref, image = load_training_image(self.records[index], self.recipe)
-        tensor = self.recipe.eval_input(image, ref)
-        if self.plain_cache is not None:
-            self.plain_cache[index] = tensor
-        return tensor
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not self.recipe.hp["augment"]:
-            return self.plain(index), self.targets[index]
+        if self.plain is not None:
+            return self.plain[index]
         sample_seed = derive_seed(self.seed, "augment", self.epoch, index)
         tensor = self.recipe.train_input(self.prepared(index), sample_seed)
         return tensor, self.targets[index]
