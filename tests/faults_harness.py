@@ -519,6 +519,13 @@ class Pipeline:
         db.row_factory = sqlite3.Row
         return db
 
+    def results_ready(self) -> bool:
+        """The workers' results store exists with its tables (the file appears a moment before its schema)."""
+        if not (self.data_dir / "results.sqlite").exists():
+            return False
+        with self.results() as db:
+            return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'worklist'").fetchone() is not None
+
     def acknowledged(self) -> dict[str, set[str]]:
         """Study UID -> SOP Instance UIDs the gateway committed (and so acknowledged or was about to)."""
         studies: dict[str, set[str]] = {}
@@ -534,14 +541,14 @@ class Pipeline:
             }
 
     def dead_letters(self) -> list[sqlite3.Row]:
-        if not (self.data_dir / "results.sqlite").exists():
+        if not self.results_ready():
             return []
         with self.results() as db:
             return db.execute("SELECT * FROM deadletters WHERE replayed_at IS NULL").fetchall()
 
     def settled(self, study_uids: Iterable[str]) -> bool:
         """Every study's latest version is delivered or dead-lettered in the workers' journal."""
-        if not (self.data_dir / "results.sqlite").exists():
+        if not self.results_ready():
             return False
         versions = self.latest_versions()
         with self.results() as db:
