@@ -326,14 +326,20 @@ def _thumbnail(image: np.ndarray, longest: int = 256) -> tuple[np.ndarray, int]:
 
 
 def breast_bbox(image: np.ndarray, margin: float = 0.01) -> tuple[int, int, int, int]:
-    """The breast's bounding box (top, left, height, width): Otsu foreground, largest component.
+    """The breast's bounding box (top, left, height, width): foreground, largest component.
 
-    Labels and markers are separate, smaller components and fall outside the box.  An image with
-    no clear foreground gives the whole image.
+    The foreground threshold is the foot of the background's histogram peak (the triangle method),
+    but at least a fifth of Otsu's threshold so that noise in the background stays out.  Otsu's
+    threshold alone splits the breast's own fat from its dense tissue wherever the window spreads
+    the tissue widely, and cut off the darker periphery, lesions included.  Labels and markers are
+    separate, smaller components and fall outside the box.  An image with no clear foreground gives
+    the whole image.
     """
     rows, cols = image.shape[:2]
     small, step = _thumbnail(image)
-    _, mask = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    otsu, _ = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    triangle, _ = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_TRIANGLE)
+    _, mask = cv2.threshold(small, max(triangle, 0.2 * otsu), 255, cv2.THRESH_BINARY)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     count, _labels, stats, _centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count < 2:

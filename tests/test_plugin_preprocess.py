@@ -224,6 +224,26 @@ def test_breast_bbox_excludes_background_and_marker() -> None:
     assert left + width < 300 - 300 // 6  # the lead marker (columns 250-275) is not the breast
 
 
+@pytest.mark.parametrize("view", ["CC", "MLO"])
+@pytest.mark.parametrize("seed", range(100, 112))
+def test_breast_bbox_keeps_the_dark_periphery_and_its_lesion(seed: int, view: str) -> None:
+    # Windowed to the breast's own range, fatty periphery is dark next to dense tissue and a bright
+    # pectoral muscle; a threshold between fat and dense tissue cut it off, and the lesion with it
+    # (MLO of seed 104 here, among others).
+    from plugins.synthetic import make_mg_image
+
+    phantom = make_mg_image(seed, birads=3, view=view, laterality="LR"[seed % 2])
+    image = pre.to_display(phantom.dataset.pixel_array, phantom.dataset)
+    top, left, height, width = pre.breast_bbox(image)
+    rows, cols = np.nonzero(phantom.dataset.pixel_array > 100)  # all tissue, however faint
+    assert top <= rows.min() + 2 and top + height >= rows.max() - 2
+    assert left <= cols.min() + 2 and left + width >= cols.max() - 2
+    assert height * width <= 1.1 * (np.ptp(rows) + 1) * (np.ptp(cols) + 1)  # and not the background
+    lesion_rows, lesion_cols = np.nonzero(phantom.mask)
+    assert top <= lesion_rows.min() and lesion_rows.max() < top + height
+    assert left <= lesion_cols.min() and lesion_cols.max() < left + width
+
+
 def test_chest_wall_detection_and_flip_round_trip() -> None:
     left_breast = (mammogram_pixels(200, 160, "left") >> 4).astype(np.uint8)
     right_breast = (mammogram_pixels(200, 160, "right") >> 4).astype(np.uint8)
