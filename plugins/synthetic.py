@@ -9,7 +9,9 @@ The phantoms are built to be learnable, not to be mistaken for patients:
 - MG: a half-ellipse breast attached to the chest wall (left image edge for L, right edge for R, as in the
   usual stored orientation), fibroglandular texture from filtered noise, a pectoral muscle on MLO views, and a
   mass that is round and well circumscribed (benign, BI-RADS 2), oval (BI-RADS 3), irregular with short
-  spicules (BI-RADS 4) or irregular with long spicules (malignant, BI-RADS 5).
+  spicules (BI-RADS 4) or irregular with long spicules (malignant, BI-RADS 5).  The ordinal BI-RADS set
+  draws its masses larger, and a BI-RADS 2 mass there also holds coarse ("popcorn") calcifications, as a
+  calcified fibroadenoma does.
 - US: Rayleigh speckle over skin, fat, glandular and muscle layers inside an image region framed by a black
   border with burned-in annotations (described by a ``SequenceOfUltrasoundRegions``), with a hypoechoic
   oval, wider than tall, with posterior enhancement (benign) or an irregular, taller-than-wide, very
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the images for a given seed change, so a manifest records which generator made it.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 MG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image Storage - For Presentation
 US_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
@@ -70,6 +72,9 @@ US_DEFAULT_SIZE: tuple[int, int] = (240, 320)
 BIRADS_OF_LABEL: dict[str, int] = {"normal": 1, "benign": 2, "malignant": 5}
 
 Kind = Literal["mg", "us", "mg-birads"]
+
+#: Mammographic masses of the ordinal BI-RADS set are this much larger than those of the binary sets.
+_ORDINAL_MG_SIZE_FACTOR = 1.4
 
 _MG_BITS_STORED = 12
 _MG_MAX = (1 << _MG_BITS_STORED) - 1
@@ -124,6 +129,8 @@ class _Lesion:
     spicule_widths: tuple[float, ...]
     edge_width: float
     contrast: float
+    #: Coarse ("popcorn") calcifications inside the core: (u, v, sigma) in units of the mean radius.
+    calcifications: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,8 +226,13 @@ def _fibroglandular(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndar
     return (1.0 / (1.0 + np.exp(-2.5 * (texture - 0.3)))).astype(np.float32)
 
 
-def _sample_lesion(rng: np.random.Generator, birads: int, modality: str) -> _Lesion:
-    """Shape parameters that grade from round (BI-RADS 2) to spiculated (BI-RADS 5)."""
+def _sample_lesion(rng: np.random.Generator, birads: int, modality: str, *, ordinal: bool = False) -> _Lesion:
+    """Shape parameters that grade from round (BI-RADS 2) to spiculated (BI-RADS 5).
+
+    In the ordinal set (``ordinal``) mammographic masses are larger, and a BI-RADS 2 mass also holds coarse
+    calcifications: the classically benign feature that sets it apart from the non-calcified oval mass of
+    BI-RADS 3 even where a stretched resize blurs the difference in shape.
+    """
     if modality == "US":
         if birads >= 4:
             irregularity, spiculation, edge = 0.22 + 0.06 * (birads - 4), 0.0, 0.05
@@ -254,6 +266,21 @@ def _sample_lesion(rng: np.random.Generator, birads: int, modality: str) -> _Les
     spicule_angles = np.sort(rng.uniform(0, 2 * math.pi, n_spicules))
     spicule_lengths = 0.5 + rng.uniform(0.8, 2.2, n_spicules) * spiculation
     spicule_widths = rng.uniform(0.14, 0.24, n_spicules)
+    calcifications: tuple[tuple[float, float, float], ...] = ()
+    if ordinal and modality != "US":
+        # The grades differ in fine detail (calcifications, spicule length) that must survive the small
+        # inputs of the tests and the demo, so the ordinal set draws its masses larger.
+        radius *= _ORDINAL_MG_SIZE_FACTOR
+    if ordinal and birads == 2 and modality != "US":
+        # Drawn last so that a binary set's draws, and so its images, do not change.
+        count = int(rng.integers(3, 7))
+        places = rng.uniform(0, 2 * math.pi, count)
+        distances = 0.6 * np.sqrt(rng.uniform(0, 1, count))
+        sizes = rng.uniform(0.14, 0.22, count)
+        calcifications = tuple(
+            (float(d * math.cos(a)), float(d * math.sin(a)), float(w))
+            for a, d, w in zip(places, distances, sizes, strict=True)
+        )
     return _Lesion(
         radius_frac=radius,
         aspect=aspect,
@@ -266,6 +293,7 @@ def _sample_lesion(rng: np.random.Generator, birads: int, modality: str) -> _Les
         spicule_widths=tuple(float(v) for v in spicule_widths),
         edge_width=edge,
         contrast=contrast,
+        calcifications=calcifications,
     )
 
 
@@ -338,6 +366,9 @@ def _lesion_patch(
             cv2.fillPoly(spicules, [np.round(points * scale).astype(np.int32)], 1.0, cv2.LINE_AA, shift)
         spicules = cv2.GaussianBlur(spicules, (0, 0), sigmaX=max(0.5, radius * 0.04))
         density = np.maximum(density, 0.6 * spicules)
+    for cu, cv, sigma in lesion.calcifications:
+        # Calcium attenuates far more than soft tissue: several times the mass's own contrast.
+        density += 2.5 * np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * sigma * sigma)).astype(np.float32)
     return density, mask
 
 
@@ -646,8 +677,8 @@ def make_mg_image(
     :param size: (rows, columns); :data:`MG_TEST_SIZE` for tests, :data:`MG_FULL_SIZE` for benchmarks.
     :param laterality: "L" or "R"; the chest wall is on the left image edge for L and on the right for R.
     :param view: "CC" or "MLO" (MLO adds a pectoral muscle).
-    :param birads: draw the lesion as BI-RADS 1-5 (none, round, oval, short spicules, long spicules) and label
-        the image "BI-RADS k".
+    :param birads: draw the lesion as BI-RADS 1-5 (none, round with coarse calcifications, oval, short
+        spicules, long spicules) and label the image "BI-RADS k".
     :param photometric: "MONOCHROME2" (dense tissue bright) or "MONOCHROME1" (stored inverted).
     :param patient_number: the nnnn of ``SYNTH^PATIENTnnnn``; derived from the seed when None.
     :param instance_number: the InstanceNumber.
@@ -655,7 +686,9 @@ def make_mg_image(
     :param series_uid: put the image in this series (default: derived from the seed).
     """
     category, label_out = _mg_category(label, birads)
-    lesion = _sample_lesion(_rng(seed, 2), category, "MG") if category > 1 else None
+    lesion = (
+        _sample_lesion(_rng(seed, 2), category, "MG", ordinal=birads is not None) if category > 1 else None
+    )
     return _mg_phantom(
         seed,
         label_out,
@@ -765,7 +798,9 @@ def make_mg_study_phantoms(
     if side not in ("L", "R"):
         raise ValueError(f'lesion_side "{lesion_side}" must be "L" or "R"')
     category, label_out = _mg_category(label, birads)
-    lesion = _sample_lesion(_rng(seed, 2), category, "MG") if category > 1 else None
+    lesion = (
+        _sample_lesion(_rng(seed, 2), category, "MG", ordinal=birads is not None) if category > 1 else None
+    )
     depth = float(rng.uniform(0.3, 0.55))
     patient = _make_patient(seed, patient_number)
     study_uid = _uid("study", seed, patient.number)

@@ -145,6 +145,23 @@ def test_birads_grades_from_round_to_irregular_and_spiculated() -> None:
     assert np.mean(spiculated) < np.mean(round_masses) - 0.1
 
 
+def test_ordinal_birads_2_masses_hold_coarse_calcifications() -> None:
+    # They set BI-RADS 2 apart from the oval BI-RADS 3 mass; the binary sets' benign mass stays plain.
+    size = (320, 256)
+    for seed in range(3):
+        normal = _displayed(make_mg_image(seed, birads=1, size=size).dataset).astype(np.float64)
+        peak_over_median = {}
+        for name, phantom in (
+            ("BI-RADS 2", make_mg_image(seed, birads=2, size=size)),
+            ("BI-RADS 3", make_mg_image(seed, birads=3, size=size)),
+            ("benign", make_mg_image(seed, "benign", size=size)),
+        ):
+            core = (_displayed(phantom.dataset) - normal)[phantom.mask]
+            peak_over_median[name] = float(core.max() / np.median(core))
+        assert peak_over_median["BI-RADS 2"] > 2.0, peak_over_median
+        assert peak_over_median["BI-RADS 3"] < 1.5 and peak_over_median["benign"] < 1.5, peak_over_median
+
+
 def test_mg_study_has_four_views_and_one_lesion_breast() -> None:
     phantoms = make_mg_study_phantoms(11, "benign", SMALL_MG, lesion_side="R")
     views = {(p.dataset.ImageLaterality, p.dataset.ViewPosition) for p in phantoms}
