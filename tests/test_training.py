@@ -4,14 +4,13 @@ Each architecture trains from random weights with its demo profile (the recipe's
 schedule at a small input size) on generated DICOM phantoms, must reach a held-out AUC of at least 0.9,
 is evaluated through the plugin with the full metric report, calibrated on the validation split and
 exported; the host then loads the exported checkpoint and predicts on a new synthetic DICOM.  Everything
-runs on one CPU thread.  The hybrid BI-RADS model learns a reduced task here (``REDUCED``).
+runs on one CPU thread.  Every model learns its full task: the hybrid BI-RADS model all five grades.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -26,7 +25,7 @@ from plugins.synthetic import make_mg_image, make_us_image, write_dataset_dir
 from plugins.training import cli
 from plugins.training.datasets import Record, dataset_fingerprint, load_generic_csv
 from plugins.training.evaluate import evaluate_checkpoint, training_info
-from plugins.training.recipes import DEMO_PROFILES, RECIPES, DemoProfile, Hyper, get_recipe, parse_value
+from plugins.training.recipes import DEMO_PROFILES, RECIPES, Hyper, get_recipe, parse_value
 from plugins.training.trainer import (
     STATE_FILE,
     TrainConfig,
@@ -43,17 +42,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ARCHITECTURES = ("asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion")
 SEED = 3
-#: The hybrid model (ResNet-50 + MHSA) does not learn all five BI-RADS grades from random weights within
-#: CI's budget (see docs/training.md, "What the test proves"); its test trains the lesion-or-not subset of
-#: the phantoms (BI-RADS 1 vs 5) instead of every class.
-REDUCED: dict[str, dict[str, object]] = {
-    "hybrid_birads": {"kind": "mg", "classes": ("normal", "malignant"), "images": 240},
-}
-
-
-def _profile(name: str) -> DemoProfile:
-    profile = DEMO_PROFILES[name]
-    return dataclasses.replace(profile, **REDUCED.get(name, {}))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +50,7 @@ def phantom_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Rec
     root = tmp_path_factory.mktemp("phantoms")
     sets: dict[str, list[Record]] = {}
     for name in ARCHITECTURES:
-        profile = _profile(name)
+        profile = DEMO_PROFILES[name]
         key = f"{profile.kind}-{profile.images}-{'+'.join(profile.classes or ('all',))}"
         if key not in sets:
             manifest = write_dataset_dir(
@@ -98,7 +86,7 @@ def _fresh_phantom(name: str, folder: Path, label: str) -> Path:
 def test_trains_to_auc_calibrates_exports_and_serves(
     name: str, phantom_sets: dict[str, list[Record]], tmp_path: Path
 ) -> None:
-    profile = _profile(name)
+    profile = DEMO_PROFILES[name]
     records = phantom_sets[name]
     lines: list[str] = []
     result = train(
