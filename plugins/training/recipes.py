@@ -1301,7 +1301,9 @@ DEMO_PROFILES: dict[str, DemoProfile] = {
         },
         hyperparameters={
             "stage1_epochs": 0,
-            "epochs": 12,
+            # 16 rather than 12: the training loss is still falling at 12, and the weakest of four seeds went
+            # from 0.84 to 0.89.
+            "epochs": 16,
             "lr": 4e-4,
             "schedule": "cosine",
             "batch_size": 8,
