@@ -129,6 +129,26 @@ def _set_nodelay(event: Event) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def keep_responses_for_the_caller(assoc: Any) -> None:
+    """Make the association's reactor hand a DIMSE response back to the waiting ``send_c_store``.
+
+    pynetdicom pauses its reactor thread around each request, but the pause can race: a reactor that
+    passed its checkpoint just before the pause takes a fast response off the queue itself, logs
+    "Received unexpected C-STORE service message" and drops it.  The sender then waits out the DIMSE
+    timeout, and the retry stores the instance at the PACS a second time.  An association that only
+    sends requests never has a response of its own to serve, so every response goes back on the queue.
+    """
+    serve_request = assoc._serve_request
+
+    def _serve_requests_only(msg: Any, context_id: int) -> None:
+        if msg is not None and not msg.is_valid_request:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve_request(msg, context_id)
+
+    assoc._serve_request = _serve_requests_only
+
+
 def _transfer_syntax(dataset: pydicom.Dataset) -> str:
     meta = getattr(dataset, "file_meta", None)
     syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
@@ -191,6 +211,7 @@ def deliver(
     def _on_open(event: Event) -> None:
         connected.append(True)
         _set_nodelay(event)
+        keep_responses_for_the_caller(event.assoc)
 
     def _remember_rejection(event: Event) -> None:
         primitive = getattr(event, "primitive", None)
