@@ -271,16 +271,16 @@ def _sample_lesion(rng: np.random.Generator, birads: int, modality: str, *, ordi
         # The grades differ in fine detail (calcifications, spicule length) that must survive the small
         # inputs of the tests and the demo, so the ordinal set draws its masses larger.
         radius *= _ORDINAL_MG_SIZE_FACTOR
-    if ordinal and birads == 2 and modality != "US":
-        # Drawn last so that a binary set's draws, and so its images, do not change.
-        count = int(rng.integers(3, 7))
-        places = rng.uniform(0, 2 * math.pi, count)
-        distances = 0.6 * np.sqrt(rng.uniform(0, 1, count))
-        sizes = rng.uniform(0.14, 0.22, count)
-        calcifications = tuple(
-            (float(d * math.cos(a)), float(d * math.sin(a)), float(w))
-            for a, d, w in zip(places, distances, sizes, strict=True)
-        )
+        if birads == 2:
+            # Drawn last so that a binary set's draws, and so its images, do not change.
+            count = int(rng.integers(3, 7))
+            places = rng.uniform(0, 2 * math.pi, count)
+            distances = 0.6 * np.sqrt(rng.uniform(0, 1, count))
+            sizes = rng.uniform(0.14, 0.22, count)
+            calcifications = tuple(
+                (float(d * math.cos(a)), float(d * math.sin(a)), float(w))
+                for a, d, w in zip(places, distances, sizes, strict=True)
+            )
     return _Lesion(
         radius_frac=radius,
         aspect=aspect,
