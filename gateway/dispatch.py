@@ -1,4 +1,4 @@
-"""Where completed studies go: the dispatcher interface and the two gateway-side implementations.
+"""Where completed studies go: the dispatcher interface and the gateway-only implementation.
 
 The Celery dispatcher lives with the workers, which pass it in; the gateway only knows this
 protocol, so it never imports Celery or torch.
@@ -6,7 +6,6 @@ protocol, so it never imports Celery or torch.
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
 
 import structlog
@@ -34,20 +33,3 @@ class LoggingDispatcher:
         log.info("study.dispatched", job_id=job.job_id, version=job.study_version,
                  instances=len(job.instances), priority=int(job.priority), completed_by=job.completed_by)
 
-
-class RecordingDispatcher:
-    """Keeps every job in memory, for tests; ``wait_for(n)`` blocks until *n* have arrived."""
-
-    def __init__(self) -> None:
-        self.jobs: list[StudyJob] = []
-        self._changed = threading.Condition()
-
-    def dispatch(self, job: StudyJob) -> None:
-        with self._changed:
-            self.jobs.append(job)
-            self._changed.notify_all()
-
-    def wait_for(self, count: int, timeout: float = 30.0) -> list[StudyJob]:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self.jobs) >= count, timeout=timeout)
-            return list(self.jobs)

@@ -27,10 +27,6 @@ class PermanentError(PacsTriageError):
     """Retrying cannot help: bad input, an unsupported SOP class, a corrupt file."""
 
 
-class InvalidInstanceError(PermanentError):
-    """A received dataset lacks a valid Study, Series or SOP Instance UID."""
-
-
 class PluginError(PacsTriageError):
     """A model plugin failed; ``plugin_name`` says which one."""
 

@@ -278,11 +278,6 @@ class Journal:
             )
             self._event(db, study_uid, version, now, "queued", job_id)
 
-    def add_event(self, study_uid: str, version: int, event: str, detail: str = "",
-                  now: float | None = None) -> None:
-        with self._transaction() as db:
-            self._event(db, study_uid, version, time.time() if now is None else now, event, detail)
-
     def events(self, study_uid: str) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute("SELECT * FROM events WHERE study_uid = ? ORDER BY at", (study_uid,)).fetchall()

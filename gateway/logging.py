@@ -2,33 +2,23 @@
 
 pynetdicom and celery log through the standard library; ``ProcessorFormatter`` renders their
 records with the same processors, so an operator greps one schema.  Patient identifiers never
-appear in logs: code that needs to correlate a patient logs ``patient_ref(value)``, a keyed hash.
+appear in logs: a processor redacts the patient attributes whoever logs them, and the code logs
+job ids (a hash of the Study Instance UID), never a UID or a patient attribute.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import sys
 from typing import Any
 
 import structlog
 import structlog.tracebacks
 
-_hash_key: bytes = secrets.token_bytes(32)
-
 # Attribute names whose values must never reach a log line, whoever logs them.
 _PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
                        "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames"})
-
-
-def patient_ref(value: object) -> str:
-    """Return a keyed, truncated hash of *value* for log correlation without the identifier."""
-    digest = hmac.new(_hash_key, str(value).encode(), hashlib.sha256).hexdigest()
-    return digest[:16]
 
 
 def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -37,16 +27,12 @@ def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
-def configure_logging(level: str = "INFO", *, json_output: bool | None = None, hash_key: str = "") -> None:
+def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -> None:
     """Route structlog and stdlib logging through one formatter on stderr.
 
     :param level: The minimum level for our loggers; pynetdicom is held at WARNING unless DEBUG.
     :param json_output: ``None`` chooses JSON when stderr is not a TTY.
-    :param hash_key: Key for :func:`patient_ref`; empty keeps a random per-process key.
     """
-    global _hash_key
-    if hash_key:
-        _hash_key = hash_key.encode()
     if json_output is None:
         json_output = not sys.stderr.isatty()
     shared: list[Any] = [

@@ -24,8 +24,7 @@ log = structlog.get_logger(__name__)
 
 def _receiver_main(settings: Settings, parent_pid: int) -> None:
     """A child receiving process: same port (SO_REUSEPORT), same spool and journal, no assembler."""
-    configure_logging(settings.logging.level, json_output=settings.logging.json_output,
-                      hash_key=settings.logging.hash_key)
+    configure_logging(settings.logging.level, json_output=settings.logging.json_output)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     spool = Spool(settings.gateway.data_dir, settings.gateway.disk_watermark)
     journal = Journal(spool.journal_path)

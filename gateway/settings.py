@@ -87,7 +87,6 @@ class GatewaySettings(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
-    tcp_nodelay: bool = True
     tls: TLSSettings = TLSSettings()
     disk_watermark: DiskWatermark = DiskWatermark()
     #: Number of receiving processes sharing the port (SO_REUSEPORT); 1 = in-process.
@@ -123,9 +122,6 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: None: JSON when stderr is not a TTY, readable text when it is.
     json_output: bool | None = None
-    #: Key for the keyed hash used to correlate patients in logs without naming them.
-    #: Empty means a random per-process key (hashes then only correlate within one run).
-    hash_key: str = ""
 
 
 class DispatchSettings(_Section):

@@ -95,11 +95,6 @@ class Spool:
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
-    def commit(self, temp_path: Path, final_path: Path) -> None:
-        """fsync *temp_path*, then atomically move it to *final_path* and fsync the directories."""
-        for directory in self.place(temp_path, final_path):
-            fsync_path(directory)
-
     def place(self, temp_path: Path, final_path: Path) -> tuple[Path, ...]:
         """fsync *temp_path* and atomically rename it to *final_path*, creating its folders.
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from gateway.dispatch import RecordingDispatcher
 from gateway.logging import configure_logging
 from gateway.settings import Settings, load_settings
+from tests.dispatchers import RecordingDispatcher
 from tests.utils import get_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,9 +17,9 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
-from gateway.dispatch import RecordingDispatcher
 from gateway.service import GatewayService
 from tests.conftest import gateway_settings
+from tests.dispatchers import RecordingDispatcher
 from tests.faults_harness import incoming_leftovers
 from tests.utils import make_instance, wait_for
 

@@ -17,11 +17,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
-from gateway.dispatch import RecordingDispatcher
 from gateway.journal import StudyState
 from gateway.service import GatewayService
 from gateway.settings import AllowedCaller, DiskWatermark
 from tests.conftest import gateway_settings, require_binary
+from tests.dispatchers import RecordingDispatcher
 from tests.utils import MG_FOR_PRESENTATION, four_view_study, make_instance, wait_for, write
 
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.1"

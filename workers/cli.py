@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = args.overrides(args) if hasattr(args, "overrides") else {}
         settings = load_settings(getattr(args, "config", None), overrides=overrides)
-        configure_logging(settings.logging.level, json_output=settings.logging.json_output,
-                          hash_key=settings.logging.hash_key)
+        configure_logging(settings.logging.level, json_output=settings.logging.json_output)
         if args.func is gateway_cli.run_gateway:
             return int(gateway_cli.run_gateway(args, settings, make_dispatcher(settings)) or 0)
         return int(args.func(args, settings) or 0)
