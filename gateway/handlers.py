@@ -36,6 +36,18 @@ STATUS_PROCESSING_FAILURE = 0x0110
 #: The reason each refusal is counted under in the journal's ``refusals`` table (and /metrics).
 _REFUSAL_REASONS = {STATUS_OUT_OF_RESOURCES: "out_of_resources", STATUS_CANNOT_UNDERSTAND: "undecodable",
                     STATUS_INVALID_UID: "invalid_uid", STATUS_UID_MISMATCH: "uid_mismatch"}
+#: Every status the Storage SCP returns, with its meaning (the conformance statement prints this table).
+STORE_STATUSES: tuple[tuple[int, str], ...] = (
+    (STATUS_SUCCESS, "Success: the instance is on disk (fsynced, atomically renamed) and in the journal; also "
+                     "returned for a repeat of an instance already held"),
+    (STATUS_OUT_OF_RESOURCES, "Refused, out of resources: free space below the disk watermark, or the write "
+                              "failed"),
+    (STATUS_CANNOT_UNDERSTAND, "Error, cannot understand: the data set cannot be decoded (its bytes are "
+                               "quarantined)"),
+    (STATUS_INVALID_UID, "Error: Study, Series or SOP Instance UID missing or not a valid UID"),
+    (STATUS_UID_MISMATCH, "Error: the data set's SOP Instance UID differs from the C-STORE request's"),
+    (0xC211, "Error: any other failure while storing"),  # pynetdicom's status when a handler raises
+)
 
 
 @dataclass(eq=False)
@@ -147,17 +159,7 @@ def _view_of(ds: Dataset) -> str:
 class StoreHandler:
     """The ``evt.EVT_C_STORE`` handler: spool, fsync, journal, then acknowledge.
 
-    ========  ==============================================================
-    Status    Meaning
-    ========  ==============================================================
-    0x0000    On disk (fsynced, atomically renamed) and committed to the journal;
-              also returned for a repeat of an instance we already hold
-    0xA700    Free space is below the watermark, or the write failed
-    0xC210    The dataset cannot be decoded; its bytes are quarantined
-    0xC220    Study, Series or SOP Instance UID is missing or malformed
-    0xC221    The dataset's UIDs differ from the C-STORE request's
-    0xC211    Any other failure (pynetdicom's status for a raising handler)
-    ========  ==============================================================
+    It returns one of :data:`STORE_STATUSES`.
 
     :param spool: Where files go.
     :param journal: Where their state is recorded.

@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from gateway.cli import common_options
 from gateway.scp import ACCEPTED_TRANSFER_SYNTAXES, STANDARD_STORAGE_CLASSES, storage_sop_classes
 from gateway.settings import Settings, load_settings
 from workers import http_cli
-from workers.conformance import COMPREHENSIVE_SR, SECONDARY_CAPTURE, conformance_statement
+from workers.conformance import conformance_statement
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO / "configs" / "default.yaml"
@@ -41,8 +42,8 @@ def test_statement_lists_every_accepted_sop_class_and_transfer_syntax() -> None:
     for syntax in ACCEPTED_TRANSFER_SYNTAXES:
         assert f"| {syntax} |" in text, syntax
     # The objects we produce, with their SOP classes, and what we propose for them.
-    assert f"| Comprehensive SR | {COMPREHENSIVE_SR} |" in text
-    assert f"| Secondary Capture Image | {SECONDARY_CAPTURE} |" in text
+    assert f"| Comprehensive SR | {ComprehensiveSRStorage} |" in text
+    assert f"| Secondary Capture Image | {SecondaryCaptureImageStorage} |" in text
 
 
 def test_statement_follows_ae_titles_allow_list_tls_and_destinations() -> None:

@@ -20,6 +20,7 @@ from gateway.settings import DestinationSettings, TLSSettings
 
 __all__ = [
     "DEFAULT_CALLING_AE_TITLE",
+    "DELIVERY_STATUSES",
     "DeliveryResult",
     "check_results",
     "compute_backoff",
@@ -38,6 +39,16 @@ _DUPLICATE_SOP_INSTANCE = 0x0111
 _TRANSIENT_FAILURES = (0x0110, 0x0213)
 _OUT_OF_RESOURCES = range(0xA700, 0xA800)
 _WARNINGS = (0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007)
+#: How :func:`deliver` reads each C-STORE response (the conformance statement prints this table).
+DELIVERY_STATUSES: tuple[tuple[str, str], ...] = (
+    ("0x0000, warnings " + " ".join(f"0x{s:04X}" for s in _WARNINGS), "stored"),
+    (f"0x{_DUPLICATE_SOP_INSTANCE:04X} Duplicate SOP Instance",
+     "stored: UIDs are deterministic, so the PACS already holds this object"),
+    (", ".join(f"0x{s:04X}" for s in _TRANSIENT_FAILURES) + f", 0x{_OUT_OF_RESOURCES.start >> 8:02X}xx",
+     "retried with capped exponential backoff, then dead-lettered"),
+    ("any other failure", "dead-lettered at once (can be replayed)"),
+    ("no association, rejection, abort, timeout", "retried with capped exponential backoff, then dead-lettered"),
+)
 
 
 @dataclass(frozen=True, kw_only=True)
