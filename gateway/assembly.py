@@ -16,6 +16,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import TransientError
 from gateway.journal import Journal, StudyRow, StudyState
 from gateway.messages import InstanceRef, Priority, StudyJob
+from gateway.retry import GATEWAY_DISPATCH
 from gateway.settings import AssemblySettings
 
 log = structlog.get_logger(__name__)
@@ -99,7 +100,7 @@ class Assembler:
                 self.dispatcher.dispatch(job)
             except TransientError as exc:
                 self._dispatch_failures += 1
-                delay = min(60.0, 2.0 ** min(self._dispatch_failures, 6))
+                delay = GATEWAY_DISPATCH.delay(self._dispatch_failures - 1)
                 self._retry_after = now + delay
                 log.warning("study.dispatch_failed", job_id=job.job_id, error=str(exc), retry_in_s=delay)
                 return dispatched

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from gateway.settings import DestinationSettings, TLSSettings
 from tests.peers import Orthanc, get_free_port, running_storescp
 from tests.test_outputs import make_mammogram, make_prediction
 from workers import outputs, pacs
-from workers.pacs import DeliveryResult, check_results, compute_backoff, deliver
+from workers.pacs import DeliveryResult, check_results, deliver
 
 
 @pytest.fixture(scope="module")
@@ -224,18 +223,6 @@ def test_tls_settings_with_missing_files_are_a_permanent_error(tmp_path: Path) -
 def test_empty_delivery_sends_nothing() -> None:
     destination = DestinationSettings(ae_title="NOBODY", host="127.0.0.1", port=get_free_port())
     assert deliver([], destination) == []
-
-
-def test_backoff_is_exponential_and_capped() -> None:
-    delays = [compute_backoff(attempt, 2.0, 60.0) for attempt in range(8)]
-    assert delays == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
-    assert compute_backoff(10_000, 2.0, 600.0) == 600.0
-    rng = random.Random(5)
-    jittered = [compute_backoff(3, 2.0, 60.0, jitter=True, rng=rng) for _ in range(200)]
-    assert all(0.0 <= d <= 16.0 for d in jittered)
-    assert len(set(jittered)) > 150  # spread out, not lock-step
-    with pytest.raises(ValueError):
-        compute_backoff(-1, 2.0, 60.0)
 
 
 def test_delivery_result_json() -> None:

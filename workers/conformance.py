@@ -27,6 +27,7 @@ from pynetdicom.sop_class import Verification
 
 from gateway import __version__
 from gateway.handlers import STORE_STATUSES
+from gateway.retry import delivery_policy
 from gateway.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from gateway.settings import Settings, TLSSettings
 from workers.pacs import DEFAULT_CALLING_AE_TITLE, DELIVERY_STATUSES
@@ -169,10 +170,8 @@ def conformance_statement(settings: Settings) -> str:
         (_name(uid), uid, f"{_name(ExplicitVRLittleEndian)}, {_name(ImplicitVRLittleEndian)}")
         for uid in (ComprehensiveSRStorage, SecondaryCaptureImageStorage)]) + "\n")
     add(_table(("C-STORE response", "Behaviour"), DELIVERY_STATUSES) + "\n")
-    add(f"- Retries: at most {settings.delivery.max_retries}, backoff from "
-        f"{settings.delivery.backoff_base_seconds:g} s up to {settings.delivery.backoff_max_seconds:g} s "
-        "with full jitter. Dead letters can be replayed (`pacs-triage deadletters --replay ID` or the web "
-        "service).\n")
+    add(f"- Retries: {delivery_policy(settings.delivery).describe()}. Dead letters can be replayed "
+        "(`pacs-triage deadletters --replay ID` or the web service).\n")
 
     add("## 5. Objects produced\n")
     add(_table(("Object", "SOP class UID", "Content"), [

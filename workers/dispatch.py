@@ -7,6 +7,7 @@ from celery import Celery
 
 from gateway.errors import TransientError
 from gateway.messages import StudyJob
+from gateway.retry import GATEWAY_PUBLISH
 from workers.app import ANALYSIS_QUEUE
 
 
@@ -27,7 +28,7 @@ class CeleryDispatcher:
                 queue=ANALYSIS_QUEUE,
                 priority=int(job.priority),
                 retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+                retry_policy=GATEWAY_PUBLISH.kombu_retry_policy(),
             )
         except (kombu.exceptions.OperationalError, OSError) as exc:
             raise TransientError(f"broker unreachable: {exc}") from exc

@@ -1,8 +1,7 @@
-"""Delivery of our SR and SC objects to a PACS by C-STORE, and the retry backoff policy."""
+"""Delivery of our SR and SC objects to a PACS by C-STORE (its retry policy is in :mod:`gateway.retry`)."""
 
 from __future__ import annotations
 
-import random
 import socket
 import ssl
 from collections.abc import Sequence
@@ -23,7 +22,6 @@ __all__ = [
     "DELIVERY_STATUSES",
     "DeliveryResult",
     "check_results",
-    "compute_backoff",
     "deliver",
     "ssl_context",
 ]
@@ -81,36 +79,6 @@ class DeliveryResult:
             "error_kind": None if self.error is None else type(self.error).__name__,
             "error": None if self.error is None else str(self.error),
         }
-
-
-def compute_backoff(
-    attempt: int,
-    base: float,
-    cap: float,
-    *,
-    jitter: bool = False,
-    rng: random.Random | None = None,
-) -> float:
-    """Seconds to wait before retry number *attempt*: ``min(cap, base * 2**attempt)``.
-
-    With *jitter*, the delay is drawn uniformly from [0, that value] ("full jitter"), so many
-    studies failing together against one PACS do not retry in lock-step.
-
-    :param attempt: Zero for the first retry.
-    :param base: Delay of the first retry, in seconds.
-    :param cap: Largest delay, in seconds.
-    :param jitter: Draw the delay at random below the exponential value.
-    :param rng: Random source for the jitter (tests pass a seeded one).
-    """
-    if attempt < 0:
-        raise ValueError(f"attempt must be >= 0, not {attempt}")
-    if base <= 0 or cap <= 0:
-        raise ValueError(f"base and cap must be positive, not {base} and {cap}")
-    # 2**attempt overflows a float near 1024; past 63 doublings every sane cap is reached.
-    delay = min(cap, base * 2.0 ** min(attempt, 63))
-    if jitter:
-        delay = (rng or random).uniform(0.0, delay)
-    return delay
 
 
 def ssl_context(tls: TLSSettings) -> ssl.SSLContext:

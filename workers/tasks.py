@@ -21,9 +21,10 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from gateway.errors import PermanentError, TransientError
 from gateway.messages import Priority, StudyJob
+from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
-from workers.pacs import compute_backoff, deliver as deliver_to_pacs
+from workers.pacs import deliver as deliver_to_pacs
 from workers.pipeline import (
     ModelRun,
     accepting_models,
@@ -40,9 +41,6 @@ log = structlog.get_logger(__name__)
 
 _stores: dict[str, ResultsStore] = {}
 
-#: Publishing a follow-up task (delivery, stage two) rides out a broker restart of this long (about 25 s)
-#: before giving the study back; kombu's defaults give up after about one second.
-_PUBLISH_RETRY = {"max_retries": 10, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 3.0}
 #: The broker is unreachable: a fault of the queue, never of the study.
 _BROKER_ERRORS = (kombu.exceptions.OperationalError, ConnectionError)
 
@@ -189,10 +187,12 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
     if outputs:
         app.send_task("workers.tasks.deliver", kwargs={"job_id": study.job_id, "paths": outputs,
                                                        "study_uid": study.study_instance_uid},
-                      queue=DELIVERY_QUEUE, priority=int(priority), retry=True, retry_policy=_PUBLISH_RETRY)
+                      queue=DELIVERY_QUEUE, priority=int(priority), retry=True,
+                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
     if later:
         app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "rest"},
-                      queue=ANALYSIS_QUEUE, priority=int(priority), retry=True, retry_policy=_PUBLISH_RETRY)
+                      queue=ANALYSIS_QUEUE, priority=int(priority), retry=True,
+                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
     store.reset_attempts(key)
 
 
@@ -253,7 +253,8 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
         pending_error = next((r.error for r in results if not r.ok), pending_error)
     if pending_error is not None:
         retries = self.request.retries
-        if retries >= settings.delivery.max_retries:
+        policy = delivery_policy(settings.delivery)
+        if policy.exhausted(retries):
             letter = store.dead_letter("deliver", job_id, kwargs, f"gave up after {retries + 1} tries: {pending_error}")
             store.event(job_id, "dead-lettered", f"letter {letter}")
             if study_uid:
@@ -263,8 +264,7 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
                                        priority=row["priority"], state="dead-lettered")
             store.reset_attempts(key)
             return
-        delay = compute_backoff(retries, settings.delivery.backoff_base_seconds,
-                            settings.delivery.backoff_max_seconds, jitter=True)
+        delay = policy.delay(retries)
         store.event(job_id, "delivery_retry", f"in {delay:.1f}s: {pending_error}")
         store.reset_attempts(key)
         raise self.retry(countdown=delay, exc=pending_error)
