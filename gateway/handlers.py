@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from gateway.inflate import DEFAULT_INFLATE_BUDGET, InflateBudgetExceeded, read_header
 from gateway.journal import InstanceRecord, Journal, StoreOutcome
 from gateway.messages import Priority
 from gateway.spool import Spool, fsync_path, same_content, uid_problem
@@ -28,13 +28,15 @@ _stdlib_log = logging.getLogger(__name__)
 
 #: Storage statuses we return (PS3.4 Annex B.2.3; 0xCxxx is "Error: cannot understand").
 STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INVALID_UID = 0xC220
 STATUS_UID_MISMATCH = 0xC221
 STATUS_PROCESSING_FAILURE = 0x0110
 #: The reason each refusal is counted under in the journal's ``refusals`` table (and /metrics).
-_REFUSAL_REASONS = {STATUS_OUT_OF_RESOURCES: "out_of_resources", STATUS_CANNOT_UNDERSTAND: "undecodable",
+_REFUSAL_REASONS = {STATUS_SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
+                    STATUS_OUT_OF_RESOURCES: "out_of_resources", STATUS_CANNOT_UNDERSTAND: "undecodable",
                     STATUS_INVALID_UID: "invalid_uid", STATUS_UID_MISMATCH: "uid_mismatch"}
 #: Every status the Storage SCP returns, with its meaning (the conformance statement prints this table).
 STORE_STATUSES: tuple[tuple[int, str], ...] = (
@@ -164,11 +166,17 @@ class StoreHandler:
     :param spool: Where files go.
     :param journal: Where their state is recorded.
     :param stat_keywords: Study descriptions containing one of these words are queued as STAT.
+    :param accepted_sop_classes: The SOP classes we store; ``None`` stores any.
+    :param inflate_budget: The most bytes a deflated data set may inflate to.
     """
 
-    def __init__(self, spool: Spool, journal: Journal, stat_keywords: tuple[str, ...] = ()) -> None:
+    def __init__(self, spool: Spool, journal: Journal, stat_keywords: tuple[str, ...] = (),
+                 accepted_sop_classes: tuple[str, ...] | None = None,
+                 inflate_budget: int = DEFAULT_INFLATE_BUDGET) -> None:
         self.spool = spool
         self.journal = journal
+        self.accepted_sop_classes = frozenset(accepted_sop_classes) if accepted_sop_classes is not None else None
+        self.inflate_budget = inflate_budget
         self.stat_keywords = tuple(k.upper() for k in stat_keywords)
         self.group_commit = GroupCommit(journal)
 
@@ -191,13 +199,19 @@ class StoreHandler:
             temp_path.unlink(missing_ok=True)
 
     def _store(self, event: Event, temp_path: Path, calling_ae: str, request: Any, started: float) -> int:
+        requested_class = str(getattr(request, "AffectedSOPClassUID", "") or "")
+        if self.accepted_sop_classes is not None and requested_class not in self.accepted_sop_classes:
+            log.warning("store.refused", reason="sop_class_not_supported",
+                        status=hex(STATUS_SOP_CLASS_NOT_SUPPORTED))
+            return STATUS_SOP_CLASS_NOT_SUPPORTED
         if self.spool.disk_status().below_watermark:
             log.warning("store.refused", reason="disk_watermark", status=hex(STATUS_OUT_OF_RESOURCES))
             return STATUS_OUT_OF_RESOURCES
         try:
             # The whole header, not just the tags we use: pydicom reads leniently, and a dataset
-            # without SOP Class and Instance UIDs is one we cannot understand.
-            header = dcmread(temp_path, stop_before_pixels=True, defer_size="64 KB")
+            # without SOP Class and Instance UIDs is one we cannot understand.  A deflated data
+            # set is inflated as a stream under the budget, never whole.
+            header = read_header(temp_path, self.inflate_budget)
             transfer_syntax = str(header.file_meta.TransferSyntaxUID)
             missing = [name for name in ("SOPClassUID", "SOPInstanceUID") if name not in header]
             if missing:
@@ -206,6 +220,10 @@ class StoreHandler:
                                                          "SOPClassUID")}
             # Decoded here, where a malformed value is a 0xC210, not later as a crash after the rename.
             described = _Described.of(header)
+        except InflateBudgetExceeded:
+            log.warning("store.refused", reason="inflate_budget", budget=self.inflate_budget,
+                        status=hex(STATUS_OUT_OF_RESOURCES))
+            return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # any decode failure of untrusted bytes is a 0xC210, never a crash
             where = self.spool.quarantine(temp_path, f"undecodable: {type(exc).__name__}: {exc}",
                                           {"calling_ae": calling_ae})
@@ -277,10 +295,8 @@ def handle_echo(event: Event) -> int:
 def handle_conn_open(event: Event) -> None:
     """``evt.EVT_CONN_OPEN``: turn Nagle off and give the accepted socket the network timeout.
 
-    Without TCP_NODELAY small C-STOREs wait ~40 ms for delayed ACKs.  Without a timeout a peer
-    that stalls in the middle of a PDU would hold its association, its slot under
-    ``max_associations`` and its half-file forever: CPython's ``accept()`` does not pass the
-    listener's timeout on, and a read that times out becomes a transport-closed event.
+    Without TCP_NODELAY small C-STOREs wait ~40 ms for delayed ACKs.  The timeout bounds sends
+    to a peer that stops reading; reads have their own per-PDU deadlines (gateway.edge).
     """
     raw = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if raw is not None:
@@ -291,12 +307,7 @@ def handle_conn_open(event: Event) -> None:
             pass
 
 
-def discard_partial_receive(event: Event) -> None:
-    """``evt.EVT_ABORTED`` / ``evt.EVT_CONN_CLOSE``: remove a half-received dataset's spool file."""
-    message = getattr(event.assoc.dimse, "message", None)
-    partial = getattr(message, "_data_set_file", None)
-    if partial is not None:
-        try:
-            partial.close()
-        finally:
-            Path(partial.name).unlink(missing_ok=True)
+def log_rejection(event: Event) -> None:
+    """``evt.EVT_REJECTED``: say which caller was turned away (no reason here: pynetdicom logs it)."""
+    log.warning("association.rejected", calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                peer=event.assoc.requestor.address)

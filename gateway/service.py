@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from gateway.assembly import Assembler
+from gateway.datalock import hold_data_dir, release_data_dir
 from gateway.dispatch import Dispatcher, LoggingDispatcher
 from gateway.journal import Journal, StudyState
 from gateway.logging import configure_logging
@@ -49,15 +50,27 @@ class GatewayService:
         self.journal: Journal | None = None
         self.assembler: Assembler | None = None
         self._ae: Any = None
+        self._server: Any = None
+        self._owns_lock = False
         self._children: list[multiprocessing.Process] = []
         self._stopped = threading.Event()
 
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
-        return int(self._ae._servers[0].server_address[1]) if self._ae else self.settings.gateway.port
+        return int(self._server.server_address[1]) if self._server else self.settings.gateway.port
 
     def start(self) -> None:
+        gw = self.settings.gateway
+        # Before recovery touches anything: a second gateway on this directory stops here.
+        self._owns_lock = hold_data_dir(gw.data_dir)
+        try:
+            self._start_locked()
+        except BaseException:
+            self.stop()  # what started stops, and the lock goes
+            raise
+
+    def _start_locked(self) -> None:
         gw = self.settings.gateway
         swept = self.spool.sweep_incoming()
         self.journal = Journal(self.spool.journal_path)
@@ -68,7 +81,8 @@ class GatewayService:
             log.warning("gateway.open_to_any_caller",
                         hint="set gateway.allowed_callers to accept only known modalities")
         reuse = gw.receive_processes > 1
-        self._ae, _ = start_scp(gw, self.spool, self.journal, self.settings.triage.stat_keywords, reuse_port=reuse)
+        self._ae, self._server = start_scp(gw, self.spool, self.journal, self.settings.triage.stat_keywords,
+                                           reuse_port=reuse)
         if reuse:
             # Children bind the port the parent bound, so a configured port of 0 stays one port.
             child_settings = self.settings.model_copy(
@@ -94,12 +108,16 @@ class GatewayService:
             child.terminate()
         for child in self._children:
             child.join(timeout=5)
+        if self._server is not None:
+            self._server.shutdown()
         if self._ae is not None:
             self._ae.shutdown()
         if self.assembler is not None:
             self.assembler.stop()
         if self.journal is not None:
             self.journal.close()
+        if self._owns_lock:
+            release_data_dir(self.settings.gateway.data_dir)
         log.info("gateway.stopped")
 
     def serve_forever(self) -> None:

@@ -81,6 +81,11 @@ class GatewaySettings(_Section):
     #: SOP Class UIDs of private storage classes to accept in addition to the standard ones.
     private_sop_classes: tuple[str, ...] = ()
     max_associations: int = Field(default=16, ge=1)
+    #: Simultaneous associations one peer host may hold; more are rejected (A-ASSOCIATE-RJ).
+    max_associations_per_host: int = Field(default=8, ge=1)
+    #: The most bytes a deflated data set may inflate to; larger ones are refused with 0xA700.
+    #: The default is the largest object we accept (4 GiB, the most a 32-bit length describes).
+    max_inflated_size: int = Field(default=4 * 2**30, ge=2**20)
     #: Largest PDU we announce.  Never unlimited: a peer may then send a whole multi-GB object
     #: as one PDU, which pynetdicom reads into memory before the spool sees it.
     max_pdu_size: int = Field(default=1_048_576, ge=4096, le=64 * 2**20)

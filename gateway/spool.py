@@ -73,7 +73,8 @@ class DiskStatus:
 class Spool:
     """The directory layout under ``data_dir``.
 
-    ``incoming/`` holds partial receives (also pynetdicom's spooled datasets), ``studies/`` the
+    ``incoming/`` holds partial receives (pynetdicom's spooled data sets, in one folder per
+    receiving association), ``studies/`` the
     stored instances, ``quarantine/`` the bytes of undecodable datasets, and ``journal.sqlite``.
     """
 
@@ -132,7 +133,10 @@ class Spool:
         """Delete partial receives left by a crash; they were never acknowledged."""
         removed = 0
         for leftover in self.incoming.iterdir():
-            if leftover.is_file():
+            if leftover.is_dir():  # one receiving association's folder
+                removed += sum(1 for p in leftover.rglob("*") if p.is_file())
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.is_file():
                 leftover.unlink(missing_ok=True)
                 removed += 1
         return removed
