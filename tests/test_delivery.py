@@ -184,15 +184,13 @@ def test_tcp_nodelay_is_set_on_the_association_socket(monkeypatch: pytest.Monkey
     assert captured == [1]
 
 
-def test_a_response_the_reactor_takes_goes_back_to_the_waiting_sender() -> None:
+def test_the_reactor_leaves_a_response_to_the_waiting_sender() -> None:
     # Seen once in a full run: the reactor won the race for a C-STORE-RSP, dropped it, the sender timed
     # out and the retry stored the study's outputs at the PACS twice.
     from pynetdicom.association import Association
     from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
     assoc = Association(AE(), "requestor")
-    served: list[object] = []
-    assoc._serve_request = lambda msg, context_id: served.append(msg)  # type: ignore[method-assign]
     pacs.keep_responses_for_the_caller(assoc)
 
     response = C_STORE()
@@ -200,14 +198,15 @@ def test_a_response_the_reactor_takes_goes_back_to_the_waiting_sender() -> None:
     response.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
     response.AffectedSOPInstanceUID = "1.2.3.4"
     response.Status = 0x0000
-    assoc._serve_request(response, 3)
-    assert assoc.dimse.get_msg(block=False) == (3, response) and not served
+    assoc.dimse.msg_queue.put((3, response))
+    assert assoc.dimse.get_msg(block=False) == (None, None)  # the reactor's poll passes it by
+    assert assoc.dimse.get_msg(block=True) == (3, response)  # the sender's wait gets it
 
     request = C_ECHO()
     request.MessageID = 7
     request.AffectedSOPClassUID = "1.2.840.10008.1.1"
-    assoc._serve_request(request, 1)
-    assert served == [request] and assoc.dimse.msg_queue.empty()
+    assoc.dimse.msg_queue.put((1, request))
+    assert assoc.dimse.get_msg(block=False) == (1, request) and assoc.dimse.msg_queue.empty()
 
 
 def test_tls_settings_with_missing_files_are_a_permanent_error(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import ssl
 from collections.abc import Sequence
@@ -108,24 +109,35 @@ def _set_nodelay(event: Event) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def keep_responses_for_the_caller(assoc: Any) -> None:
-    """Make the association's reactor hand a DIMSE response back to the waiting ``send_c_store``.
+class _ResponsesForTheCaller(queue.Queue):  # type: ignore[type-arg]
+    """A DIMSE message queue whose non-blocking ``get`` (the association reactor's poll) sees requests only.
 
-    pynetdicom pauses its reactor thread around each request, but the pause can race: a reactor that
-    passed its checkpoint just before the pause takes a fast response off the queue itself, logs
-    "Received unexpected C-STORE service message" and drops it.  The sender then waits out the DIMSE
-    timeout, and the retry stores the instance at the PACS a second time.  An association that only
-    sends requests never has a response of its own to serve, so every response goes back on the queue.
+    ``send_c_store`` waits for its response with a blocking ``get``; pynetdicom's reactor polls the
+    same queue with a non-blocking one, and its pause around each send can race (it may pass its
+    checkpoint just before the pause), take a fast response, log "Received unexpected C-STORE
+    service message" and drop it.  Here a response at the head of the queue is left for the
+    blocking ``get``.
     """
-    serve_request = assoc._serve_request
 
-    def _serve_requests_only(msg: Any, context_id: int) -> None:
-        if msg is not None and not msg.is_valid_request:
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        serve_request(msg, context_id)
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            return super().get(block, timeout)
+        with self.mutex:
+            if not self.queue or not getattr(self.queue[0][1], "is_valid_request", True):
+                raise queue.Empty
+            item = self.queue.popleft()
+            self.not_full.notify()
+            return item
 
-    assoc._serve_request = _serve_requests_only
+
+def keep_responses_for_the_caller(assoc: Any) -> None:
+    """Make the association's reactor leave every DIMSE response to the waiting ``send_c_store``.
+
+    Call it before the association starts (``EVT_CONN_OPEN``).  It replaces the DIMSE provider's
+    ``msg_queue`` (a documented attribute) with :class:`_ResponsesForTheCaller`: an association that
+    only sends requests never has a response of its own to serve.
+    """
+    assoc.dimse.msg_queue = _ResponsesForTheCaller()
 
 
 def _transfer_syntax(dataset: pydicom.Dataset) -> str:
