@@ -5,6 +5,10 @@ row is committed here, and on restart the assembler reads study state back from 
 receiving processes may share one journal file.  Their write transactions queue on an ``flock``
 of a lock file beside it, which wakes the next writer as soon as the lock is free; SQLite's own
 busy handler would have it sleep and retry, milliseconds at a time, on every collision.
+
+This module owns the journal's tables: :class:`Journal` writes them (the gateway), and
+:class:`JournalReader` answers the questions other processes ask of them (the web service and
+the metrics).  No other module runs SQL against them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,10 +282,6 @@ class Journal:
             )
             self._event(db, study_uid, version, now, "queued", job_id)
 
-    def events(self, study_uid: str) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute("SELECT * FROM events WHERE study_uid = ? ORDER BY at", (study_uid,)).fetchall()
-
     @staticmethod
     def _event(db: sqlite3.Connection, study_uid: str, version: int, now: float, event: str, detail: str) -> None:
         db.execute("INSERT INTO events (study_uid, version, at, event, detail) VALUES (?, ?, ?, ?, ?)",
@@ -295,3 +295,151 @@ class Journal:
             db.execute("INSERT INTO refusals (reason, count, last_at) VALUES (?, 1, ?)"
                        " ON CONFLICT(reason) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
                        (reason, time.time() if now is None else now))
+
+
+# -------------------------------------------------------------------------------- reading
+
+
+def connect_existing(path: Path, tables: Sequence[str]) -> sqlite3.Connection | None:
+    """Open an existing SQLite journal for reading, or ``None`` when it or its *tables* do not exist yet.
+
+    Opened read-write without create (``mode=rw``): a read-only handle cannot join a WAL
+    database whose ``-shm`` file the writer has not made, and a reader must not create the file
+    (the web service may start before the gateway, or on a data directory not mounted yet).
+    The caller closes the connection.
+    """
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=10.0, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA busy_timeout=10000")
+    # The file appears a moment before the writer's schema transaction commits.
+    found = db.execute(f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+                       f"({','.join('?' * len(tables))})", tuple(tables)).fetchone()[0]
+    if found < len(tables):
+        db.close()
+        return None
+    return db
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEvent:
+    """One entry of a study version's gateway timeline."""
+
+    at: float
+    event: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class StudyArrival:
+    """When a study version's first instance arrived, and where the gateway has it now."""
+
+    study_uid: str
+    version: int
+    state: str
+    first_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JournalCounts:
+    """Totals since the journal was made, for the metrics."""
+
+    #: Instances held (one per SOP Instance UID).
+    stored: int
+    #: Repeats of an instance already held, acknowledged and not stored again.
+    duplicates: int
+    #: Completed study versions by the rule that completed them.
+    completed_by: dict[str, int]
+    #: Refused C-STOREs by reason (fixed words, never patient data).
+    refused: dict[str, int]
+
+
+class JournalReader:
+    """The journal's answers for the web service and the metrics, read without the gateway.
+
+    Each call opens the file and closes it again, so a reader never holds the journal open
+    between requests; a journal the gateway has not made yet reads as empty.
+
+    :param path: The gateway's ``journal.sqlite``.
+    """
+
+    _TABLES = ("studies", "instances", "events", "refusals")
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection | None]:
+        db = connect_existing(self.path, self._TABLES)
+        try:
+            yield db
+        finally:
+            if db is not None:
+                db.close()
+
+    def first_instance_path(self, study_uid: str) -> str | None:
+        """The stored path (relative to the data directory) of one instance of the study, if any."""
+        with self._read() as db:
+            row = None if db is None else db.execute(
+                "SELECT path FROM instances WHERE study_uid = ? LIMIT 1", (study_uid,)).fetchone()
+        return None if row is None else str(row["path"])
+
+    def newest_studies(self, limit: int) -> list[StudyRow]:
+        """Up to *limit* study versions, the most recently begun first."""
+        with self._read() as db:
+            rows = [] if db is None else db.execute(
+                "SELECT * FROM studies ORDER BY first_at DESC LIMIT ?", (limit,)).fetchall()
+        return [StudyRow(**dict(r)) for r in rows]
+
+    def study_by_job_id(self, job_id: str) -> StudyRow | None:
+        """The dispatched study version queued under *job_id*."""
+        with self._read() as db:
+            row = None if db is None else db.execute(
+                "SELECT * FROM studies WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else StudyRow(**dict(row))
+
+    def undispatched_studies(self, version: int) -> list[StudyRow]:
+        """Study versions numbered *version* that have no job id yet (receiving or complete)."""
+        with self._read() as db:
+            rows = [] if db is None else db.execute(
+                "SELECT * FROM studies WHERE job_id IS NULL AND version = ?", (version,)).fetchall()
+        return [StudyRow(**dict(r)) for r in rows]
+
+    def events(self, study_uid: str, version: int) -> list[JournalEvent]:
+        """The gateway's timeline of one study version, oldest first."""
+        with self._read() as db:
+            rows = [] if db is None else db.execute(
+                "SELECT at, event, detail FROM events WHERE study_uid = ? AND version = ? ORDER BY at",
+                (study_uid, version)).fetchall()
+        return [JournalEvent(float(r["at"]), str(r["event"]), str(r["detail"])) for r in rows]
+
+    def instance_count(self, study_uid: str, version: int) -> int:
+        """How many instances joined this study version."""
+        with self._read() as db:
+            row = None if db is None else db.execute(
+                "SELECT count(*) FROM instances WHERE study_uid = ? AND study_version = ?",
+                (study_uid, version)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def arrivals(self) -> list[StudyArrival]:
+        """Every study version with its state, the first to arrive first."""
+        with self._read() as db:
+            rows = [] if db is None else db.execute(
+                "SELECT study_uid, version, state, first_at FROM studies ORDER BY first_at").fetchall()
+        return [StudyArrival(str(r["study_uid"]), int(r["version"]), str(r["state"]), float(r["first_at"]))
+                for r in rows]
+
+    def counts(self) -> JournalCounts:
+        """Instances held and repeated, completions by rule and refusals by reason."""
+        with self._read() as db:
+            if db is None:
+                return JournalCounts(stored=0, duplicates=0, completed_by={}, refused={})
+            stored = db.execute("SELECT count(*) FROM instances").fetchone()[0]
+            duplicates = db.execute("SELECT coalesce(sum(duplicates), 0) FROM studies").fetchone()[0]
+            completed = db.execute("SELECT completed_by, count(*) AS n FROM studies"
+                                   " WHERE completed_at IS NOT NULL GROUP BY completed_by").fetchall()
+            refused = db.execute("SELECT reason, count FROM refusals ORDER BY reason").fetchall()
+        return JournalCounts(stored=int(stored), duplicates=int(duplicates),
+                             completed_by={str(r["completed_by"] or "unknown"): int(r["n"]) for r in completed},
+                             refused={str(r["reason"]): int(r["count"]) for r in refused})

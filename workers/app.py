@@ -35,6 +35,21 @@ def broker_url(settings: Settings) -> str:
     return settings.broker.url
 
 
+def transport_options(settings: Settings, url: str) -> dict[str, Any]:
+    """kombu's transport options for the broker at *url*; every client of the broker uses these.
+
+    The Redis transport names its per-priority lists from ``priority_steps`` and ``sep``, so a
+    client with other options would count or read other lists.
+    """
+    if not url.startswith(("redis://", "rediss://")):
+        return {}
+    longest_task = settings.worker.time_limit_seconds + settings.delivery.backoff_max_seconds
+    # routing.html "Redis Message Priorities": 0 is the highest; one list per level.
+    return {"queue_order_strategy": "priority", "priority_steps": list(range(10)), "sep": ":",
+            # redis.html "Visibility Timeout": longer than the longest task plus retry delays.
+            "visibility_timeout": max(settings.broker.visibility_timeout_seconds, int(longest_task * 2))}
+
+
 def configure_app(settings: Settings) -> Celery:
     """Point the app at the configured broker and apply the reliability settings."""
     global _settings
@@ -45,17 +60,9 @@ def configure_app(settings: Settings) -> Celery:
         # Celery itself does after a fork.
         app._pool = None
         app.amqp._producer_pool = None
-    longest_task = settings.worker.time_limit_seconds + settings.delivery.backoff_max_seconds
-    visibility = max(settings.broker.visibility_timeout_seconds, int(longest_task * 2))
-    transport: dict[str, Any] = {}
-    if url.startswith(("redis://", "rediss://")):
-        # routing.html "Redis Message Priorities": 0 is the highest; one list per level.
-        transport = {"queue_order_strategy": "priority", "priority_steps": list(range(10)), "sep": ":",
-                     # redis.html "Visibility Timeout": longer than the longest task plus retry delays.
-                     "visibility_timeout": visibility}
     app.conf.update(
         broker_url=url,
-        broker_transport_options=transport,
+        broker_transport_options=transport_options(settings, url),
         broker_connection_retry_on_startup=True,
         broker_polling_interval=0.2,  # the SQLite transport polls; keep hand-off latency low
         result_backend=None,

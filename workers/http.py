@@ -29,16 +29,14 @@ hold patient identifiers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import json
 import os
 import re
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -47,17 +45,20 @@ import structlog
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydicom.uid import SecondaryCaptureImageStorage
 
+from gateway import __version__
 from gateway.assembly import job_id_for
+from gateway.journal import JournalEvent, JournalReader, StudyRow, StudyState
 from gateway.messages import Priority
 from gateway.settings import Settings
-from workers.metrics import (
+from workers.metrics import broker_problem, data_paths, make_registry, render
+from workers.results import (
     FINISHED_STATES,
-    broker_problem,
-    data_paths,
-    make_registry,
-    open_database,
-    render,
+    Analysis,
+    ResultsReader,
+    TimelineEntry,
+    WorklistEntry,
 )
 
 log = structlog.get_logger(__name__)
@@ -66,7 +67,6 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 COOKIE_NAME = "pacs_triage_token"
 #: A cookie-authenticated POST must carry this header: a cross-site form cannot set it.
 CSRF_HEADER = "X-Pacs-Triage"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _MODEL = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 #: Keys of a finding summary that may leave the service (the evaluated image's UID stays in).
@@ -183,7 +183,10 @@ def _mtime(path: Path) -> int:
 
 
 class OpsData:
-    """Read-side views over the shared data directory; each call opens its own connections.
+    """Read-side views over the shared data directory, through the journals' readers.
+
+    Combining the gateway's journal with the workers' happens here, in Python: the two are
+    separate files owned by separate modules.
 
     :param settings: Where the data directory is, and the triage threshold for risk bands.
     """
@@ -191,34 +194,18 @@ class OpsData:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.paths = data_paths(settings)
+        self.journal = JournalReader(self.paths["journal"])
+        self.results = ResultsReader(self.paths["results"])
         self.threshold = settings.triage.high_risk_threshold
-
-    @contextmanager
-    def _db(self, name: str) -> Iterator[sqlite3.Connection | None]:
-        db = open_database(self.paths[name])
-        if db is None:
-            yield None
-            return
-        with closing(db):
-            yield db
-
-    @staticmethod
-    def _has(db: sqlite3.Connection | None, table: str) -> bool:
-        return db is not None and db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
 
     # ------------------------------------------------------------------ study attributes
 
     def study_attributes(self, study_uid: str) -> dict[str, str]:
         """Accession number, date, description and modality from one received instance."""
-        with self._db("journal") as db:
-            if not self._has(db, "instances"):
-                return {}
-            row = db.execute("SELECT path FROM instances WHERE study_uid = ? LIMIT 1",
-                             (study_uid,)).fetchone()
-        if row is None:
+        relative = self.journal.first_instance_path(study_uid)
+        if relative is None:
             return {}
-        path = self.paths["root"] / row["path"]
+        path = self.paths["root"] / relative
         try:
             return _study_header(str(path), _mtime(path))
         except Exception:  # a missing or unreadable file only costs the row its attributes
@@ -228,85 +215,71 @@ class OpsData:
 
     def worklist(self, limit: int = 200) -> list[dict[str, Any]]:
         """The worklist in ResultsStore.worklist's order: highest risk first, unanalysed last."""
-        with self._db("results") as db:
-            if not self._has(db, "worklist"):
-                return []
-            rows = db.execute("SELECT * FROM worklist ORDER BY risk IS NULL, risk DESC, updated_at ASC"
-                              " LIMIT ?", (limit,)).fetchall()
-        return [self._worklist_item(row) for row in rows]
+        return [self._worklist_item(entry) for entry in self.results.worklist(limit)]
 
-    def _worklist_item(self, row: sqlite3.Row) -> dict[str, Any]:
-        findings = json.loads(row["findings"] or "[]")
+    def _worklist_item(self, entry: WorklistEntry) -> dict[str, Any]:
         return {
-            "job_id": row["job_id"], "version": row["version"], "risk": row["risk"],
-            "band": _risk_band(row["risk"], self.threshold), "state": row["state"],
-            "priority": row["priority"], "priority_name": _priority_name(row["priority"]),
-            "demo_weights": bool(row["demo_weights"]), "updated_at": row["updated_at"],
-            "summary": summarize_findings(findings), "findings": [public_finding(f) for f in findings],
-            "study": self.study_attributes(row["study_uid"]),
+            "job_id": entry.job_id, "version": entry.version, "risk": entry.risk,
+            "band": _risk_band(entry.risk, self.threshold), "state": entry.state,
+            "priority": entry.priority, "priority_name": _priority_name(entry.priority),
+            "demo_weights": entry.demo_weights, "updated_at": entry.updated_at,
+            "summary": summarize_findings(entry.findings),
+            "findings": [public_finding(f) for f in entry.findings],
+            "study": self.study_attributes(entry.study_uid),
         }
 
     # ------------------------------------------------------------------ studies
 
     def studies(self, limit: int = 200) -> list[dict[str, Any]]:
         """Every study version the gateway or the workers know, newest first, with one state."""
-        with self._db("results") as results:
-            worker = {}
-            if self._has(results, "worklist"):
-                worker = {r["study_uid"]: r for r in results.execute("SELECT * FROM worklist")}
+        worker = self.results.worklist_by_study()
         items: list[dict[str, Any]] = []
         seen: set[str] = set()
-        with self._db("journal") as journal:
-            if self._has(journal, "studies"):
-                for row in journal.execute("SELECT * FROM studies ORDER BY first_at DESC LIMIT ?", (limit,)):
-                    job_id = row["job_id"] or job_id_for(row["study_uid"], row["version"])
-                    item = self._gateway_item(row, job_id, worker.get(row["study_uid"]))
-                    seen.add(job_id)
-                    items.append(item)
-        for row in worker.values():  # studies queued without the gateway (tests, benchmarks, imports)
-            if row["job_id"] not in seen and len(items) < limit:
-                items.append({"job_id": row["job_id"], "version": row["version"], "state": row["state"],
-                              "gateway_state": None, "worker_state": row["state"], "risk": row["risk"],
-                              "band": _risk_band(row["risk"], self.threshold), "priority": row["priority"],
-                              "priority_name": _priority_name(row["priority"]), "calling_ae": None,
+        for row in self.journal.newest_studies(limit):
+            job_id = row.job_id or job_id_for(row.study_uid, row.version)
+            items.append(self._gateway_item(row, job_id, worker.get(row.study_uid)))
+            seen.add(job_id)
+        for entry in worker.values():  # studies queued without the gateway (tests, benchmarks, imports)
+            if entry.job_id not in seen and len(items) < limit:
+                items.append({"job_id": entry.job_id, "version": entry.version, "state": entry.state,
+                              "gateway_state": None, "worker_state": entry.state, "risk": entry.risk,
+                              "band": _risk_band(entry.risk, self.threshold), "priority": entry.priority,
+                              "priority_name": _priority_name(entry.priority), "calling_ae": None,
                               "modality": None, "first_at": None, "completed_at": None, "completed_by": None,
-                              "dispatched_at": None, "updated_at": row["updated_at"]})
+                              "dispatched_at": None, "updated_at": entry.updated_at})
         return items
 
-    def _gateway_item(self, row: sqlite3.Row, job_id: str, worker: sqlite3.Row | None) -> dict[str, Any]:
+    def _gateway_item(self, row: StudyRow, job_id: str, worker: WorklistEntry | None) -> dict[str, Any]:
         # The worklist keeps only the newest version of a study.
-        newer = worker is not None and worker["version"] > row["version"]
-        same = worker if worker is not None and worker["version"] == row["version"] else None
-        worker_state = same["state"] if same is not None else None
-        if row["state"] != "dispatched":
-            state = str(row["state"])
+        newer = worker is not None and worker.version > row.version
+        same = worker if worker is not None and worker.version == row.version else None
+        worker_state = same.state if same is not None else None
+        if row.state != StudyState.DISPATCHED:
+            state = str(row.state)
         elif newer:
             state = "superseded"
         else:
             state = worker_state or "queued"
-        risk = same["risk"] if same is not None else None
-        return {"job_id": job_id, "version": row["version"], "state": state, "gateway_state": row["state"],
+        risk = same.risk if same is not None else None
+        priority = same.priority if same is not None else row.priority
+        return {"job_id": job_id, "version": row.version, "state": state, "gateway_state": row.state,
                 "worker_state": worker_state, "risk": risk, "band": _risk_band(risk, self.threshold),
-                "priority": same["priority"] if same is not None else row["priority"],
-                "priority_name": _priority_name(same["priority"] if same is not None else row["priority"]),
-                "calling_ae": row["calling_ae"], "modality": row["modality"], "first_at": row["first_at"],
-                "completed_at": row["completed_at"], "completed_by": row["completed_by"],
-                "dispatched_at": row["dispatched_at"],
-                "updated_at": same["updated_at"] if same is not None else row["last_at"]}
+                "priority": priority, "priority_name": _priority_name(priority),
+                "calling_ae": row.calling_ae, "modality": row.modality, "first_at": row.first_at,
+                "completed_at": row.completed_at, "completed_by": row.completed_by,
+                "dispatched_at": row.dispatched_at,
+                "updated_at": same.updated_at if same is not None else row.last_at}
 
-    def _gateway_study(self, journal: sqlite3.Connection | None, job_id: str) -> sqlite3.Row | None:
-        if not self._has(journal, "studies"):
-            return None
-        row = journal.execute("SELECT * FROM studies WHERE job_id = ?", (job_id,)).fetchone()
+    def _gateway_study(self, job_id: str) -> StudyRow | None:
+        row = self.journal.study_by_job_id(job_id)
         if row is not None:
             return row
         version = re.search(r"-v(\d+)$", job_id)
         if version is None:
             return None
         # Not dispatched yet, so no job id stored: recompute it for the versions still waiting.
-        for candidate in journal.execute("SELECT * FROM studies WHERE job_id IS NULL AND version = ?",
-                                         (int(version.group(1)),)):
-            if job_id_for(candidate["study_uid"], candidate["version"]) == job_id:
+        for candidate in self.journal.undispatched_studies(int(version.group(1))):
+            if job_id_for(candidate.study_uid, candidate.version) == job_id:
                 return candidate
         return None
 
@@ -314,79 +287,66 @@ class OpsData:
         """One study version: state, findings per model with heatmap links, deliveries and timeline."""
         events: list[dict[str, Any]] = []
         instances = 0
-        with self._db("journal") as journal:
-            gateway = self._gateway_study(journal, job_id)
-            if gateway is not None and journal is not None:
-                key = (gateway["study_uid"], gateway["version"])
-                events = [_event(e, "gateway") for e in journal.execute(
-                    "SELECT * FROM events WHERE study_uid = ? AND version = ? ORDER BY at", key)]
-                instances = journal.execute("SELECT count(*) FROM instances WHERE study_uid = ?"
-                                            " AND study_version = ?", key).fetchone()[0]
-        worker, newest_version = None, None
-        analyses: list[sqlite3.Row] = []
-        deliveries: list[sqlite3.Row] = []
-        with self._db("results") as results:
-            if self._has(results, "worklist"):
-                worker = results.execute("SELECT * FROM worklist WHERE job_id = ?", (job_id,)).fetchone()
-                if worker is None and gateway is not None:
-                    newest = results.execute("SELECT version FROM worklist WHERE study_uid = ?",
-                                             (gateway["study_uid"],)).fetchone()
-                    newest_version = newest["version"] if newest is not None else None
-                analyses = results.execute("SELECT * FROM analyses WHERE job_id = ? ORDER BY model",
-                                           (job_id,)).fetchall()
-                events += [_event(e, "worker") for e in results.execute(
-                    "SELECT * FROM timeline WHERE job_id = ? ORDER BY at", (job_id,))]
-                deliveries = results.execute(
-                    "SELECT destination, status, error, attempts, updated_at FROM deliveries WHERE job_id = ?"
-                    " ORDER BY updated_at", (job_id,)).fetchall()
+        gateway = self._gateway_study(job_id)
+        if gateway is not None:
+            events = [_event(e, "gateway") for e in self.journal.events(gateway.study_uid, gateway.version)]
+            instances = self.journal.instance_count(gateway.study_uid, gateway.version)
+        worker = self.results.worklist_entry(job_id=job_id)
+        newest_version = None
+        if worker is None and gateway is not None:
+            newest = self.results.worklist_entry(study_uid=gateway.study_uid)
+            newest_version = newest.version if newest is not None else None
+        analyses = self.results.analyses(job_id)
+        events += [_event(e, "worker") for e in self.results.timeline(job_id)]
+        deliveries = self.results.deliveries(job_id)
         if gateway is None and worker is None and not events and not analyses:
             return None
         events.sort(key=lambda e: e["at"])
-        if gateway is not None and gateway["state"] != "dispatched":
-            state = str(gateway["state"])
+        if gateway is not None and gateway.state != StudyState.DISPATCHED:
+            state = str(gateway.state)
         elif worker is not None:
-            state = str(worker["state"])
-        elif gateway is not None and (newest_version is None or newest_version < gateway["version"]):
+            state = worker.state
+        elif gateway is not None and (newest_version is None or newest_version < gateway.version):
             state = "queued"
         else:
             state = "superseded"  # the worklist holds a newer version of this study
         source = worker if worker is not None else gateway  # the worker's view is the more recent one
-        risk = worker["risk"] if worker is not None else None
-        findings = json.loads(worker["findings"]) if worker is not None else []
-        study_uid = source["study_uid"] if source is not None else None
-        priority = source["priority"] if source is not None else None
+        risk = worker.risk if worker is not None else None
+        findings = worker.findings if worker is not None else []
+        study_uid = source.study_uid if source is not None else None
+        priority = source.priority if source is not None else None
         return {
-            "job_id": job_id, "version": source["version"] if source is not None else None,
+            "job_id": job_id, "version": source.version if source is not None else None,
             "state": state, "finished": state in FINISHED_STATES, "risk": risk,
             "band": _risk_band(risk, self.threshold), "priority": priority,
             "priority_name": _priority_name(priority),
-            "demo_weights": bool(worker["demo_weights"]) if worker is not None else False,
-            "calling_ae": gateway["calling_ae"] if gateway is not None else None,
-            "modality": gateway["modality"] if gateway is not None else None,
+            "demo_weights": worker.demo_weights if worker is not None else False,
+            "calling_ae": gateway.calling_ae if gateway is not None else None,
+            "modality": gateway.modality if gateway is not None else None,
             "instances": instances,
             "study": self.study_attributes(study_uid) if study_uid else {},
             "summary": summarize_findings(findings),
             "models": [self._analysis(job_id, a) for a in analyses],
-            "deliveries": [dict(d) for d in deliveries],
+            "deliveries": [dataclasses.asdict(d) for d in deliveries],
             "timeline": events,
         }
 
-    def _analysis(self, job_id: str, analysis: sqlite3.Row) -> dict[str, Any]:
+    def _analysis(self, job_id: str, analysis: Analysis) -> dict[str, Any]:
         heatmaps = []
         for index, (_, caption) in enumerate(self._heatmaps(analysis)):
             heatmaps.append({"index": index, "caption": caption,
-                             "url": f"/api/studies/{job_id}/heatmaps/{analysis['model']}/{index}.png"})
-        return {"model": analysis["model"], "risk": analysis["risk"],
-                "findings": [public_finding(p) for p in json.loads(analysis["predictions"])],
-                "failures": [{"error": f.get("error")} for f in json.loads(analysis["failures"])],
-                "outputs": len(json.loads(analysis["outputs"])), "heatmaps": heatmaps,
-                "finished_at": analysis["finished_at"]}
+                             "url": f"/api/studies/{job_id}/heatmaps/{analysis.model}/{index}.png"})
+        return {"model": analysis.model, "risk": analysis.risk,
+                "findings": [public_finding(p) for p in analysis.predictions],
+                "failures": [{"error": f.get("error")} for f in analysis.failures],
+                "outputs": len(analysis.outputs), "heatmaps": heatmaps,
+                "finished_at": analysis.finished_at}
 
-    def _heatmaps(self, analysis: sqlite3.Row) -> list[tuple[Path, str]]:
+    def _heatmaps(self, analysis: Analysis) -> list[tuple[Path, str]]:
         """The model's heatmap Secondary Captures among its outputs, in output order."""
         found = []
         outputs_root = self.paths["outputs"]
-        for raw in json.loads(analysis["outputs"]):
+        for raw in analysis.outputs:
             path = Path(raw).resolve()
             if not path.is_relative_to(outputs_root) or not path.is_file():
                 continue  # only files the workers wrote under data_dir/outputs are ever served
@@ -394,16 +354,12 @@ class OpsData:
                 sop_class, caption = _output_header(str(path), _mtime(path))
             except Exception:
                 continue
-            if sop_class == SECONDARY_CAPTURE:
+            if sop_class == SecondaryCaptureImageStorage:
                 found.append((path, caption))
         return found
 
     def heatmap_png(self, job_id: str, model: str, index: int, max_width: int = 1024) -> bytes | None:
-        with self._db("results") as results:
-            if not self._has(results, "analyses"):
-                return None
-            analysis = results.execute("SELECT * FROM analyses WHERE job_id = ? AND model = ?",
-                                       (job_id, model)).fetchone()
+        analysis = self.results.analysis(job_id, model)
         if analysis is None:
             return None
         heatmaps = self._heatmaps(analysis)
@@ -415,18 +371,12 @@ class OpsData:
     # ------------------------------------------------------------------ dead letters
 
     def dead_letters(self, include_replayed: bool = False) -> list[dict[str, Any]]:
-        with self._db("results") as results:
-            if not self._has(results, "deadletters"):
-                return []
-            where = "" if include_replayed else " WHERE replayed_at IS NULL"
-            rows = results.execute(f"SELECT id, task, job_id, error, at, replayed_at FROM deadletters{where}"
-                                   " ORDER BY at").fetchall()
-        return [dict(r) for r in rows]
+        return [dataclasses.asdict(letter) for letter in self.results.dead_letters(include_replayed)]
 
 
-def _event(row: sqlite3.Row, source: str) -> dict[str, Any]:
-    return {"at": row["at"], "source": source, "event": row["event"], "detail": row["detail"],
-            "label": _event_label(row["event"], row["detail"])}
+def _event(entry: JournalEvent | TimelineEntry, source: str) -> dict[str, Any]:
+    return {"at": entry.at, "source": source, "event": entry.event, "detail": entry.detail,
+            "label": _event_label(entry.event, entry.detail)}
 
 
 def _event_label(event: str, detail: str) -> str:
@@ -567,7 +517,7 @@ def create_app(settings: Settings, *, refresh_seconds: float = 10.0,
                 writer["app"] = configure_app(settings)
             return writer["store"], writer["app"]
 
-    app = FastAPI(title="pacs-triage", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pacs-triage", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     authed = [Depends(require_token)]
     page_authed = [Depends(require_page_token)]
 

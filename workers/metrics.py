@@ -12,7 +12,7 @@ series                                              type       source
 ``pacs_triage_instances_refused_total{reason}``     counter    journal: refusals, by C-STORE status
 ``pacs_triage_studies_completed_total{completed_by}`` counter  journal: studies with a completion time
 ``pacs_triage_studies{state}``                      gauge      results: worklist rows by state
-``pacs_triage_queue_depth{queue,priority}``         gauge      broker: waiting messages (0 = highest)
+``pacs_triage_queue_depth{queue}``                  gauge      broker: messages waiting in each queue
 ``pacs_triage_broker_up``                           gauge      1 when the broker answered this scrape
 ``pacs_triage_inference_seconds{model}``            histogram  results: ``model_done:<model>`` events
 ``pacs_triage_delivery_failures_total{kind}``       counter    results: delivery retries, dead letters
@@ -22,16 +22,18 @@ series                                              type       source
 
 A study is unfinished from its first instance until it is delivered, or analysed with nothing to
 deliver; a dead-lettered study counts as finished here and shows in ``pacs_triage_dead_letters``.
+
+The journals are read through their owners (:class:`gateway.journal.JournalReader`,
+:class:`workers.results.ResultsReader`), and the broker through kombu's API, so no table is
+queried from here and a schema changes in one place.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -39,38 +41,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.journal import JournalReader, StudyState
 from gateway.settings import Settings
-from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE
+from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, transport_options
+from workers.results import DELIVERY_RETRY, MODEL_DONE_PREFIX, ResultsReader
 
 #: Upper bounds of the inference latency buckets, in seconds (a CPU test model to a slow GPU batch).
 LATENCY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-#: Worker states after which nothing more happens to a study without a person acting.
-FINISHED_STATES: tuple[str, ...] = ("delivered", "done", "dead-lettered", "failed")
 QUEUES: tuple[str, ...] = (ANALYSIS_QUEUE, DELIVERY_QUEUE)
-#: The Redis transport's priority levels (workers/app.py sets ``priority_steps`` 0..9, ``sep`` ":").
-REDIS_PRIORITY_STEPS: tuple[int, ...] = tuple(range(10))
-REDIS_PRIORITY_SEP = ":"
-
-
-def open_database(path: Path) -> sqlite3.Connection | None:
-    """Open an existing SQLite journal for reading, or return ``None`` when there is none yet.
-
-    Opened read-write without create (``mode=rw``): a read-only handle cannot join a WAL
-    database whose ``-shm`` file the writer has not made, and nothing here ever writes.
-    """
-    if not path.is_file():
-        return None
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=10.0,
-                         check_same_thread=False)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA busy_timeout=10000")
-    return db
-
-
-def _table_exists(db: sqlite3.Connection, name: str, schema: str = "main") -> bool:
-    row = db.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?",
-                     (name,)).fetchone()
-    return row is not None
 
 
 def data_paths(settings: Settings) -> dict[str, Path]:
@@ -90,73 +68,44 @@ def _broker(settings: Settings) -> str:
     return settings.broker.url
 
 
-def queue_depths(settings: Settings, timeout: float = 2.0) -> dict[tuple[str, int], int]:
-    """Messages waiting in each queue at each priority, keyed ``(queue, priority)``.
+def _connection(settings: Settings, timeout: float) -> Any:
+    from kombu import Connection
 
-    Redis keeps one list per queue and priority level (``analysis``, ``analysis:1`` ...
-    ``analysis:9``; kombu's ``_q_for_pri``).  The embedded SQLite transport has no priorities of
-    its own, so its waiting messages are counted by the priority each carries.
-
-    :raises OSError: or a client error, when the broker cannot be read.
-    """
     url = _broker(settings)
-    depths: dict[tuple[str, int], int] = {(q, p): 0 for q in QUEUES for p in REDIS_PRIORITY_STEPS}
-    if url.startswith(("redis://", "rediss://")):
-        import redis
+    return Connection(url, connect_timeout=timeout, transport_options=transport_options(settings, url))
 
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        try:
-            keys = [(q, p) for q in QUEUES for p in REDIS_PRIORITY_STEPS]
-            pipe = client.pipeline()
-            for queue, priority in keys:
-                pipe.llen(queue if priority == 0 else f"{queue}{REDIS_PRIORITY_SEP}{priority}")
-            for key, length in zip(keys, pipe.execute(), strict=True):
-                depths[key] = int(length)
-        finally:
-            client.close()
-        return depths
-    if url.startswith("sqla+sqlite:///"):
-        db = open_database(Path(url.removeprefix("sqla+sqlite:///")))
-        if db is None:
-            return depths  # no message was ever published
-        with closing(db):
-            if not _table_exists(db, "kombu_message"):
-                return depths
-            rows = db.execute(
-                "SELECT q.name AS queue, json_extract(m.payload, '$.properties.priority') AS priority,"
-                " count(*) AS n FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id"
-                " WHERE m.visible = 1 GROUP BY q.name, priority").fetchall()
-        for row in rows:
-            priority = int(row["priority"]) if row["priority"] is not None else 0
-            depths[(row["queue"], priority)] = depths.get((row["queue"], priority), 0) + int(row["n"])
-        return depths
-    raise ValueError(f"cannot count messages on broker {url.split('://', 1)[0]}://")
+
+def queue_depths(settings: Settings, timeout: float = 2.0) -> dict[str, int]:
+    """Messages waiting in each queue, as the broker counts them (a passive ``queue.declare``).
+
+    Messages a worker has reserved but not yet acknowledged are not waiting and not counted.
+
+    :raises OSError: or a kombu error, when the broker cannot be reached.
+    """
+    depths = dict.fromkeys(QUEUES, 0)
+    if settings.broker.url == "embedded" and not data_paths(settings)["broker"].is_file():
+        return depths  # no message was ever published, and counting must not create the broker's file
+    with _connection(settings, timeout) as connection:
+        connection.ensure_connection(max_retries=1, timeout=timeout)
+        for queue in QUEUES:
+            # A channel each: a passive declare of a missing queue closes its channel on AMQP brokers.
+            with connection.channel() as channel:
+                try:
+                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+                except connection.channel_errors:
+                    pass  # the queue does not exist yet: nothing was ever queued there
+    return depths
 
 
 def broker_problem(settings: Settings, timeout: float = 2.0) -> str | None:
     """Why the broker cannot be used right now, or ``None`` when it answers."""
-    url = _broker(settings)
+    if settings.broker.url == "embedded" and not data_paths(settings)["broker"].parent.is_dir():
+        return f"the embedded broker's directory {data_paths(settings)['broker'].parent} does not exist"
     try:
-        if url.startswith(("redis://", "rediss://")):
-            import redis
-
-            client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-            try:
-                client.ping()
-            finally:
-                client.close()
-            return None
-        if url.startswith("sqla+sqlite:///"):
-            path = Path(url.removeprefix("sqla+sqlite:///"))
-            if not path.parent.is_dir():
-                return f"the embedded broker's directory {path.parent} does not exist"
-            with closing(sqlite3.connect(path, timeout=timeout)) as db:
-                db.execute("PRAGMA schema_version").fetchone()
-            return None
-        from kombu import Connection
-
-        with Connection(url, connect_timeout=timeout) as connection:
+        with _connection(settings, timeout) as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout)
+            with connection.channel():  # the Redis transport pings the server when it opens a channel
+                pass
         return None
     except Exception as exc:  # any failure means "not usable"; the reason goes to /readyz
         return f"{type(exc).__name__}: {exc}"[:300]
@@ -200,7 +149,9 @@ class TriageCollector(Collector):
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.paths = data_paths(settings)
+        paths = data_paths(settings)
+        self.journal = JournalReader(paths["journal"])
+        self.results = ResultsReader(paths["results"])
         self.clock = clock
         self._tally = _LatencyTally()
         self._lock = threading.Lock()
@@ -226,20 +177,13 @@ class TriageCollector(Collector):
         completed = CounterMetricFamily("pacs_triage_studies_completed",
                                         "Study versions the gateway declared complete, by rule",
                                         labels=["completed_by"])
-        db = open_database(self.paths["journal"])
-        if db is not None:
-            with closing(db):
-                if _table_exists(db, "instances"):
-                    stored = db.execute("SELECT count(*) FROM instances").fetchone()[0]
-                    duplicates = db.execute("SELECT coalesce(sum(duplicates), 0) FROM studies").fetchone()[0]
-                    received.add_metric(["stored"], float(stored))
-                    received.add_metric(["duplicate"], float(duplicates))
-                    for row in db.execute("SELECT completed_by, count(*) AS n FROM studies"
-                                          " WHERE completed_at IS NOT NULL GROUP BY completed_by"):
-                        completed.add_metric([row["completed_by"] or "unknown"], float(row["n"]))
-                if _table_exists(db, "refusals"):
-                    for row in db.execute("SELECT reason, count FROM refusals ORDER BY reason"):
-                        refused.add_metric([row["reason"]], float(row["count"]))
+        counts = self.journal.counts()
+        received.add_metric(["stored"], float(counts.stored))
+        received.add_metric(["duplicate"], float(counts.duplicates))
+        for rule, n in sorted(counts.completed_by.items()):
+            completed.add_metric([rule], float(n))
+        for reason, n in sorted(counts.refused.items()):
+            refused.add_metric([reason], float(n))
         yield received
         yield refused
         yield completed
@@ -257,53 +201,40 @@ class TriageCollector(Collector):
                                        labels=["kind"])
         letters = GaugeMetricFamily("pacs_triage_dead_letters", "Dead letters waiting for a replay",
                                     labels=["task"])
-        db = open_database(self.paths["results"])
-        dead_deliveries = 0
-        if db is not None:
-            with closing(db):
-                if _table_exists(db, "worklist"):
-                    for row in db.execute("SELECT state, count(*) AS n FROM worklist GROUP BY state"):
-                        studies.add_metric([row["state"]], float(row["n"]))
-                if _table_exists(db, "timeline"):
-                    self._read_timeline(db)
-                if _table_exists(db, "deadletters"):
-                    for row in db.execute("SELECT task, count(*) AS n FROM deadletters"
-                                          " WHERE replayed_at IS NULL GROUP BY task"):
-                        letters.add_metric([row["task"]], float(row["n"]))
-                    dead_deliveries = db.execute(
-                        "SELECT count(*) FROM deadletters WHERE task = 'deliver'").fetchone()[0]
+        counts = self.results.counts()
+        for state, n in sorted(counts.studies_by_state.items()):
+            studies.add_metric([state], float(n))
+        for task, n in sorted(counts.waiting_letters_by_task.items()):
+            letters.add_metric([task], float(n))
+        self._read_timeline()
         for model in sorted(self._tally.buckets):
             latency.add_metric([model], self._tally.histogram(model), self._tally.sums[model])
         failures.add_metric(["retry"], float(self._tally.retries))
-        failures.add_metric(["dead_letter"], float(dead_deliveries))
+        failures.add_metric(["dead_letter"], float(counts.dead_deliveries))
         yield studies
         yield latency
         yield failures
         yield letters
 
-    def _read_timeline(self, db: sqlite3.Connection) -> None:
-        newest = db.execute("SELECT coalesce(max(rowid), 0) FROM timeline").fetchone()[0]
-        if newest < self._tally.last_rowid:
+    def _read_timeline(self) -> None:
+        tail = self.results.timeline_tail(self._tally.last_rowid)
+        if tail.newest < self._tally.last_rowid:
             self._tally = _LatencyTally()  # the results journal was replaced: count it afresh
-        rows = db.execute(
-            "SELECT rowid, event, detail FROM timeline WHERE rowid > ?"
-            " AND (event LIKE 'model_done:%' OR event = 'delivery_retry') ORDER BY rowid",
-            (self._tally.last_rowid,)).fetchall()
-        for row in rows:
-            self._tally.last_rowid = max(self._tally.last_rowid, int(row["rowid"]))
-            if row["event"] == "delivery_retry":
+            tail = self.results.timeline_tail(0)
+        for rowid, event, detail in tail.events:
+            self._tally.last_rowid = max(self._tally.last_rowid, rowid)
+            if event == DELIVERY_RETRY:
                 self._tally.retries += 1
                 continue
-            seconds = _inference_seconds(row["detail"])
+            seconds = _inference_seconds(detail)
             if seconds is not None:
-                self._tally.observe(row["event"].split(":", 1)[1], seconds)
+                self._tally.observe(event.removeprefix(MODEL_DONE_PREFIX), seconds)
 
     # ------------------------------------------------------------------ broker
 
     def _queues(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily("pacs_triage_queue_depth",
-                                  "Messages waiting in the broker, by queue and priority (0 is the highest)",
-                                  labels=["queue", "priority"])
+        depth = GaugeMetricFamily("pacs_triage_queue_depth", "Messages waiting in each broker queue",
+                                  labels=["queue"])
         up = GaugeMetricFamily("pacs_triage_broker_up", "1 when the broker answered this scrape")
         try:
             depths = queue_depths(self.settings)
@@ -311,8 +242,8 @@ class TriageCollector(Collector):
             up.add_metric([], 0.0)
         else:
             up.add_metric([], 1.0)
-            for (queue, priority), count in sorted(depths.items()):
-                depth.add_metric([queue, str(priority)], float(count))
+            for queue, count in sorted(depths.items()):
+                depth.add_metric([queue], float(count))
         yield depth
         yield up
 
@@ -321,7 +252,7 @@ class TriageCollector(Collector):
     def _oldest_unfinished(self) -> Metric:
         gauge = GaugeMetricFamily("pacs_triage_oldest_unfinished_study_age_seconds",
                                   "Seconds since the first instance of the oldest study not yet finished")
-        oldest = oldest_unfinished_since(self.paths["journal"], self.paths["results"])
+        oldest = oldest_unfinished_since(self.journal, self.results)
         gauge.add_metric([], max(0.0, self.clock() - oldest) if oldest is not None else 0.0)
         return gauge
 
@@ -334,35 +265,23 @@ def _inference_seconds(detail: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def oldest_unfinished_since(journal_path: Path, results_path: Path) -> float | None:
+def oldest_unfinished_since(journal: JournalReader, results: ResultsReader) -> float | None:
     """The first-instance time of the oldest unfinished study version, or ``None``.
 
     A version is unfinished while the gateway still holds it (receiving or complete), or once
     dispatched until the worklist shows it finished: delivered, dead-lettered, or analysed with
     no outputs to deliver.  A newer version on the worklist supersedes an older one.
     """
-    db = open_database(journal_path)
-    if db is None:
-        return None
-    finished = ", ".join(f"'{state}'" for state in FINISHED_STATES)
-    with closing(db):
-        if not _table_exists(db, "studies"):
-            return None
-        if not results_path.is_file():
-            row = db.execute("SELECT min(first_at) FROM studies").fetchone()
-            return None if row[0] is None else float(row[0])
-        db.execute("ATTACH DATABASE ? AS r", (f"{results_path.resolve().as_uri()}?mode=rw",))
-        if not _table_exists(db, "worklist", "r") or not _table_exists(db, "analyses", "r"):
-            row = db.execute("SELECT min(first_at) FROM studies").fetchone()
-            return None if row[0] is None else float(row[0])
-        row = db.execute(
-            "SELECT min(s.first_at) FROM studies s LEFT JOIN r.worklist w ON w.study_uid = s.study_uid"
-            " WHERE s.state != 'dispatched' OR w.study_uid IS NULL OR w.version < s.version"
-            f" OR (w.version = s.version AND w.state NOT IN ({finished})"
-            "     AND NOT (w.state = 'analysed' AND NOT EXISTS ("
-            "         SELECT 1 FROM r.analyses a WHERE a.job_id = w.job_id AND a.outputs != '[]')))"
-        ).fetchone()
-    return None if row[0] is None else float(row[0])
+    progress = results.progress()
+    for arrival in journal.arrivals():
+        if arrival.state != StudyState.DISPATCHED:
+            return arrival.first_at
+        worker = progress.get(arrival.study_uid)
+        if worker is None or worker.version < arrival.version:
+            return arrival.first_at  # queued, and no worker has reported on this version yet
+        if worker.version == arrival.version and not worker.finished:
+            return arrival.first_at
+    return None
 
 
 def make_registry(settings: Settings, clock: Callable[[], float] = time.time) -> CollectorRegistry:
@@ -386,7 +305,7 @@ def describe_series() -> list[dict[str, Any]]:
         {"name": "pacs_triage_instances_refused_total", "type": "counter", "labels": ["reason"]},
         {"name": "pacs_triage_studies_completed_total", "type": "counter", "labels": ["completed_by"]},
         {"name": "pacs_triage_studies", "type": "gauge", "labels": ["state"]},
-        {"name": "pacs_triage_queue_depth", "type": "gauge", "labels": ["queue", "priority"]},
+        {"name": "pacs_triage_queue_depth", "type": "gauge", "labels": ["queue"]},
         {"name": "pacs_triage_broker_up", "type": "gauge", "labels": []},
         {"name": "pacs_triage_inference_seconds", "type": "histogram", "labels": ["model"]},
         {"name": "pacs_triage_delivery_failures_total", "type": "counter", "labels": ["kind"]},

@@ -2,6 +2,10 @@
 
 Every node writes here through SQLite's file locking, so it must live on storage all workers
 share; that is the default data directory.  A network store would replace this class.
+
+This module owns the results journal's tables: :class:`ResultsStore` writes them (the workers, the
+dead-letter replay), and :class:`ResultsReader` answers the questions the web service and the
+metrics ask of them.  No other module runs SQL against them.
 """
 
 from __future__ import annotations
@@ -12,8 +16,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.journal import connect_existing
+
+#: Worker states after which nothing more happens to a study without a person acting.
+FINISHED_STATES: tuple[str, ...] = ("delivered", "done", "dead-lettered", "failed")
+#: Timeline events the metrics count: ``model_done:<model>`` carries the inference time as JSON.
+MODEL_DONE_PREFIX = "model_done:"
+DELIVERY_RETRY = "delivery_retry"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS worklist (
@@ -218,3 +231,226 @@ class ResultsStore:
     def mark_replayed(self, letter_id: int) -> None:
         with self._transaction() as db:
             db.execute("UPDATE deadletters SET replayed_at = ? WHERE id = ?", (time.time(), letter_id))
+
+
+# -------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class WorklistEntry:
+    """A study's row on the worklist: the newest version the workers know, with its findings."""
+
+    study_uid: str
+    job_id: str
+    version: int
+    risk: float | None
+    priority: int
+    state: str
+    findings: list[dict[str, Any]]
+    demo_weights: bool
+    updated_at: float
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> WorklistEntry:
+        return cls(study_uid=row["study_uid"], job_id=row["job_id"], version=int(row["version"]),
+                   risk=row["risk"], priority=int(row["priority"]), state=row["state"],
+                   findings=json.loads(row["findings"] or "[]"), demo_weights=bool(row["demo_weights"]),
+                   updated_at=float(row["updated_at"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """One model's analysis of one study version."""
+
+    job_id: str
+    model: str
+    risk: float | None
+    predictions: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+    #: Paths of the DICOM objects built from it.
+    outputs: list[str]
+    finished_at: float
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> Analysis:
+        return cls(job_id=row["job_id"], model=row["model"], risk=row["risk"],
+                   predictions=json.loads(row["predictions"]), failures=json.loads(row["failures"]),
+                   outputs=json.loads(row["outputs"]), finished_at=float(row["finished_at"]))
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEntry:
+    """One entry of a job's worker timeline."""
+
+    at: float
+    event: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The latest attempt to store one output at one destination."""
+
+    destination: str
+    status: str
+    error: str
+    attempts: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterSummary:
+    """A dead letter as the web service lists it: its task arguments (which hold UIDs) stay inside."""
+
+    id: int
+    task: str
+    job_id: str
+    error: str
+    at: float
+    replayed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkProgress:
+    """Whether the workers are done with the version of a study on the worklist."""
+
+    version: int
+    #: Delivered, dead-lettered, failed, or analysed with no output to deliver.
+    finished: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsCounts:
+    """The workers' totals, for the metrics."""
+
+    studies_by_state: dict[str, int]
+    #: Dead letters not replayed yet, by task.
+    waiting_letters_by_task: dict[str, int]
+    #: Deliveries ever dead-lettered, replayed ones included.
+    dead_deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineTail:
+    """The timeline events the metrics count, past a position in the timeline."""
+
+    #: The position of the newest timeline entry of any kind (0 when empty); smaller than a
+    #: position seen before means the journal was replaced.
+    newest: int
+    #: ``(position, event, detail)`` of each :data:`MODEL_DONE_PREFIX` and :data:`DELIVERY_RETRY` event.
+    events: list[tuple[int, str, str]]
+
+
+class ResultsReader:
+    """The results journal's answers for the web service and the metrics, read without a worker.
+
+    Each call opens the file and closes it again; a journal no worker has made yet reads as empty.
+
+    :param path: The workers' ``results.sqlite``.
+    """
+
+    _TABLES = ("worklist", "timeline", "attempts", "analyses", "deliveries", "deadletters")
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection | None]:
+        db = connect_existing(self.path, self._TABLES)
+        try:
+            yield db
+        finally:
+            if db is not None:
+                db.close()
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._read() as db:
+            return [] if db is None else db.execute(sql, params).fetchall()
+
+    # ------------------------------------------------------------------ worklist
+
+    def worklist(self, limit: int) -> list[WorklistEntry]:
+        """Up to *limit* studies in :meth:`ResultsStore.worklist`'s order: highest risk first, unanalysed last."""
+        return [WorklistEntry._from_row(r) for r in self._rows(
+            "SELECT * FROM worklist ORDER BY risk IS NULL, risk DESC, updated_at ASC LIMIT ?", (limit,))]
+
+    def worklist_by_study(self) -> dict[str, WorklistEntry]:
+        """Every worklist row, by Study Instance UID."""
+        return {r["study_uid"]: WorklistEntry._from_row(r) for r in self._rows("SELECT * FROM worklist")}
+
+    def worklist_entry(self, *, job_id: str | None = None, study_uid: str | None = None) -> WorklistEntry | None:
+        """The worklist row of one job id, or of one study whichever version it holds."""
+        if (job_id is None) == (study_uid is None):
+            raise ValueError("give exactly one of job_id and study_uid")
+        column, value = ("job_id", job_id) if job_id is not None else ("study_uid", study_uid)
+        rows = self._rows(f"SELECT * FROM worklist WHERE {column} = ?", (value,))
+        return WorklistEntry._from_row(rows[0]) if rows else None
+
+    def progress(self) -> dict[str, WorkProgress]:
+        """For each study on the worklist, its version there and whether the workers are done with it."""
+        rows = self._rows(
+            "SELECT w.study_uid, w.version, w.state, EXISTS (SELECT 1 FROM analyses a WHERE a.job_id = w.job_id"
+            " AND a.outputs != '[]') AS has_outputs FROM worklist w")
+        return {r["study_uid"]: WorkProgress(
+                    version=int(r["version"]),
+                    finished=r["state"] in FINISHED_STATES or (r["state"] == "analysed" and not r["has_outputs"]))
+                for r in rows}
+
+    # ------------------------------------------------------------------ one job
+
+    def analyses(self, job_id: str) -> list[Analysis]:
+        """Every model's analysis of one job, by model name."""
+        return [Analysis._from_row(r) for r in self._rows(
+            "SELECT * FROM analyses WHERE job_id = ? ORDER BY model", (job_id,))]
+
+    def analysis(self, job_id: str, model: str) -> Analysis | None:
+        rows = self._rows("SELECT * FROM analyses WHERE job_id = ? AND model = ?", (job_id, model))
+        return Analysis._from_row(rows[0]) if rows else None
+
+    def timeline(self, job_id: str) -> list[TimelineEntry]:
+        """The workers' timeline of one job, oldest first."""
+        return [TimelineEntry(float(r["at"]), str(r["event"]), str(r["detail"])) for r in self._rows(
+            "SELECT at, event, detail FROM timeline WHERE job_id = ? ORDER BY at", (job_id,))]
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        """Where one job's outputs went, oldest attempt first."""
+        return [Delivery(str(r["destination"]), str(r["status"]), str(r["error"]), int(r["attempts"]),
+                         float(r["updated_at"])) for r in self._rows(
+            "SELECT destination, status, error, attempts, updated_at FROM deliveries WHERE job_id = ?"
+            " ORDER BY updated_at", (job_id,))]
+
+    # ------------------------------------------------------------------ dead letters
+
+    def dead_letters(self, include_replayed: bool = False) -> list[DeadLetterSummary]:
+        """Dead letters, oldest first; those already replayed only when asked."""
+        where = "" if include_replayed else " WHERE replayed_at IS NULL"
+        return [DeadLetterSummary(int(r["id"]), str(r["task"]), str(r["job_id"]), str(r["error"]),
+                                  float(r["at"]), r["replayed_at"]) for r in self._rows(
+            f"SELECT id, task, job_id, error, at, replayed_at FROM deadletters{where} ORDER BY at")]
+
+    # ------------------------------------------------------------------ metrics
+
+    def counts(self) -> ResultsCounts:
+        """Worklist rows by state, dead letters waiting by task, and deliveries ever dead-lettered."""
+        with self._read() as db:
+            if db is None:
+                return ResultsCounts(studies_by_state={}, waiting_letters_by_task={}, dead_deliveries=0)
+            states = db.execute("SELECT state, count(*) AS n FROM worklist GROUP BY state").fetchall()
+            waiting = db.execute("SELECT task, count(*) AS n FROM deadletters WHERE replayed_at IS NULL"
+                                 " GROUP BY task").fetchall()
+            dead = db.execute("SELECT count(*) FROM deadletters WHERE task = 'deliver'").fetchone()[0]
+        return ResultsCounts(studies_by_state={str(r["state"]): int(r["n"]) for r in states},
+                             waiting_letters_by_task={str(r["task"]): int(r["n"]) for r in waiting},
+                             dead_deliveries=int(dead))
+
+    def timeline_tail(self, after: int) -> TimelineTail:
+        """The model timings and delivery retries past position *after* (a rowid), oldest first."""
+        with self._read() as db:
+            if db is None:
+                return TimelineTail(newest=0, events=[])
+            newest = db.execute("SELECT coalesce(max(rowid), 0) FROM timeline").fetchone()[0]
+            rows = db.execute(
+                "SELECT rowid, event, detail FROM timeline WHERE rowid > ? AND (event LIKE ? OR event = ?)"
+                " ORDER BY rowid", (after, MODEL_DONE_PREFIX + "%", DELIVERY_RETRY)).fetchall()
+        return TimelineTail(newest=int(newest),
+                            events=[(int(r["rowid"]), str(r["event"]), str(r["detail"])) for r in rows])

@@ -35,7 +35,7 @@ from workers.pipeline import (
     run_model,
     study_refs,
 )
-from workers.results import ResultsStore
+from workers.results import DELIVERY_RETRY, MODEL_DONE_PREFIX, ResultsStore
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +146,7 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
             store.record_analysis(study.job_id, model, run.risk, [prediction_summary(p) for p in run.predictions],
                                   [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
                                    for f in run.failures] + unreadable, [str(p) for p in run.outputs])
-            store.event(study.job_id, f"model_done:{model}",
+            store.event(study.job_id, f"{MODEL_DONE_PREFIX}{model}",
                         json.dumps({"inference_s": round(run.seconds_inference, 3),
                                     "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures)}))
     except SoftTimeLimitExceeded:
@@ -265,7 +265,7 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
             store.reset_attempts(key)
             return
         delay = policy.delay(retries)
-        store.event(job_id, "delivery_retry", f"in {delay:.1f}s: {pending_error}")
+        store.event(job_id, DELIVERY_RETRY, f"in {delay:.1f}s: {pending_error}")
         store.reset_attempts(key)
         raise self.retry(countdown=delay, exc=pending_error)
     store.event(job_id, "delivered", f"{len(datasets)} objects")
