@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import PacsTriageError, StartupError
 from gateway.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -71,11 +72,45 @@ def _peer(args: argparse.Namespace, settings: Settings) -> tuple[str, int, str]:
             args.called_ae or settings.gateway.ae_title)
 
 
-def run_gateway(args: argparse.Namespace, settings: Settings, dispatcher: Any = None) -> int:
+def run_gateway(args: argparse.Namespace, settings: Settings, dispatcher: Any = None,
+                companions: dict[str, Any] | None = None) -> int:
+    """Run the gateway until SIGINT/SIGTERM.
+
+    :param companions: Child processes started beside it (``up``: the worker, the web service),
+        by the name a user knows them by.  If one of them exits, everything stops, with a message
+        that names it, and the status is 1.
+    """
     from gateway.service import GatewayService
 
-    GatewayService(settings, dispatcher).serve_forever()
-    return 0
+    service = GatewayService(settings, dispatcher)
+    if not companions:
+        service.serve_forever()
+        return 0
+    return _serve_with(service, companions)
+
+
+def _serve_with(service: Any, companions: dict[str, Any]) -> int:
+    import signal
+    import threading
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        service.start()
+    except PacsTriageError as exc:
+        raise StartupError(f"the gateway cannot start: {exc}") from exc
+    try:
+        while not done.wait(0.5):
+            for name, child in companions.items():
+                code = child.poll()
+                if code is not None:
+                    print(f"pacs-triage up: error: the {name} could not start or has stopped (exit status {code}); "
+                          "stopping everything", file=sys.stderr)
+                    return 1
+        return 0
+    finally:
+        service.stop()
 
 
 def _associate(args: argparse.Namespace, settings: Settings, contexts: list[Any]) -> Any:
@@ -119,18 +154,23 @@ def _dicom_files(paths: list[Path]) -> Iterator[Path]:
 
 
 def run_send(args: argparse.Namespace, settings: Settings) -> int:
+    """C-STORE every file; report each one that cannot be read or that the peer refuses, and go on.
+
+    Exit status: 0 when every file was stored, 1 when some were not (each is named on stderr, then
+    a summary), 2 when nothing could be sent at all (no DICOM file, no association).
+    """
     from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
     from tqdm import tqdm
 
-    files, contexts = [], set()
+    files, contexts, problems = [], set(), 0
     for path in _dicom_files(args.paths):
         try:
             header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
             contexts.add((str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)))
             files.append(path)
-        except (InvalidDicomError, AttributeError, OSError) as exc:
-            print(f"skipping {path}: not a DICOM file ({exc})", file=sys.stderr)
+        except Exception as exc:  # any unreadable file is reported and skipped, never a traceback
+            problems += 1
+            print(f"{path}: not sent, not a readable DICOM file ({type(exc).__name__})", file=sys.stderr)
     if not files:
         print("error: no DICOM files to send", file=sys.stderr)
         return 2
@@ -140,19 +180,32 @@ def run_send(args: argparse.Namespace, settings: Settings) -> int:
     assoc = _associate(args, settings, [(sop, [tsx]) for sop, tsx in sorted(contexts)])
     if assoc is None:
         return 2
-    failures = 0
+    stored = 0
     try:
         for path in tqdm(files, unit="file", desc="C-STORE", disable=not sys.stderr.isatty()):
-            status = assoc.send_c_store(path)
+            if not assoc.is_established:
+                problems += 1
+                print(f"{path}: not sent, the association ended", file=sys.stderr)
+                continue
+            try:
+                status = assoc.send_c_store(path)
+            except Exception as exc:  # pynetdicom could not read or encode this file
+                problems += 1
+                print(f"{path}: not sent, cannot be read or encoded ({type(exc).__name__})", file=sys.stderr)
+                continue
             code = int(getattr(status, "Status", -1))
-            if code != 0:
-                failures += 1
-                print(f"{path}: status 0x{code & 0xFFFF:04X}" if code >= 0 else f"{path}: no response",
-                      file=sys.stderr)
+            if code == 0:
+                stored += 1
+                continue
+            problems += 1
+            print(f"{path}: refused, status 0x{code & 0xFFFF:04X}" if code >= 0 else f"{path}: no response",
+                  file=sys.stderr)
     finally:
-        assoc.release()
-    print(f"sent {len(files) - failures} of {len(files)} files")
-    return 0 if failures == 0 else 1
+        if assoc.is_established:
+            assoc.release()
+    total = stored + problems
+    print(f"sent {stored} of {total} files" + (f"; {problems} not stored (listed above)" if problems else ""))
+    return 0 if problems == 0 else 1
 
 
 def run_config(args: argparse.Namespace, settings: Settings) -> int:

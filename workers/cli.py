@@ -83,14 +83,20 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     import os
     import subprocess
 
+    from gateway.datalock import hold_data_dir
+
     settings = settings.model_copy(update={"dispatch": settings.dispatch.model_copy(update={"kind": "celery"})})
     env = {**os.environ, "PACS_TRIAGE_GATEWAY__DATA_DIR": str(Path(settings.gateway.data_dir).resolve())}
     config = ["--config", args.config] if args.config else []
     commands = [["worker"]] + ([["serve-http"]] if settings.http.enabled else [])
+    # A second `up` (or gateway) on this data directory stops here, before anything starts.
+    hold_data_dir(settings.gateway.data_dir)
     children = [subprocess.Popen([sys.executable, "-m", "workers.cli", *command, *config], env=env,
                                  preexec_fn=_die_with_parent) for command in commands]
+    names = {"worker": "worker", "serve-http": "web service (serve-http)"}
+    companions = {names[command[0]]: child for command, child in zip(commands, children, strict=True)}
     try:
-        return gateway_cli.run_gateway(args, settings, make_dispatcher(settings))
+        return gateway_cli.run_gateway(args, settings, make_dispatcher(settings), companions=companions)
     finally:
         for child in children:
             child.terminate()
