@@ -42,6 +42,7 @@ _REFUSAL_REASONS = {STATUS_SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
 STORE_STATUSES: tuple[tuple[int, str], ...] = (
     (STATUS_SUCCESS, "Success: the instance is on disk (fsynced, atomically renamed) and in the journal; also "
                      "returned for a repeat of an instance already held"),
+    (STATUS_SOP_CLASS_NOT_SUPPORTED, "Refused: the C-STORE's SOP class is not one the gateway accepts"),
     (STATUS_OUT_OF_RESOURCES, "Refused, out of resources: free space below the disk watermark, or the write "
                               "failed"),
     (STATUS_CANNOT_UNDERSTAND, "Error, cannot understand: the data set cannot be decoded (its bytes are "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,17 @@ def test_serve_http_flags_override_the_configuration() -> None:
     assert args.overrides(args) == {"http.host": "0.0.0.0", "http.port": 8099}
     settings = load_settings(DEFAULT, environ={}, overrides=args.overrides(args))
     assert (settings.http.host, settings.http.port) == ("0.0.0.0", 8099)
+
+
+def test_every_status_the_store_handler_returns_has_a_row_in_the_statement() -> None:
+    import gateway.handlers as handlers
+
+    # Every ``return STATUS_...`` in the handler module, read from its source.
+    returned = {getattr(handlers, node.value.id) for node in ast.walk(ast.parse(inspect.getsource(handlers)))
+                if isinstance(node, ast.Return) and isinstance(node.value, ast.Name)
+                and node.value.id.startswith("STATUS_")}
+    documented = {status for status, _ in handlers.STORE_STATUSES}
+    assert returned and returned <= documented
+    text = conformance_statement(settings_with())
+    for status, meaning in handlers.STORE_STATUSES:
+        assert f"| 0x{status:04X} | {meaning} |" in text
