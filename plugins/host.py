@@ -34,7 +34,7 @@ from plugins.preprocess import (
     decode_frames,
 )
 from plugins.types import ImageFailure, ImageRef, Letterbox, Prediction, SkippedImage
-from plugins.weights import load_checkpoint, reported_version, resolve_weights
+from plugins.weights import checkpoint_options, checkpoint_spec, load_checkpoint, resolve_weights
 
 log = structlog.get_logger(__name__)
 
@@ -205,28 +205,8 @@ class ModelHost:
             spec, options, state, sha256, demo = plugin.spec, dict(self._options[name]), None, "", source.demo
             if source.path is not None:
                 state, meta = load_checkpoint(source.path)
-                if meta.architecture != spec.arch:
-                    raise PermanentError(
-                        f"{source.path} holds a {meta.architecture!r} model, not {spec.arch!r}"
-                    )
-                if set(meta.class_names) != set(spec.classes):
-                    raise PermanentError(
-                        f"{source.path} has classes {meta.class_names}, expected {spec.classes}"
-                    )
-                spec = dataclasses.replace(
-                    spec,
-                    classes=meta.class_names,
-                    input_size=meta.input_size,
-                    mean=meta.norm_mean,
-                    std=meta.norm_std,
-                    thresholds={**spec.thresholds, **meta.thresholds},
-                    # Outputs carry this version (SR, device UID, output UIDs): retrained weights must give
-                    # new objects, or a PACS keeps the report of the old ones under the same UIDs.
-                    version=reported_version(spec.version, meta.version, meta.sha256),
-                )
-                options = {**plugin.default_options, **meta.options, **config.options}
-                if meta.temperature is not None and "temperature" not in config.options:
-                    options["temperature"] = meta.temperature
+                spec = checkpoint_spec(spec, meta, source.path)
+                options = checkpoint_options(plugin.default_options, meta, config.options)
                 sha256, demo = meta.sha256, demo or meta.demo
             spec = dataclasses.replace(spec, thresholds={**spec.thresholds, **config.thresholds})
             if options["cam_target_class"] and options["cam_target_class"] not in spec.classes:

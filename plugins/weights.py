@@ -1,9 +1,15 @@
-"""Model checkpoints: a safetensors file plus JSON metadata, and where a model's weights come from.
+"""Model weights, for every built-in and third-party model: checkpoints, their metadata, ImageNet backbones.
 
 A checkpoint is ``<name>.safetensors`` whose header metadata holds the JSON metadata under the
 ``pacs_triage`` key, plus an optional sidecar ``<name>.json`` with the same fields and the file's
 sha256.  The sidecar wins where both give a field, so a site can retune thresholds without
 rewriting the weights; its ``sha256`` must match the file.  Nothing is ever downloaded.
+
+The whole round trip lives here: :func:`checkpoint_metadata` describes a model for its plugin,
+:func:`save_checkpoint` writes it, :func:`load_checkpoint` reads it back, :func:`checkpoint_spec` and
+:func:`checkpoint_options` say how the plugin serves it (the host uses both), and :func:`load_model`
+rebuilds the network.  :func:`load_backbone_weights` initialises a timm backbone from a local
+ImageNet file for training.
 """
 
 from __future__ import annotations
@@ -11,20 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import timm
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from gateway.errors import PermanentError
 from gateway.settings import Settings
+from plugins.types import ModelSpec
+
+if TYPE_CHECKING:
+    from plugins.base import TorchModelPlugin
 
 METADATA_KEY = "pacs_triage"
-
 
 
 def reported_version(plugin_version: str, weights_version: str, sha256: str) -> str:
@@ -66,6 +76,41 @@ def check_state_dict_fits(
             f"{source} does not fit: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected "
             f"keys {unexpected[:3]}, {len(mismatched)} shape mismatches {mismatched[:3]}"
         )
+
+
+def load_backbone_weights(
+    module: torch.nn.Module,
+    path: str | Path,
+    timm_name: str,
+    allowed_unexpected: tuple[str, ...],
+    *,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Initialise a timm backbone in place from a local ImageNet weights file (timm ``.pth``/``.bin`` or
+    safetensors, read with ``timm.models.load_state_dict``; an EMA copy is preferred when the file has one).
+
+    Every key of *module* must be filled with the right shape; only keys starting with one of
+    *allowed_unexpected* (the classifier the backbone does not have) may be left over.
+
+    :param module: the backbone, possibly ``features_only`` or with its head removed.
+    :param path: the weights file; nothing is downloaded.
+    :param timm_name: the timm architecture the weights belong to, for the messages.
+    :param allowed_unexpected: key prefixes of the file that *module* lacks, e.g. ``("fc.",)``.
+    :param convert: applied to the file's state dict first (timm's ``checkpoint_filter_fn`` of the
+        architecture, for example, to resize position tables).
+    :raises FileNotFoundError: when *path* does not exist.
+    :raises ValueError: when the weights do not fit *module*; *module* is left untouched.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet {timm_name} weights not found: {path}")
+    state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
+    if convert is not None:
+        state = convert(state)
+    check_state_dict_fits(module, state, allowed_unexpected, f"{path} (timm {timm_name})")
+    own = module.state_dict()
+    module.load_state_dict({key: value for key, value in state.items() if key in own}, strict=True)
+
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointMetadata:
@@ -222,6 +267,85 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     if not isinstance(state, dict):
         raise PermanentError(f"weights file {path} does not hold a state dict")
     return state, CheckpointMetadata.from_json_dict(data, str(path))
+
+
+def checkpoint_metadata(spec: ModelSpec, options: Mapping[str, Any], **fields: Any) -> CheckpointMetadata:
+    """What a checkpoint of *spec*'s model says about itself, ready for :func:`save_checkpoint`.
+
+    The architecture, model id, classes, normalisation, input size and thresholds come from *spec* (the
+    spec as the model was trained, e.g. with its own input size); *options* are the plugin options the
+    network was built and trained with, which the host passes back to ``build_model``.
+
+    :param spec: the plugin's spec, amended to describe the trained model.
+    :param options: the build and training options; tuples are stored as JSON lists.
+    :param fields: further :class:`CheckpointMetadata` fields (``version``, ``temperature``,
+        ``training_data``, ``demo``, ...); ``thresholds`` are merged over the spec's.
+    """
+    thresholds = {**spec.thresholds, **dict(fields.pop("thresholds", None) or {})}
+    defaults: dict[str, Any] = {
+        "architecture": spec.arch,
+        "model_id": spec.model_id,
+        "version": "1.0",
+        "class_names": tuple(spec.classes),
+        "norm_mean": tuple(float(v) for v in spec.mean),
+        "norm_std": tuple(float(v) for v in spec.std),
+        "input_size": (int(spec.input_size[0]), int(spec.input_size[1])),
+        "options": json.loads(json.dumps(dict(options), default=list)),
+    }
+    return CheckpointMetadata(**{**defaults, **fields, "thresholds": thresholds})
+
+
+def checkpoint_spec(spec: ModelSpec, metadata: CheckpointMetadata, source: str | Path) -> ModelSpec:
+    """*spec* as it serves the checkpoint *metadata* describes: the checkpoint's classes (in its logit
+    order), input size, normalisation and thresholds, and a version naming both the plugin and the weights.
+
+    :param source: where the checkpoint came from, for the messages.
+    :raises PermanentError: when the checkpoint holds another architecture or other classes.
+    """
+    if metadata.architecture != spec.arch:
+        raise PermanentError(f"{source} holds a {metadata.architecture!r} model, not {spec.arch!r}")
+    if set(metadata.class_names) != set(spec.classes):
+        raise PermanentError(f"{source} has classes {metadata.class_names}, expected {spec.classes}")
+    return replace(
+        spec,
+        classes=metadata.class_names,
+        input_size=metadata.input_size,
+        mean=metadata.norm_mean,
+        std=metadata.norm_std,
+        thresholds={**spec.thresholds, **metadata.thresholds},
+        # Outputs carry this version (SR, device UID, output UIDs): retrained weights must give new
+        # objects, or a PACS keeps the report of the old ones under the same UIDs.
+        version=reported_version(spec.version, metadata.version, metadata.sha256),
+    )
+
+
+def checkpoint_options(
+    default_options: Mapping[str, Any],
+    metadata: CheckpointMetadata,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The plugin options a checkpoint is served with: the plugin's defaults, then the checkpoint's options
+    and temperature, then *overrides* (a site's ``plugins.models.<name>.options``)."""
+    options = {**default_options, **metadata.options}
+    if metadata.temperature is not None:
+        options["temperature"] = metadata.temperature
+    return {**options, **dict(overrides or {})}
+
+
+def load_model(plugin: TorchModelPlugin, path: str | Path) -> tuple[torch.nn.Module, CheckpointMetadata]:
+    """Rebuild *plugin*'s network from a checkpoint the way the host does, and load its weights strictly.
+
+    :param plugin: the model plugin the checkpoint belongs to.
+    :param path: the checkpoint file.
+    :returns: the network (eval mode, on the CPU) and the checkpoint's metadata.
+    :raises PermanentError: when the file is unreadable or belongs to another model.
+    """
+    state, metadata = load_checkpoint(path)
+    spec = checkpoint_spec(plugin.spec, metadata, path)
+    bound = plugin.bind(spec, demo_weights=metadata.demo, weights_sha256=metadata.sha256)
+    model = bound.build_model(checkpoint_options(plugin.default_options, metadata))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), metadata
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """ASG-MammoNet: EfficientNet-B0 + CBAM + Grad-CAM, benign vs malignant mammograms.
 
 Paper: "ASG-MammoNet: an attention-guided and streamlined deep learning framework for robust,
-real-time and explainable mammographic breast cancer classification" (Ahmed & Nandi group); our
-reading of it is ``shared/specs/asg-mammonet.md``.  Backbone: EfficientNet-B0 (Tan & Le 2019,
+real-time and explainable mammographic breast cancer classification" (Ahmed & Nandi group); the model
+as we build it, where it differs from the paper and why, is ``docs/models/asg-mammonet.md``.  Backbone:
+EfficientNet-B0 (Tan & Le 2019,
 arXiv:1905.11946); attention: CBAM (Woo et al. 2018, arXiv:1807.06521); explanation: Grad-CAM
 (Selvaraju et al. 2017, arXiv:1610.02391).
 
@@ -13,7 +14,7 @@ Variants:
   channels.  Output: p(benign), p(malignant); risk = p(malignant); Grad-CAM at the CBAM output.
 
 Intended use: research and triage ordering, not diagnosis.  Licence of this code: Apache-2.0.
-Training-time parts (augmentation, weighted sampler, DIP metric) are in ``asg_mammonet_training``.
+Training-time parts (augmentation, weighted sampler, DIP metric) are in ``training.models.asg_mammonet``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from plugins import hookimpl
@@ -30,11 +32,6 @@ from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ModelPlugin, TorchModelPl
 from plugins.types import ModelSpec
 
 __all__ = ["CBAM", "MODEL_CFGS", "AsgMammoNet", "AsgMammoNetPlugin", "ChannelAttention", "SpatialAttention"]
-
-#: ImageNet statistics, used when a checkpoint carries no training-set mean/std (spec §2).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class ChannelAttention(nn.Module):
     """CBAM channel stage: ``Mc = sigmoid(MLP(avgpool(F)) + MLP(maxpool(F)))``, shape ``[B, C, 1, 1]``."""
@@ -83,7 +80,7 @@ class AsgMammoNet(nn.Module):
     """EfficientNet-B0 features -> CBAM -> global average pooling -> Linear.
 
     :param num_classes: 2 (benign, malignant).
-    :param cbam_reduction: CBAM MLP reduction ratio r (spec default 8: ~0.03M parameters).
+    :param cbam_reduction: CBAM MLP reduction ratio r (8 gives the paper's ~0.03M parameters).
     :param cbam_after: ``blocks`` (the paper: CBAM on the last MBConv block's 320 channels) or
         ``head`` (a common re-implementation: after ``conv_head``, 1280 channels).
     :param backbone: timm model name; always built with ``pretrained=False``.
@@ -140,10 +137,11 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "positive_classes": ("malignant",),
         "accepts": MAMMOGRAPHY_2D,
         "input_size": (224, 224),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        # ImageNet statistics until a checkpoint brings its training set's mean and std.
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
-        "paper": "ASG-MammoNet (Ahmed & Nandi group); shared/specs/asg-mammonet.md",
+        "paper": "ASG-MammoNet (Ahmed & Nandi group); docs/models/asg-mammonet.md",
         "license": "Apache-2.0",
     }
     return ModelSpec(**{**defaults, **kwargs})
@@ -157,7 +155,7 @@ MODEL_CFGS: dict[str, ModelSpec] = {
 class AsgMammoNetPlugin(TorchModelPlugin):
     """The host's view of ASG-MammoNet: the default preprocessing, Grad-CAM at ``cbam`` via CAM."""
 
-    # Full-field images as trained (spec §2): no breast crop, no laterality flip.
+    # Full-field images as trained in the paper: no breast crop, no laterality flip.
     default_options: ClassVar[Mapping[str, Any]] = {
         **BASE_OPTIONS,
         "cbam_reduction": 8,

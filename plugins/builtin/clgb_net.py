@@ -1,17 +1,18 @@
-"""CLGB-Net: ResNet-50 + Swin-T + FPN + CAM for three-class mammogram classification (spec: clgb-net.md).
+"""CLGB-Net: ResNet-50 + Swin-T + FPN + CAM for three-class mammogram classification.
 
-Paper: "CLGB-Net: ResNet-50 + Swin Transformer + FPN + CAM for mammography" (our copy:
-``shared/papers/clgb-net_000_*.txt``).  The paper gives the blocks but few of their details; every choice
-the paper leaves open is a constructor option here (``CLGBNet.config_dict()`` lists them for the checkpoint
-metadata), with the spec's [D] value as the default.
+Paper: "CLGB-Net: ResNet-50 + Swin Transformer + FPN + CAM for mammography".  The paper names its blocks
+but gives few of their details; every choice it leaves open is a constructor option here
+(``CLGBNet.config_dict()`` lists them for the checkpoint metadata).  ``[D]`` marks such a default of ours,
+``[P]`` what the paper states.  ``docs/models/clgb-net.md`` describes the build, where it differs from the
+paper and why, and its test oracles.
 
-Variants:
-    * ``clgb_net`` - the default build of spec section 3.2 at 224x224 (57.7 M parameters).
-    * ``clgb_net_448`` - the same at 448x448 (Swin built with ``img_size=448``).
+Variants: the one registered model, ``clgb_net.v1``, is the default build at 224x224 (57.7 M parameters); a
+checkpoint may bring another input size (``img_size``, e.g. 448, with Swin built for it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from collections import OrderedDict
@@ -22,14 +23,14 @@ from typing import Any, Literal
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from plugins import hookimpl
+from plugins import hookimpl, weights
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.types import ModelSpec
-from plugins.weights import CheckpointMetadata, load_checkpoint, save_checkpoint
+from plugins.weights import CheckpointMetadata
 
 __all__ = [
     "CLASSES",
@@ -43,18 +44,14 @@ __all__ = [
     "cam_heatmap",
     "checkpoint_metadata",
     "grad_scale",
-    "load_clgb_checkpoint",
     "load_imagenet_backbones",
     "minmax_per_image",
-    "save_clgb_checkpoint",
 ]
 
 #: Class index order [D]: the ROC text of the paper says 0 = normal, 1 = benign, 2 = malignant.
 CLASSES: tuple[str, ...] = ("normal", "benign", "malignant")
 #: ``ModelSpec.arch`` and the checkpoint's ``architecture``.
 ARCH = "clgb_net"
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 CamMode = Literal["spatial", "channel"]
 SwinInput = Literal["sum", "resnet_only", "image_only"]
@@ -68,7 +65,7 @@ _TRAIN_SCHEDULES = ("joint", "staged")
 class GradScale(torch.autograd.Function):
     """Identity going forward; multiplies the incoming gradient by ``g`` going back.
 
-    The paper puts "weak gradient weights" on the shallow FPN levels to damp local noise (spec 3.2 step 11).
+    The paper puts "weak gradient weights" on the shallow FPN levels to damp local noise.
     """
 
     @staticmethod
@@ -137,7 +134,7 @@ def cam_heatmap(
     size: tuple[int, int],
     eps: float = 1e-6,
 ) -> Tensor:
-    """The CAM heat map H_k of spec 3.3: bilinear upsampling of M_k, then min-max to [0, 1].
+    """The CAM heat map H_k of the paper: bilinear upsampling of M_k, then min-max to [0, 1].
 
     :param cam: class activation maps M, shape (B, K, h, w).
     :param class_index: the class k per image, an int or a (B,) tensor (usually the predicted class).
@@ -168,11 +165,11 @@ def attention_heatmap(attention: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class CLGBNet(nn.Module):
-    """CLGB-Net, the default build of spec section 3.2.
+    """CLGB-Net as built by default (``docs/models/clgb-net.md``, "What the network is").
 
     ``forward(x)`` returns ``(logits, extras)``: logits (B, 3) and a dict with the auxiliary CAM logits
     ``cam_logits`` (B, 3), the class activation maps ``cam`` (B, 3, h, w) and the fusion attention
-    ``attention`` (B, 1, h, w).  ``return_intermediates=True`` adds every intermediate of spec 3.2.
+    ``attention`` (B, 1, h, w).  ``return_intermediates=True`` adds every intermediate.
     """
 
     def __init__(
@@ -368,26 +365,7 @@ class CLGBNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Weights: ImageNet backbones and our own checkpoints, from local files only.
-
-
-def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return timm.models.load_state_dict(str(path), use_ema=False)
-
-
-def _load_backbone(
-    module: nn.Module, state_dict: dict[str, Tensor], head_prefixes: tuple[str, ...], what: str
-) -> None:
-    result = module.load_state_dict(state_dict, strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(head_prefixes)]
-    if result.missing_keys or unexpected:
-        raise ValueError(
-            f"{what} checkpoint does not match: missing {result.missing_keys[:8]}, "
-            f"unexpected non-head keys {unexpected[:8]}"
-        )
+# Weights: ImageNet backbones from local files, and what a checkpoint records.
 
 
 def load_imagenet_backbones(
@@ -398,27 +376,33 @@ def load_imagenet_backbones(
 ) -> None:
     """Initialise the ResNet-50 and/or Swin-T from local ImageNet checkpoints (timm ``.pth`` or safetensors).
 
-    Loading is ``strict=False``; the only keys allowed to be left over are the classifier heads
-    (``fc.*`` for the ResNet, ``head.*`` for Swin), and no backbone key may be missing.
+    No backbone key may be missing; only the classifier heads (``fc.*`` for the ResNet, ``head.*`` for Swin)
+    may be left over (:func:`plugins.weights.load_backbone_weights`).
 
     :param model: the CLGB-Net to initialise in place.
     :param cnn_path: a full ``resnet50`` ImageNet checkpoint.
     :param swin_path: a full ``swin_tiny_patch4_window7_224`` ImageNet checkpoint.
     :raises ValueError: when a checkpoint's keys do not match the backbone.
     """
+    config = model.config_dict()
     if cnn_path is not None:
-        _load_backbone(model.cnn, _read_state_dict(cnn_path), ("fc.",), "CNN")
+        weights.load_backbone_weights(model.cnn, cnn_path, config["cnn_name"], ("fc.",))
     if swin_path is not None:
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         # The filter converts the original Microsoft key layout and resizes position tables for other sizes.
-        state_dict = checkpoint_filter_fn(_read_state_dict(swin_path), model.swin)
-        _load_backbone(model.swin, state_dict, ("head.",), "Swin")
+        weights.load_backbone_weights(
+            model.swin,
+            swin_path,
+            config["swin_name"],
+            ("head.",),
+            convert=lambda state: checkpoint_filter_fn(state, model.swin),
+        )
 
 
 def _model_option_defaults() -> dict[str, Any]:
     # The constructor's keyword-only defaults, so the plugin's options and the model cannot drift apart;
-    # num_classes and img_size come from the spec (classes, input_size) instead.
+    # num_classes and img_size come from the ModelSpec (classes, input_size) instead.
     params = inspect.signature(CLGBNet.__init__).parameters.values()
     defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
@@ -428,109 +412,22 @@ def _model_option_defaults() -> dict[str, Any]:
 MODEL_OPTIONS: dict[str, Any] = _model_option_defaults()
 
 
-def checkpoint_metadata(
-    model: CLGBNet, *, model_id: str = "clgb_net.v1", version: str = "1.0", **extra: Any
-) -> CheckpointMetadata:
-    """The metadata the host needs to rebuild *model* from a checkpoint (spec 4: class order, input size,
-    normalisation and the section 3.4 flags, which go into ``options``).
+def checkpoint_metadata(model: CLGBNet, **fields: Any) -> CheckpointMetadata:
+    """The metadata the host needs to rebuild *model* from a checkpoint: class order, input size,
+    normalisation and the model's options (:func:`plugins.weights.checkpoint_metadata`).
 
     :param model: the trained model.
-    :param model_id: the plugin's model id.
-    :param version: the weights' version.
-    :param extra: further :class:`~plugins.weights.CheckpointMetadata` fields (thresholds, training_data...).
+    :param fields: further :class:`~plugins.weights.CheckpointMetadata` fields (version, thresholds,
+        training_data...).
     """
     config = model.config_dict()
-    return CheckpointMetadata(
-        architecture=ARCH,
-        model_id=model_id,
-        version=version,
-        class_names=CLASSES[: model.num_classes],
-        norm_mean=IMAGENET_MEAN,
-        norm_std=IMAGENET_STD,
+    spec = dataclasses.replace(
+        MODEL_CFGS["clgb_net.v1"],
+        classes=CLASSES[: model.num_classes],
         input_size=(model.img_size, model.img_size),
-        options={k: v for k, v in config.items() if k in MODEL_OPTIONS},
-        **extra,
     )
-
-
-def save_clgb_checkpoint(path: str | Path, model: CLGBNet, **metadata: Any) -> CheckpointMetadata:
-    """Save *model* in the host's checkpoint format (safetensors + JSON metadata and sidecar).
-
-    :param path: destination ``.safetensors`` file.
-    :param model: the model to save.
-    :param metadata: keyword arguments of :func:`checkpoint_metadata`.
-    :returns: the metadata written, with the file's sha256.
-    """
-    return save_checkpoint(model, path, checkpoint_metadata(model, **metadata))
-
-
-def load_clgb_checkpoint(path: str | Path) -> tuple[CLGBNet, CheckpointMetadata]:
-    """Rebuild a CLGB-Net from a checkpoint in the host's format.
-
-    :param path: the ``.safetensors`` file.
-    :returns: the model (eval mode) and its metadata.
-    :raises ValueError: when the checkpoint holds another architecture.
-    """
-    state, metadata = load_checkpoint(path)
-    if metadata.architecture != ARCH:
-        raise ValueError(f"{path} holds a {metadata.architecture!r} model, not {ARCH!r}")
-    height, width = metadata.input_size
-    if height != width:
-        raise ValueError(f"{path} has a non-square input size {metadata.input_size}")
-    options = {k: v for k, v in metadata.options.items() if k in MODEL_OPTIONS}
-    model = CLGBNet(num_classes=len(metadata.class_names), img_size=height, **options)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), metadata
-
-
-# ---------------------------------------------------------------------------------------------------------
-# timm registration.
-
-
-def _create_clgb_net(variant: str, pretrained: bool = False, **kwargs: Any) -> CLGBNet:
-    if pretrained:
-        raise ValueError(f"{variant} has no published weights; load a local checkpoint instead")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    model = CLGBNet(**kwargs)
-    model.pretrained_cfg = _timm_cfg(input_size=(3, model.img_size, model.img_size))
-    return model
-
-
-def _timm_cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": len(CLASSES),
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "label_names": CLASSES,
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "clgb_net.untrained": _timm_cfg(),
-        "clgb_net_448.untrained": _timm_cfg(input_size=(3, 448, 448), pool_size=(14, 14)),
-    }
-)
-
-
-@register_model
-def clgb_net(pretrained: bool = False, **kwargs: Any) -> CLGBNet:
-    """CLGB-Net, ResNet-50 + Swin-T, 224x224."""
-    return _create_clgb_net("clgb_net", pretrained=pretrained, **kwargs)
-
-
-@register_model
-def clgb_net_448(pretrained: bool = False, **kwargs: Any) -> CLGBNet:
-    """CLGB-Net, ResNet-50 + Swin-T, 448x448."""
-    return _create_clgb_net("clgb_net_448", pretrained=pretrained, **dict(kwargs, img_size=448))
+    options = {k: v for k, v in config.items() if k in MODEL_OPTIONS}
+    return weights.checkpoint_metadata(spec, options, **fields)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -546,11 +443,11 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "positive_classes": ("malignant",),
         "accepts": MAMMOGRAPHY_2D,
         "input_size": (224, 224),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
         "paper": (
-            "CLGB-Net: ResNet-50 + Swin Transformer + FPN + CAM for mammography; shared/specs/clgb-net.md"
+            "CLGB-Net: ResNet-50 + Swin Transformer + FPN + CAM for mammography; docs/models/clgb-net.md"
         ),
         "license": "Apache-2.0",
     }
@@ -566,7 +463,7 @@ class CLGBNetPlugin(TorchModelPlugin):
     """The host's view of CLGB-Net: plain resize to 224, the model's own CAM as heat map, the fusion attention
     as a second map."""
 
-    # Full-field image stretched to 224x224 (spec 2: the eval transform keeps no aspect ratio); no crop, no
+    # Full-field image stretched to 224x224 (the paper's eval transform keeps no aspect ratio); no crop, no
     # laterality flip, no CLAHE.
     default_options = {**BASE_OPTIONS, "keep_aspect": False, **MODEL_OPTIONS}
 

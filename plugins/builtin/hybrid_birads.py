@@ -2,7 +2,8 @@
 
 Paper: Singh M, Mohan A, Tripathi U, Pathak S, Gupta R, Kumar B, "A multi-scale hybrid ResNet-transformer with
 distance-aware learning for interpretable BI-RADS mammographic classification", Sci Rep 16 (2026),
-doi:10.1038/s41598-026-40906-8; our reading of it is ``shared/specs/hybrid-birads.md``.  Backbone: ResNet-50
+doi:10.1038/s41598-026-40906-8; ``docs/models/hybrid-birads.md`` describes the model as we build it, where it
+differs from the paper and why, and its test oracles.  Backbone: ResNet-50
 (He et al. 2016, arXiv:1512.03385); explanation: Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391).
 
 Variants:
@@ -13,9 +14,10 @@ Variants:
   risk = p(BI-RADS 4) + p(BI-RADS 5), Grad-CAM at ``backbone.layer4`` and the CLAHE image.
 * ``hybrid_birads_ms.v1`` (not registered): the optional multi-scale tokens, layer3 + layer4.
 
-Every choice the spec marks [default] is a constructor option; :meth:`HybridBiradsNet.config_dict` returns
+Every choice the paper leaves open (marked [default]) is a constructor option;
+:meth:`HybridBiradsNet.config_dict` returns
 them for the checkpoint metadata and :func:`checkpoint_metadata` builds that metadata.  Training-time parts
-(DAL loss, oversampling, augmentation, stages) are in ``hybrid_birads_training``.
+(DAL loss, oversampling, augmentation, stages) are in ``training.models.hybrid_birads``.
 
 Intended use: research and triage ordering, not diagnosis.  Licence of this code: Apache-2.0.
 """
@@ -31,21 +33,19 @@ from typing import Any, Literal
 import numpy as np
 import timm
 import torch
-from timm.models import load_state_dict
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from plugins import hookimpl
+from plugins import hookimpl, weights
 from plugins import preprocess as pre
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.explain import grad_cam, normalise_minmax
 from plugins.types import ImageRef, Letterbox, ModelSpec, Prediction
-from plugins.weights import CheckpointMetadata, check_state_dict_fits
+from plugins.weights import CheckpointMetadata
 
 __all__ = [
     "CAFFE_MEAN_BGR",
     "CLASS_NAMES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MODEL_CFGS",
     "HybridBiradsNet",
     "HybridBiradsPlugin",
@@ -62,8 +62,6 @@ __all__ = [
 CLASS_NAMES: tuple[str, ...] = ("BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5")
 #: Keras "caffe" preprocessing subtracts these from B, G, R (in that order) on the 0-255 scale.
 CAFFE_MEAN_BGR: tuple[float, float, float] = (103.939, 116.779, 123.68)
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 NormMode = Literal["caffe", "imagenet"]
 DalMode = Literal["multiplicative", "additive"]
@@ -75,7 +73,7 @@ _SCALE_STRIDE: dict[str, int] = {"layer3": 16, "layer4": 32}
 
 
 class HybridBiradsNet(nn.Module):
-    """ResNet-50 C5 tokens + positional embedding + post-norm MHSA encoder + GAP + MLP head (spec §3).
+    """ResNet-50 C5 tokens + positional embedding + post-norm MHSA encoder + GAP + MLP head.
 
     Structure options change the weights.  The others (``norm_mode``, ``clahe_*``, ``dal_*``, ``unfreeze``,
     ``cam_layer``) do not, but live here so that :meth:`config_dict` is the one record of how a checkpoint
@@ -189,8 +187,8 @@ class HybridBiradsNet(nn.Module):
         )
         # Channels from the backbone itself: ResNet-50's 1024/2048 (the paper), or a smaller ResNet's.
         channels = dict(zip(scales, self.backbone.feature_info.channels(), strict=True))
-        # C5's projection and embedding keep the spec's names (proj, pos_embed), so a single-scale checkpoint
-        # has exactly the spec's keys.
+        # C5's projection and embedding keep their single-scale names (proj, pos_embed), so a single-scale
+        # checkpoint has the same keys with or without the multi-scale code.
         self.proj = nn.Conv2d(channels["layer4"], embed_dim, kernel_size=1, bias=True)
         grid = input_size // _SCALE_STRIDE["layer4"]
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim))
@@ -234,7 +232,7 @@ class HybridBiradsNet(nn.Module):
         return dict(self._config)
 
     def train(self, mode: bool = True) -> HybridBiradsNet:
-        """Switch modes, keeping batch norms whose parameters are all frozen in eval mode (spec §4)."""
+        """Switch modes, keeping batch norms whose parameters are all frozen in eval mode (stage 1)."""
         super().train(mode)
         if mode:
             for module in self.backbone.modules():
@@ -264,7 +262,7 @@ class HybridBiradsNet(nn.Module):
         return torch.cat(tokens, dim=1), projected
 
     def forward_intermediates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every named stage of spec §3: ``layer4`` (and ``layer3``), ``proj``, ``tokens`` (with positions),
+        """Every named stage: ``layer4`` (and ``layer3``), ``proj``, ``tokens`` (with positions),
         ``encoded``, ``pooled``, ``embedding`` (penultimate, after the Dense-128 ReLU) and ``logits``.
 
         :param x: normalised images ``[B, 3, input_size, input_size]``.
@@ -322,7 +320,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
 
 
 def hybrid_birads_resnet50(**kwargs: Any) -> HybridBiradsNet:
-    """The paper's model: ResNet-50 C5, 1 encoder layer, 2 heads, trained with DAL (spec defaults)."""
+    """The paper's model: ResNet-50 C5, 1 encoder layer, 2 heads, trained with DAL."""
     return _create_hybrid_birads("hybrid_birads.v1", **kwargs)
 
 
@@ -335,7 +333,7 @@ def load_imagenet_backbone(model: HybridBiradsNet, path: str | Path) -> None:
     """Load a stock timm ImageNet state dict (safetensors or timm ``.pth``) of the model's backbone
     (``resnet50`` by default) into it.
 
-    The features-only backbone has every key of the classifier model except ``fc.*`` (spec §5), so a missing
+    The features-only backbone has every key of the classifier model except ``fc.*``, so a missing
     key, an unexpected key other than ``fc.*`` or a shape mismatch means the file is not that ResNet.
 
     :param model: the model whose ``backbone`` is loaded in place.
@@ -343,59 +341,49 @@ def load_imagenet_backbone(model: HybridBiradsNet, path: str | Path) -> None:
     :raises FileNotFoundError: when *path* does not exist.
     :raises ValueError: when the file does not fit the backbone.
     """
-    path = Path(path)
     backbone = model.config_dict()["backbone"]
-    if not path.is_file():
-        raise FileNotFoundError(f"ImageNet {backbone} weights not found: {path}")
-    state = load_state_dict(str(path), weights_only=True)
-    check_state_dict_fits(model.backbone, state, ("fc.",), f"{path} (timm {backbone})")
-    model.backbone.load_state_dict(state, strict=False)
+    weights.load_backbone_weights(model.backbone, path, backbone, ("fc.",))
 
 
 def _norm_stats(norm_mode: NormMode) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if norm_mode == "imagenet":
-        return IMAGENET_MEAN, IMAGENET_STD
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     # Caffe mode on a grey image copied to 3 channels is (x/255 - m/255) / (1/255) per channel, with the
     # means in RGB order; recorded so the metadata's required mean/std are truthful.
     return tuple(m / 255.0 for m in reversed(CAFFE_MEAN_BGR)), (1 / 255.0,) * 3
 
 
-def checkpoint_metadata(
-    model: HybridBiradsNet, *, model_id: str = "hybrid_birads.v1", version: str = "1.0", **extra: Any
-) -> CheckpointMetadata:
-    """The metadata the host needs to rebuild *model* from a checkpoint (``plugins.weights.save_checkpoint``).
+def checkpoint_metadata(model: HybridBiradsNet, **fields: Any) -> CheckpointMetadata:
+    """The metadata the host needs to rebuild *model* from a checkpoint
+    (:func:`plugins.weights.checkpoint_metadata`).
 
     :param model: the trained model; its :meth:`~HybridBiradsNet.config_dict` becomes the options.
-    :param model_id: the plugin's model id.
-    :param version: the weights' version.
-    :param extra: further :class:`~plugins.weights.CheckpointMetadata` fields (thresholds, training_data...).
+    :param fields: further :class:`~plugins.weights.CheckpointMetadata` fields (version, thresholds,
+        training_data...).
     """
     cfg = model.config_dict()
     mean, std = _norm_stats(cfg["norm_mode"])
-    options = {k: v for k, v in cfg.items() if k not in ("num_classes", "input_size")}
-    return CheckpointMetadata(
-        architecture=MODEL_CFGS["hybrid_birads.v1"].arch,
-        model_id=model_id,
-        version=version,
-        class_names=CLASS_NAMES[: cfg["num_classes"]],
-        norm_mean=mean,
-        norm_std=std,
+    spec = dataclasses.replace(
+        MODEL_CFGS["hybrid_birads.v1"],
+        classes=CLASS_NAMES[: cfg["num_classes"]],
         input_size=(cfg["input_size"], cfg["input_size"]),
-        options=options,
-        **extra,
+        mean=mean,
+        std=std,
     )
+    options = {k: v for k, v in cfg.items() if k not in ("num_classes", "input_size")}
+    return weights.checkpoint_metadata(spec, options, **fields)
 
 
 # -------------------------------------------------------------------------
-# Preprocessing (spec §2): resize -> CLAHE -> 3 channels -> normalise
+# Preprocessing, in the paper's order: resize -> CLAHE -> 3 channels -> normalise
 # -------------------------------------------------------------------------
 
 
 def normalise(
     image: np.ndarray,
     norm_mode: NormMode = "imagenet",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> torch.Tensor:
     """A grey ``[H, W]`` or RGB ``[H, W, 3]`` image on the 0-255 scale to a normalised ``[3, H, W]`` tensor.
 
@@ -424,8 +412,8 @@ def normalise(
 def denormalise_grey(
     batch: torch.Tensor,
     norm_mode: NormMode = "imagenet",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> torch.Tensor:
     """Invert :func:`normalise` for grey inputs: ``[B, 3, H, W]`` model input -> ``[B, H, W]`` in [0, 1].
 
@@ -451,8 +439,8 @@ def preprocess(
     keep_aspect: bool = False,
     crop: tuple[int, int, int, int] | None = None,
     flip: bool = False,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> tuple[torch.Tensor, np.ndarray, Letterbox]:
     """Eval-time pipeline: grey, stretch to ``size`` (as in the paper), CLAHE, 3 channels, normalise.
 
@@ -480,7 +468,7 @@ def preprocess(
 
 
 # -------------------------------------------------------------------------
-# Outputs (spec §6)
+# Outputs
 # -------------------------------------------------------------------------
 
 
@@ -489,7 +477,7 @@ def summarise_probabilities(probabilities: Sequence[float]) -> dict[str, float |
 
     :param probabilities: p(BI-RADS 1) ... p(BI-RADS 5).
     :returns: ``birads`` (argmax category, 1-5), ``risk`` = p(BI-RADS 4) + p(BI-RADS 5) (the decision-curve
-        risk of spec §6) and ``expected_birads`` = Σ p_k (k+1).
+        risk of the paper's decision-curve analysis) and ``expected_birads`` = Σ p_k (k+1).
     """
     p = np.asarray(probabilities, dtype=np.float64)
     if p.shape != (len(CLASS_NAMES),):
@@ -510,7 +498,7 @@ def _model_option_defaults() -> dict[str, Any]:
     # The constructor's keyword defaults, so the plugin's options and the model cannot drift apart.
     params = inspect.signature(HybridBiradsNet.__init__).parameters.values()
     defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    for fixed in ("num_classes", "input_size"):  # these come from the spec (classes, input_size)
+    for fixed in ("num_classes", "input_size"):  # these come from the ModelSpec (classes, input_size)
         defaults.pop(fixed)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
 
@@ -527,11 +515,13 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "positive_classes": ("BI-RADS 4", "BI-RADS 5"),
         "accepts": MAMMOGRAPHY_2D,
         "input_size": (224, 224),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        # The reported prediction is the argmax (spec §6); the risk is p(BI-RADS 4) + p(BI-RADS 5).
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        # The reported prediction is the argmax, as in the paper; the risk is p(BI-RADS 4) + p(BI-RADS 5).
         "thresholds": {},
-        "paper": "Singh et al., Sci Rep 16 (2026), doi:10.1038/s41598-026-40906-8; specs/hybrid-birads.md",
+        "paper": (
+            "Singh et al., Sci Rep 16 (2026), doi:10.1038/s41598-026-40906-8; docs/models/hybrid-birads.md"
+        ),
         "license": "Apache-2.0",
         "gives_birads": True,
     }
@@ -547,7 +537,8 @@ class HybridBiradsPlugin(TorchModelPlugin):
     """The host's view of the hybrid model: stretched resize + CLAHE, Grad-CAM at ``backbone.layer4``,
     the BI-RADS category and the CLAHE image as outputs."""
 
-    # Full-field image, stretched to 224 with CLAHE after the resize (spec §2); no crop, no laterality flip.
+    # Full-field image, stretched to 224 with CLAHE after the resize (the paper's order); no crop, no
+    # laterality flip.
     default_options = {**BASE_OPTIONS, "clahe": True, "keep_aspect": False, **_MODEL_OPTIONS}
     cam_layer = "backbone.layer4"
 

@@ -1,4 +1,4 @@
-"""LEM: Local Extremum Mapping for weakly supervised mammogram classification and localisation (spec: lem.md).
+"""LEM: Local Extremum Mapping for weakly supervised mammogram classification and localisation.
 
 Paper: Zhu, Zhang, Wang, Wang, Wang, Qian, "Local Extremum Mapping for Weak Supervision Learning on Mammogram
 Classification and Localization", Bioengineering 2025, 12(4), 325, doi:10.3390/bioengineering12040325.
@@ -6,12 +6,13 @@ Classification and Localization", Bioengineering 2025, 12(4), 325, doi:10.3390/b
 LEM replaces a CNN's GAP + FC head by a 1x1 conv score map whose local maxima (suspected malignant regions)
 and local minima (suspected benign regions) alone are pooled into the image probability.  Localisation
 (Algorithm 2) back-propagates the chosen extrema to the pixels with excitation backprop.  Our copy of the
-paper lost every equation and most constants; every [D] choice of the spec is a constructor option, listed
-by ``LEM.config_dict()`` for the checkpoint metadata.
+paper lost every equation and most constants; ``[D]`` marks a default of ours where it is silent and ``[P]``
+what it states.  Every [D] choice is a constructor option, listed by ``LEM.config_dict()`` for the checkpoint
+metadata.  ``docs/models/lem.md`` describes the build, where it differs from the paper and why, and its test
+oracles.
 
-Variants (backbone, 1024x832 input):
-    * ``lem_resnet18`` (default), ``lem_resnet50``, ``lem_resnet101``, ``lem_densenet121``,
-      ``lem_densenet169``.
+Variants: one registered model, ``lem.v1``; the ``backbone`` option picks the paper's ``resnet18`` (default),
+``resnet50``, ``resnet101``, ``densenet121`` or ``densenet169``, at 1024x832 input.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from plugins import hookimpl
+from plugins import hookimpl, weights
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.types import (
     ImageRef,
@@ -43,7 +44,7 @@ from plugins.types import (
     ModelSpec,
     Prediction,
 )
-from plugins.weights import CheckpointMetadata, load_checkpoint, save_checkpoint
+from plugins.weights import CheckpointMetadata
 
 __all__ = [
     "BACKBONES",
@@ -64,9 +65,7 @@ __all__ = [
     "extremum_seed",
     "lesion_boxes",
     "load_imagenet_backbone",
-    "load_lem_checkpoint",
     "local_extrema",
-    "save_lem_checkpoint",
     "select_extrema",
     "two_class_logits",
 ]
@@ -76,8 +75,6 @@ CLASSES: tuple[str, ...] = ("benign", "malignant")
 LABEL_DEFINITION = "1 = malignant (INbreast BI-RADS >= 4, CBIS-DDSM any malignant ROI), 0 = otherwise"
 #: ``ModelSpec.arch`` and the checkpoint's ``architecture``; the backbone is an option.
 ARCH = "lem"
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Backbones of the paper and the prefix of their ImageNet classifier keys.
 BACKBONES: dict[str, str] = {
@@ -265,11 +262,11 @@ _ROUTING_FUNCS = {
 class ExcitationBackpropMode(TorchFunctionMode):
     """While active, convolutions, linear layers, pools, BatchNorm, ReLU and residual adds record EB rules.
 
-    Run the *forward* pass inside the mode and the backward pass after it.  Rules (spec 6.3.d): conv/linear
-    distribute P by ``a_i * max(w, 0)`` (bias ignored); BatchNorm and ReLU pass P unchanged; max-pool routes P
-    to the arg-max; average pools split it in proportion to the inputs; a residual add splits it in
-    proportion to the positive parts of its two operands; concatenation splits it by channel.  Any other
-    differentiable op raises, so an unsupported backbone fails loudly instead of giving a wrong map.
+    Run the *forward* pass inside the mode and the backward pass after it.  Rules (Algorithm 2, step d):
+    conv/linear distribute P by ``a_i * max(w, 0)`` (bias ignored); BatchNorm and ReLU pass P unchanged;
+    max-pool routes P to the arg-max; average pools split it in proportion to the inputs; a residual add
+    splits it in proportion to the positive parts of its two operands; concatenation splits it by channel.
+    Any other differentiable op raises, so an unsupported backbone fails loudly instead of giving a wrong map.
     """
 
     def __init__(self, image: Tensor | None = None, image_floor: Tensor | None = None) -> None:
@@ -543,8 +540,8 @@ class LEM(nn.Module):
         decision_threshold: float = 0.5,
         location_threshold: float = 0.5,
         top_k: int | None = None,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
     ) -> None:
         """:param backbone: timm name of the CNN (one of :data:`BACKBONES`).
         :param img_size: (H, W) of the input [D 1024x832]; both multiples of 32.
@@ -674,36 +671,27 @@ class LEM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Weights: ImageNet backbones and our own checkpoints, from local files only.
+# Weights: ImageNet backbones from local files, and what a checkpoint records.
 
 
 def load_imagenet_backbone(model: LEM, path: str | Path) -> None:
-    """Initialise the trunk from a local ImageNet checkpoint (timm ``.pth`` or safetensors), strict=False.
+    """Initialise the trunk from a local ImageNet checkpoint of its backbone (timm ``.pth`` or safetensors).
 
-    Only the classifier keys (``fc.*`` or ``classifier.*``) may be left over and nothing may be missing; the
-    score conv keeps its default init [D].
+    Only the classifier keys (``fc.*`` or ``classifier.*``) may be left over and nothing may be missing
+    (:func:`plugins.weights.load_backbone_weights`); the score conv keeps its default init [D].
 
     :param model: the LEM model to initialise in place.
     :param path: a full ImageNet checkpoint of the same backbone.
+    :raises FileNotFoundError: when *path* does not exist.
     :raises ValueError: when the checkpoint's keys do not match.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state_dict = timm.models.load_state_dict(str(path), use_ema=False)
-    result = model.backbone.load_state_dict(state_dict, strict=False)
-    head = BACKBONES[model.config_dict()["backbone"]]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(head)]
-    if result.missing_keys or unexpected:
-        raise ValueError(
-            f"backbone checkpoint does not match: missing {result.missing_keys[:8]}, "
-            f"unexpected non-head keys {unexpected[:8]}"
-        )
+    backbone = model.config_dict()["backbone"]
+    weights.load_backbone_weights(model.backbone, path, backbone, (BACKBONES[backbone],))
 
 
 def _model_option_defaults() -> dict[str, Any]:
     # The constructor's defaults, so the plugin's options and the model cannot drift apart; the input size
-    # and normalisation come from the spec (input_size, mean, std) instead.
+    # and normalisation come from the ModelSpec (input_size, mean, std) instead.
     params = inspect.signature(LEM.__init__).parameters.values()
     defaults = {p.name: p.default for p in params if p.name not in ("self", "img_size", "mean", "std")}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
@@ -713,126 +701,25 @@ def _model_option_defaults() -> dict[str, Any]:
 MODEL_OPTIONS: dict[str, Any] = _model_option_defaults()
 
 
-def checkpoint_metadata(
-    model: LEM, *, model_id: str = "lem.v1", version: str = "1.0", **extra: Any
-) -> CheckpointMetadata:
-    """The metadata the host needs to rebuild *model* (spec 4: backbone, input size, normalisation,
-    ``strict``, ``agg``; the label definition goes into ``training_data`` unless given).
+def checkpoint_metadata(model: LEM, **fields: Any) -> CheckpointMetadata:
+    """The metadata the host needs to rebuild *model*: backbone, input size, normalisation and the other
+    options (:func:`plugins.weights.checkpoint_metadata`); the label definition goes into ``training_data``
+    unless given.
 
     :param model: the trained model.
-    :param model_id: the plugin's model id.
-    :param version: the weights' version.
-    :param extra: further :class:`~plugins.weights.CheckpointMetadata` fields (thresholds, training_data...).
+    :param fields: further :class:`~plugins.weights.CheckpointMetadata` fields (version, thresholds,
+        training_data...).
     """
     config = model.config_dict()
-    extra.setdefault("training_data", f"labels: {LABEL_DEFINITION}")
-    return CheckpointMetadata(
-        architecture=ARCH,
-        model_id=model_id,
-        version=version,
-        class_names=CLASSES,
-        norm_mean=tuple(config["mean"]),
-        norm_std=tuple(config["std"]),
+    fields.setdefault("training_data", f"labels: {LABEL_DEFINITION}")
+    spec = dataclasses.replace(
+        MODEL_CFGS["lem.v1"],
         input_size=tuple(config["img_size"]),
-        options={k: v for k, v in config.items() if k in MODEL_OPTIONS},
-        **extra,
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
     )
-
-
-def save_lem_checkpoint(path: str | Path, model: LEM, **metadata: Any) -> CheckpointMetadata:
-    """Save *model* in the host's checkpoint format (safetensors + JSON metadata and sidecar).
-
-    :param path: destination ``.safetensors`` file.
-    :param model: the model to save.
-    :param metadata: keyword arguments of :func:`checkpoint_metadata`.
-    :returns: the metadata written, with the file's sha256.
-    """
-    return save_checkpoint(model, path, checkpoint_metadata(model, **metadata))
-
-
-def load_lem_checkpoint(path: str | Path) -> tuple[LEM, CheckpointMetadata]:
-    """Rebuild a LEM model from a checkpoint in the host's format.
-
-    :param path: the ``.safetensors`` file.
-    :returns: the model (eval mode) and its metadata.
-    :raises ValueError: when the checkpoint holds another architecture.
-    """
-    state, metadata = load_checkpoint(path)
-    if metadata.architecture != ARCH:
-        raise ValueError(f"{path} holds a {metadata.architecture!r} model, not {ARCH!r}")
-    options = {k: v for k, v in metadata.options.items() if k in MODEL_OPTIONS}
-    model = LEM(
-        img_size=metadata.input_size,
-        mean=tuple(metadata.norm_mean),  # type: ignore[arg-type]
-        std=tuple(metadata.norm_std),  # type: ignore[arg-type]
-        **options,
-    )
-    model.load_state_dict(state, strict=True)
-    return model.eval(), metadata
-
-
-# ---------------------------------------------------------------------------------------------------------
-# timm registration.
-
-
-def _create_lem(variant: str, pretrained: bool = False, **kwargs: Any) -> LEM:
-    if pretrained:
-        raise ValueError(f"{variant} has no published weights; load a local checkpoint instead")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "num_classes"):
-        kwargs.pop(timm_only, None)
-    model = LEM(variant.removeprefix("lem_"), **kwargs)
-    model.pretrained_cfg = _timm_cfg(input_size=(3, *model.img_size))
-    return model
-
-
-def _timm_cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1,
-        "input_size": (3, 1024, 832),
-        "pool_size": (32, 26),
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "label_names": CLASSES,
-        "license": "apache-2.0",
-        "paper_ids": "doi:10.3390/bioengineering12040325",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({f"lem_{name}.untrained": _timm_cfg() for name in BACKBONES})
-
-
-@register_model
-def lem_resnet18(pretrained: bool = False, **kwargs: Any) -> LEM:
-    """LEM on ResNet-18 (the spec's default), 1024x832."""
-    return _create_lem("lem_resnet18", pretrained=pretrained, **kwargs)
-
-
-@register_model
-def lem_resnet50(pretrained: bool = False, **kwargs: Any) -> LEM:
-    """LEM on ResNet-50, 1024x832."""
-    return _create_lem("lem_resnet50", pretrained=pretrained, **kwargs)
-
-
-@register_model
-def lem_resnet101(pretrained: bool = False, **kwargs: Any) -> LEM:
-    """LEM on ResNet-101, 1024x832."""
-    return _create_lem("lem_resnet101", pretrained=pretrained, **kwargs)
-
-
-@register_model
-def lem_densenet121(pretrained: bool = False, **kwargs: Any) -> LEM:
-    """LEM on DenseNet-121, 1024x832."""
-    return _create_lem("lem_densenet121", pretrained=pretrained, **kwargs)
-
-
-@register_model
-def lem_densenet169(pretrained: bool = False, **kwargs: Any) -> LEM:
-    """LEM on DenseNet-169, 1024x832."""
-    return _create_lem("lem_densenet169", pretrained=pretrained, **kwargs)
+    options = {k: v for k, v in config.items() if k in MODEL_OPTIONS}
+    return weights.checkpoint_metadata(spec, options, **fields)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -848,12 +735,12 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "positive_classes": ("malignant",),
         "accepts": MAMMOGRAPHY_2D,
         "input_size": (1024, 832),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
         "paper": (
             "Zhu et al., Bioengineering 12(4) 325 (2025), doi:10.3390/bioengineering12040325; "
-            "shared/specs/lem.md"
+            "docs/models/lem.md"
         ),
         "license": "Apache-2.0",
     }

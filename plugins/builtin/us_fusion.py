@@ -2,11 +2,11 @@
 
 Paper: Asif S, Yan Y, Feng B, ... Xu D, "Improving Breast Cancer Diagnosis in Ultrasound Images Using Deep
 Learning with Feature Fusion and Attention Mechanism", Academic Radiology 32(9):4997-5009 (2025),
-doi:10.1016/j.acra.2025.05.007.  Only the abstract is available; everything it does not state is the
-reconstruction in ``shared/specs/us-fusion.md``.  Backbones: MobileNetV2 (Sandler et al. 2018,
-arXiv:1801.04381) and DenseNet121 (Huang et al. 2017, arXiv:1608.06993); attention: CBAM (Woo et al. 2018,
-arXiv:1807.06521, the module of ``asg_mammonet``); explanations: Grad-CAM (arXiv:1610.02391), saliency
-(Simonyan et al. 2014, arXiv:1312.6034) and GradientShap / expected gradients (Lundberg & Lee 2017,
+doi:10.1016/j.acra.2025.05.007.  Only the abstract is available; everything it does not state is our
+reconstruction, described with its reasons in ``docs/models/us-fusion.md``.  Backbones: MobileNetV2 (Sandler
+et al. 2018, arXiv:1801.04381) and DenseNet121 (Huang et al. 2017, arXiv:1608.06993); attention: CBAM (Woo et
+al. 2018, arXiv:1807.06521, the module of ``asg_mammonet``); explanations: Grad-CAM (arXiv:1610.02391),
+saliency (Simonyan et al. 2014, arXiv:1312.6034) and GradientShap / expected gradients (Lundberg & Lee 2017,
 arXiv:1705.07874).
 
 Variants:
@@ -18,14 +18,15 @@ Variants:
 * Ablations (not registered): ``us_fusion_pooled.v1`` (pooled-vector fusion with SE gating), ``a_only`` and
   ``b_only`` single-branch builds.
 
-Every [default] choice is a constructor option; :meth:`UsFusionNet.config_dict` returns them for the
-checkpoint metadata.  Training-time parts are in ``us_fusion_training``.
+Every reconstructed choice ([default] below) is a constructor option; :meth:`UsFusionNet.config_dict`
+gives them for the checkpoint metadata.  Training-time parts are in ``training.models.us_fusion``.
 
 Intended use: research and triage ordering, not diagnosis.  Licence of this code: Apache-2.0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,21 +36,19 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import load_state_dict
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from plugins import hookimpl
-from plugins.base import BASE_OPTIONS, ModelOutput, ModelPlugin, TorchModelPlugin
+from plugins import hookimpl, weights
+from plugins.base import BASE_OPTIONS, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.builtin.asg_mammonet import CBAM
 from plugins.explain import grad_cam, normalise_minmax
-from plugins.types import AcceptRule, ModelSpec
-from plugins.weights import CheckpointMetadata, check_state_dict_fits
+from plugins.types import AcceptRule, ImageRef, Letterbox, ModelSpec, Prediction
+from plugins.weights import CheckpointMetadata
 
 __all__ = [
     "CLASS_NAMES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MODEL_CFGS",
     "SEGate",
     "UsFusionNet",
@@ -66,8 +65,6 @@ __all__ = [
 ]
 
 CLASS_NAMES: tuple[str, ...] = ("benign", "malignant")
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: Ultrasound Image Storage, Ultrasound Multi-frame Image Storage, and their retired predecessors.
 US_SOP_CLASSES: tuple[str, ...] = (
     "1.2.840.10008.5.1.4.1.1.6.1",
@@ -111,7 +108,7 @@ def _projection(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class UsFusionNet(nn.Module):
-    """MobileNetV2-1.0 and DenseNet121 on the same image, fused at the 7x7 map, CBAM, GAP, MLP head (spec §3).
+    """MobileNetV2-1.0 and DenseNet121 on the same image, fused at the 7x7 map, CBAM, GAP, MLP head.
 
     :param num_classes: 2 (benign, malignant).
     :param input_size: training and serving input side [default 224]; odd sizes are aligned.
@@ -225,7 +222,7 @@ class UsFusionNet(nn.Module):
         return dict(self._config)
 
     def forward_intermediates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named stages of spec §3: ``branch_a``, ``branch_b``, ``proj_a``, ``proj_b``, ``fused``,
+        """Named stages of the network: ``branch_a``, ``branch_b``, ``proj_a``, ``proj_b``, ``fused``,
         ``attended``, ``pooled`` and ``logits`` (those the fusion mode has).
 
         :param x: normalised images ``[B, 3, H, W]``.
@@ -296,7 +293,7 @@ default_cfgs: dict[str, dict[str, Any]] = {
 
 
 def us_fusion_mnv2_dn121(**kwargs: Any) -> UsFusionNet:
-    """The spec's default build: spatial fusion of the MobileNetV2 and DenseNet121 maps with CBAM."""
+    """The default build: spatial fusion of the MobileNetV2 and DenseNet121 maps with CBAM."""
     return _create_us_fusion("us_fusion.v1", **kwargs)
 
 
@@ -313,7 +310,7 @@ def load_imagenet_backbones(
     """Load stock timm ImageNet state dicts (safetensors or timm ``.pth``) into the branches.
 
     Every branch key must be filled; only the file's ``classifier.*`` (and, with
-    ``branch_a_features="blocks"``, MobileNetV2's ``conv_head.*``/``bn2.*``) may be left over (spec §5).
+    ``branch_a_features="blocks"``, MobileNetV2's ``conv_head.*``/``bn2.*``) may be left over.
 
     :param model: the model, loaded in place.
     :param mobilenet_path: a timm ``mobilenetv2_100`` file for ``branch_a``.
@@ -327,47 +324,33 @@ def load_imagenet_backbones(
             continue
         if not hasattr(model, attr):
             raise ValueError(f"fusion {model.fusion!r} has no {attr} to load {arch} weights into")
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ImageNet {arch} weights not found: {path}")
-        branch: nn.Module = getattr(model, attr)
         allowed: tuple[str, ...] = ("classifier.",)
         if attr == "branch_a" and isinstance(model.branch_a.bn2, nn.Identity):
             allowed += ("conv_head.", "bn2.")
-        state = load_state_dict(str(path), weights_only=True)
-        check_state_dict_fits(branch, state, allowed, f"{path} (timm {arch})")
-        branch.load_state_dict(state, strict=False)
+        weights.load_backbone_weights(getattr(model, attr), path, arch, allowed)
 
 
-def checkpoint_metadata(
-    model: UsFusionNet, *, model_id: str = "us_fusion.v1", version: str = "1.0", **extra: Any
-) -> CheckpointMetadata:
-    """The metadata the host needs to rebuild *model* from a checkpoint (``plugins.weights.save_checkpoint``).
+def checkpoint_metadata(model: UsFusionNet, **fields: Any) -> CheckpointMetadata:
+    """The metadata the host needs to rebuild *model* from a checkpoint
+    (:func:`plugins.weights.checkpoint_metadata`).
 
     :param model: the trained model; its :meth:`~UsFusionNet.config_dict` becomes the options.
-    :param model_id: the plugin's model id.
-    :param version: the weights' version.
-    :param extra: further :class:`~plugins.weights.CheckpointMetadata` fields; ``options`` entries here (e.g.
+    :param fields: further :class:`~plugins.weights.CheckpointMetadata` fields; ``options`` entries here (e.g.
         ``frames``, ``shap_background``) are merged over the model's.
     """
     cfg = model.config_dict()
-    options = {k: v for k, v in cfg.items() if k not in ("num_classes", "input_size")}
-    options.update(extra.pop("options", {}))
-    return CheckpointMetadata(
-        architecture=MODEL_CFGS["us_fusion.v1"].arch,
-        model_id=model_id,
-        version=version,
-        class_names=CLASS_NAMES[: cfg["num_classes"]],
-        norm_mean=IMAGENET_MEAN,
-        norm_std=IMAGENET_STD,
+    spec = dataclasses.replace(
+        MODEL_CFGS["us_fusion.v1"],
+        classes=CLASS_NAMES[: cfg["num_classes"]],
         input_size=(cfg["input_size"], cfg["input_size"]),
-        options=options,
-        **extra,
     )
+    options = {k: v for k, v in cfg.items() if k not in ("num_classes", "input_size")}
+    options.update(fields.pop("options", {}))
+    return weights.checkpoint_metadata(spec, options, **fields)
 
 
 def select_frames(n_frames: int, policy: FramePolicy = "first", max_frames: int = 16) -> list[int]:
-    """Frame indices a multi-frame ultrasound is read at, for offline evaluation (spec §2).
+    """Frame indices a multi-frame ultrasound is read at, for offline evaluation.
 
     The server follows the host's ``frames`` option instead (``first`` by default for this model);
     ``mean_prob_over_frames`` averages the probabilities of up to ``max_frames`` evenly spaced frames.
@@ -388,7 +371,7 @@ def select_frames(n_frames: int, policy: FramePolicy = "first", max_frames: int 
 
 
 # -------------------------------------------------------------------------
-# Explanations (spec §6): saliency and GradientShap; Grad-CAM is plugins.explain.grad_cam
+# Explanations: saliency and GradientShap; Grad-CAM is plugins.explain.grad_cam
 # -------------------------------------------------------------------------
 
 
@@ -423,8 +406,8 @@ def default_shap_baselines(x: torch.Tensor, sigma: float = 10.0) -> torch.Tensor
     :param sigma: blur σ in pixels.
     :returns: per-input baselines ``[B, 2, 3, H, W]``.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     black = ((0.0 - mean) / std).expand_as(x)
     # Blurring is linear, so blurring the normalised input equals normalising the blurred pixels.  The kernel
     # must stay below the image side for the reflect padding.
@@ -510,7 +493,7 @@ def _model_option_defaults() -> dict[str, Any]:
     # The constructor's keyword defaults, so the plugin's options and the model cannot drift apart.
     params = inspect.signature(UsFusionNet.__init__).parameters.values()
     defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    for fixed in ("num_classes", "input_size"):  # these come from the spec (classes, input_size)
+    for fixed in ("num_classes", "input_size"):  # these come from the ModelSpec (classes, input_size)
         defaults.pop(fixed)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
 
@@ -537,10 +520,12 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "positive_classes": ("malignant",),
         "accepts": AcceptRule(modalities=("US",), sop_class_uids=US_SOP_CLASSES),
         "input_size": (224, 224),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
-        "paper": "Asif et al., Acad Radiol 32(9) 2025, doi:10.1016/j.acra.2025.05.007; specs/us-fusion.md",
+        "paper": (
+            "Asif et al., Acad Radiol 32(9) 2025, doi:10.1016/j.acra.2025.05.007; docs/models/us-fusion.md"
+        ),
         "license": "Apache-2.0",
     }
     return ModelSpec(**{**defaults, **kwargs})
@@ -576,6 +561,21 @@ class UsFusionPlugin(TorchModelPlugin):
             input_size=height,
             **{key: options[key] for key in _MODEL_OPTIONS},
         )
+
+    def postprocess(
+        self, output: ImageOutput, box: Letterbox, ref: ImageRef, options: Mapping[str, Any]
+    ) -> Prediction:
+        """The base postprocessing, then the class by the malignant threshold rather than the argmax.
+
+        ``pacs-triage train`` stores Youden's threshold on the validation split in the checkpoint's
+        ``thresholds`` (docs/models/us-fusion.md); a site's ``thresholds`` setting overrides it.
+        """
+        prediction = super().postprocess(output, box, ref, options)
+        threshold = self.spec.thresholds.get("malignant")
+        if threshold is None:
+            return prediction
+        malignant = prediction.probabilities[self.spec.classes.index("malignant")] >= threshold
+        return dataclasses.replace(prediction, predicted_class="malignant" if malignant else "benign")
 
     def forward(self, model: nn.Module, batch: torch.Tensor, options: Mapping[str, Any]) -> ModelOutput:
         """Logits; with ``explain``, Grad-CAM at the model's ``cam_layer`` as the heatmap, and ``saliency``
