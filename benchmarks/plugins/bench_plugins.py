@@ -84,12 +84,12 @@ def _us_backbones(options: Mapping[str, Any]) -> dict[str, nn.Module]:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelBench:
-    """How to benchmark one model plugin, and what its spec and paper say it costs."""
+    """How to benchmark one model plugin, and what its model page and paper say it costs."""
 
     modality: Modality
     #: The plugin's options -> its bare timm backbones (name -> module), built as the model builds them.
     backbones: Callable[[Mapping[str, Any]], dict[str, nn.Module]]
-    #: Parameters and MACs our spec measured for our build.
+    #: Parameters and MACs of our build, as its docs/models/ page states them.
     spec_cost: str
     #: What the paper reports about cost (size, compute, time).
     paper_cost: str
@@ -97,7 +97,8 @@ class ModelBench:
     note: str
 
 
-#: Plugin name -> its benchmark.  The notes are about the default build of each spec (shared/specs/*.md).
+#: Plugin name -> its benchmark.  The notes are about the default build of each model, as its page in
+#: docs/models/ describes it; ``spec_cost`` is the cost that page states (our measurement).
 MODEL_BENCHES: dict[str, ModelBench] = {
     "asg_mammonet": ModelBench(
         modality="MG",
@@ -116,7 +117,7 @@ MODEL_BENCHES: dict[str, ModelBench] = {
         paper_cost="none; calls the model 'lightweight', structured report within 5-10 s of acquisition",
         note=(
             "not lightweight as built: more parameters and MACs than ResNet-50 + Swin-T together (FPN, "
-            "cross-attention, head are ours [D]); the 5-10 s is end to end and untimed in the paper"
+            "cross-attention, head are our choices); the 5-10 s is end to end and untimed in the paper"
         ),
     ),
     "lem": ModelBench(
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             "backbone(s)",
             "params backbone / network",
             "GMACs/img backbone / network / plugin path",
-            "spec (our measurement)",
+            "model page (our measurement)",
             "paper reports",
             "note",
         )
