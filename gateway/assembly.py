@@ -113,7 +113,7 @@ class Assembler:
         instances = tuple(
             InstanceRef(sop_instance_uid=row["sop_uid"], sop_class_uid=row["sop_class_uid"],
                         series_instance_uid=row["series_uid"], modality=row["modality"], path=row["path"],
-                        transfer_syntax_uid=row["transfer_syntax"])
+                        transfer_syntax_uid=row["transfer_syntax"], study_version=int(row["study_version"]))
             for row in self.journal.study_instances(study.study_uid)
         )
         return StudyJob(

@@ -12,7 +12,9 @@ from typing import Any, Self
 
 from gateway.errors import MessageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions still read: version 1 lacks ``InstanceRef.study_version`` (read as 0, "unknown").
+READABLE_SCHEMA_VERSIONS = frozenset({1, SCHEMA_VERSION})
 
 
 class Priority(enum.IntEnum):
@@ -49,6 +51,9 @@ class InstanceRef:
     modality: str
     path: str
     transfer_syntax_uid: str
+    #: The study version the instance joined (or was last replaced in); 0 = not said.  A version
+    #: whose instances all joined earlier adds no new source image and is not analysed again.
+    study_version: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,10 +81,10 @@ class StudyJob:
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> Self:
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise MessageError(f"unsupported StudyJob schema_version {version!r} (expected {SCHEMA_VERSION})")
         try:
-            fields = dict(data)
+            fields = dict(data, schema_version=SCHEMA_VERSION)
             fields["priority"] = Priority(int(fields.get("priority", Priority.ROUTINE)))
             fields["instances"] = tuple(InstanceRef(**i) for i in fields.get("instances", ()))
             return cls(**fields)

@@ -189,6 +189,48 @@ class WorkerSettings(_Section):
     soft_time_limit_seconds: int = Field(default=1200, gt=0)
     time_limit_seconds: int = Field(default=1500, gt=0)
     max_redeliveries: int = Field(default=3, ge=1)
+    #: Pixel budget checked from the header before decoding: rows x columns x frames x bytes per
+    #: sample of one image, and of all images of a study that a model accepts.  An image above it
+    #: is skipped with that reason (a declared 60000 x 60000 image, a 5000-frame object).
+    max_image_pixel_bytes: int = Field(default=1 << 30, gt=0)
+    max_study_pixel_bytes: int = Field(default=4 << 30, gt=0)
+    #: Address-space limit (RLIMIT_AS) of each pool process, in MiB; 0 = none.  An allocation
+    #: above it fails as one image's out-of-memory failure instead of the kernel killing the
+    #: process.  Not applied to CUDA workers: the CUDA runtime reserves far more address space.
+    memory_limit_mb: int = Field(default=16384, ge=0)
+
+
+class RouteRule(_Section):
+    """One routing rule: an image matches when every field that is set matches (empty = any)."""
+
+    calling_aes: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
+    sop_class_uids: tuple[str, ...] = ()
+    #: Body Part Examined or an Anatomic Region code value or meaning, upper case ("BREAST",
+    #: "76752008"); a study from one of ``routing.breast_unit_aes`` counts as BREAST.
+    body_parts: tuple[str, ...] = ()
+    lateralities: tuple[str, ...] = ()
+
+
+#: Rules a site gets unless ``routing.models.<name>`` replaces them: the breast ultrasound model
+#: reads breast ultrasound only (never obstetric or thyroid), the mammography models MG only.
+DEFAULT_ROUTES: dict[str, tuple[RouteRule, ...]] = {
+    "us_fusion": (RouteRule(modalities=("US",), body_parts=("BREAST",)),),
+    **{name: (RouteRule(modalities=("MG",)),) for name in ("asg_mammonet", "clgb_net", "lem", "hybrid_birads")},
+}
+
+
+class RoutingSettings(_Section):
+    """Which images go to which model, beyond what each model itself accepts."""
+
+    #: Calling AE titles of breast units: their ultrasound counts as breast without a body part.
+    breast_unit_aes: tuple[str, ...] = ()
+    #: Per model, the rules of which one must match; replaces that model's default rules, and an
+    #: empty list lifts them.  Models with no rules here or in the defaults take what they accept.
+    models: dict[str, tuple[RouteRule, ...]] = {}
+
+    def rules_for(self, model: str) -> tuple[RouteRule, ...]:
+        return self.models[model] if model in self.models else DEFAULT_ROUTES.get(model, ())
 
 
 class TriageSettings(_Section):
@@ -237,6 +279,7 @@ class Settings(_Section):
     plugins: PluginSettings = PluginSettings()
     delivery: DeliverySettings = DeliverySettings()
     worker: WorkerSettings = WorkerSettings()
+    routing: RoutingSettings = RoutingSettings()
     triage: TriageSettings = TriageSettings()
     http: HttpSettings = HttpSettings()
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gateway.errors import PermanentError, PluginError, StartupError
-from gateway.settings import Settings
+from gateway.settings import RouteRule, Settings
 from plugins.base import ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.manager import get_plugin_manager
 from plugins.preprocess import (
@@ -33,7 +33,15 @@ from plugins.preprocess import (
     FRAME_POLICIES,
     decode_frames,
 )
-from plugins.types import ImageFailure, ImageRef, Letterbox, Prediction, SkippedImage
+from plugins.types import (
+    ImageFailure,
+    ImageRef,
+    InvalidPredictionError,
+    Letterbox,
+    Prediction,
+    SkippedImage,
+    failure_reason,
+)
 from plugins.weights import checkpoint_options, checkpoint_spec, load_checkpoint, resolve_weights
 
 log = structlog.get_logger(__name__)
@@ -44,6 +52,44 @@ _Decoder = Callable[[ImageRef, str], list[tuple[ImageRef, np.ndarray]]]
 _TOMOSYNTHESIS_SOP_CLASSES = frozenset({BREAST_TOMOSYNTHESIS, *BREAST_PROJECTION})
 # Seed of demo weights, so that two workers give the same untrained output.
 _DEMO_SEED = 0
+#: SNOMED CT "Breast" (76752008) as an Anatomic Region code counts as Body Part BREAST.
+_BREAST_CODES = frozenset({"BREAST", "76752008"})
+
+
+@dataclass
+class RunTimings:
+    """Seconds one model spent on a study's images, by step; the pipeline and benchmarks add them up."""
+
+    preprocess: float = 0.0
+    #: The plugin's forward pass, its explanation (Grad-CAM, the model's own maps) included.
+    forward: float = 0.0
+    #: Probabilities, and the maps resized back onto the source geometry.
+    postprocess: float = 0.0
+    batches: int = 0
+
+
+def pixel_budget_reason(ref: ImageRef, max_bytes: int) -> str | None:
+    """Why *ref* is too large to decode (its header's rows x columns x frames x bytes per sample
+    above *max_bytes*), or ``None``.  Decided from the header alone, before any pixel is read."""
+    declared = ref.declared_pixel_bytes
+    if declared > max_bytes:
+        return (f"the header declares {declared / 2**20:.0f} MiB of pixels (rows x columns x frames x "
+                f"bytes per sample), above the per-image budget of {max_bytes / 2**20:.0f} MiB")
+    return None
+
+
+def route_matches(rule: RouteRule, ref: ImageRef, breast_unit_aes: Sequence[str]) -> bool:
+    """Whether *ref* satisfies every field *rule* sets."""
+    anatomy = {ref.body_part, *ref.anatomic_region} - {""}
+    if anatomy & _BREAST_CODES or (ref.calling_ae and ref.calling_ae in breast_unit_aes):
+        anatomy |= _BREAST_CODES
+    return (
+        (not rule.calling_aes or ref.calling_ae in rule.calling_aes)
+        and (not rule.modalities or ref.modality in rule.modalities)
+        and (not rule.sop_class_uids or ref.sop_class_uid in rule.sop_class_uids)
+        and (not rule.body_parts or bool(anatomy & {b.upper() for b in rule.body_parts}))
+        and (not rule.lateralities or ref.laterality in rule.lateralities)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +223,11 @@ class ModelHost:
             return f"view {ref.view or '(none)'} is not one of {', '.join(rule.views)}"
         if rule.lateralities and ref.laterality not in rule.lateralities:
             return f"laterality {ref.laterality or '(none)'} is not one of {', '.join(rule.lateralities)}"
+        routes = self.settings.routing.rules_for(plugin.name)
+        if routes and not any(route_matches(r, ref, self.settings.routing.breast_unit_aes) for r in routes):
+            # Our words only: the header's body part is not repeated (it is free text a site fills in).
+            return (f"no routing rule of routing.models.{plugin.name} matches this image (modality, "
+                    "body part or anatomic region, calling AE, SOP class, laterality)")
         return None
 
     # -- loading ----------------------------------------------------------------------------
@@ -257,6 +308,8 @@ class ModelHost:
         """
 
         def decode(ref: ImageRef, frames: str) -> list[tuple[ImageRef, np.ndarray]]:
+            if reason := pixel_budget_reason(ref, self.settings.worker.max_image_pixel_bytes):
+                raise PermanentError(reason)
             return [
                 (dataclasses.replace(ref, frame_index=i), image)
                 for i, image in decode_frames(ref.path, frames)
@@ -264,13 +317,24 @@ class ModelHost:
 
         return self._run(self.plugin(plugin_name), [(ref, decode) for ref in refs])
 
-    def run_images(self, plugin_name: str, images: Sequence[tuple[ImageRef, np.ndarray]]) -> list[Result]:
-        """As :meth:`run`, for images already decoded to display-ready ``uint8`` (one per ref)."""
-        jobs = [(ref, lambda ref, _frames, image=image: [(ref, image)]) for ref, image in images]
-        return self._run(self.plugin(plugin_name), jobs)
+    def run_images(
+        self,
+        plugin_name: str,
+        images: Sequence[tuple[ImageRef, np.ndarray]],
+        timings: RunTimings | None = None,
+    ) -> list[Result]:
+        """As :meth:`run`, for images already decoded to display-ready ``uint8`` (one per ref or frame).
 
-    def _run(self, plugin: ModelPlugin, jobs: Sequence[tuple[ImageRef, _Decoder]]) -> list[Result]:
+        :param timings: Where the seconds of each step are added, when given.
+        """
+        jobs = [(ref, lambda ref, _frames, image=image: [(ref, image)]) for ref, image in images]
+        return self._run(self.plugin(plugin_name), jobs, timings)
+
+    def _run(
+        self, plugin: ModelPlugin, jobs: Sequence[tuple[ImageRef, _Decoder]], timings: RunTimings | None = None
+    ) -> list[Result]:
         started = time.perf_counter()
+        timings = timings if timings is not None else RunTimings()
         # Results are placed by position because batching finishes images out of order.
         results: list[Result | None] = []
         batch: list[tuple[int, ImageRef, torch.Tensor, Letterbox]] = []
@@ -292,19 +356,21 @@ class ModelHost:
             try:
                 frames = decode(ref, loaded.options["frames"])
             except Exception as exc:  # decode_frames names the file; anything else is still this image's
-                error = str(exc) if isinstance(exc, PermanentError) else f"cannot decode {ref.path}: {exc!r}"
+                error = failure_reason("decoding", exc)
                 results.append(ImageFailure(model_name=plugin.name, image=ref, error=error))
                 continue
             for frame_ref, image in frames:
+                step = time.perf_counter()
                 prepared = self._preprocess(loaded, frame_ref, image)
+                timings.preprocess += time.perf_counter() - step
                 results.append(prepared if isinstance(prepared, ImageFailure) else None)
                 if not isinstance(prepared, ImageFailure):
                     batch.append((len(results) - 1, *prepared))
                 if len(batch) == loaded.batch_size:
-                    self._infer_into(loaded, batch, results)
+                    self._infer_into(loaded, batch, results, timings)
                     batch = []
         if batch and loaded is not None:
-            self._infer_into(loaded, batch, results)
+            self._infer_into(loaded, batch, results, timings)
         done = [r for r in results if r is not None]
         log.info(
             "model.run",
@@ -322,8 +388,9 @@ class ModelHost:
         loaded: LoadedModel,
         batch: list[tuple[int, ImageRef, torch.Tensor, Letterbox]],
         results: list[Result | None],
+        timings: RunTimings,
     ) -> None:
-        outcomes = self._infer(loaded, [(ref, tensor, box) for _, ref, tensor, box in batch])
+        outcomes = self._infer(loaded, [(ref, tensor, box) for _, ref, tensor, box in batch], timings)
         for (position, *_), outcome in zip(batch, outcomes, strict=True):
             results[position] = outcome
 
@@ -334,7 +401,7 @@ class ModelHost:
             tensor, box = loaded.plugin.preprocess(image, ref, loaded.options)
         except Exception as exc:  # a plugin's preprocessing can raise anything
             return ImageFailure(
-                model_name=loaded.plugin.name, image=ref, error=f"preprocessing failed: {exc!r}"
+                model_name=loaded.plugin.name, image=ref, error=failure_reason("preprocessing failed", exc)
             )
         expected = (3, *loaded.plugin.spec.input_size)
         if tuple(tensor.shape) != expected:
@@ -346,24 +413,40 @@ class ModelHost:
         return ref, tensor, box
 
     def _infer(
-        self, loaded: LoadedModel, batch: list[tuple[ImageRef, torch.Tensor, Letterbox]]
+        self, loaded: LoadedModel, batch: list[tuple[ImageRef, torch.Tensor, Letterbox]], timings: RunTimings
     ) -> list[Result]:
         plugin = loaded.plugin
+        step = time.perf_counter()
         try:
             inputs = torch.stack([tensor for _, tensor, _ in batch]).to(loaded.device)
             amp = bool(loaded.options["amp"]) and loaded.device.type == "cuda"
             with torch.autocast(loaded.device.type, enabled=amp):
                 output = plugin.forward(loaded.model, inputs, loaded.options)
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize(loaded.device)  # the forward's time, not the next copy's
         except (torch.OutOfMemoryError, MemoryError) as exc:
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) > 1:  # a smaller batch may fit
-                return [result for item in batch for result in self._infer(loaded, [item])]
-            return self._fail(plugin.name, batch, f"out of memory on {loaded.device}: {exc}")
+                return [result for item in batch for result in self._infer(loaded, [item], timings)]
+            return self._fail(plugin.name, batch, failure_reason(f"forward on {loaded.device}", exc))
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - anything, including a native extension's panic
-            return self._fail(plugin.name, batch, f"forward failed: {exc!r}")
+            return self._fail(plugin.name, batch, failure_reason("forward failed", exc))
+        finally:
+            timings.forward += time.perf_counter() - step
+            timings.batches += 1
+        step = time.perf_counter()
+        try:
+            return self._postprocess(loaded, batch, output)
+        finally:
+            timings.postprocess += time.perf_counter() - step
+
+    def _postprocess(
+        self, loaded: LoadedModel, batch: list[tuple[ImageRef, torch.Tensor, Letterbox]], output: ModelOutput
+    ) -> list[Result]:
+        plugin = loaded.plugin
         problem = _check_output(output, len(batch), len(plugin.spec.classes))
         if problem:
             return self._fail(plugin.name, batch, problem)
@@ -377,7 +460,7 @@ class ModelHost:
             try:
                 prediction = plugin.postprocess(image_output, box, ref, loaded.options)
                 if not isinstance(prediction, Prediction):
-                    raise TypeError(f"postprocess returned {type(prediction).__name__}, not Prediction")
+                    raise InvalidPredictionError(f"postprocess returned {type(prediction).__name__}, not Prediction")
                 # The host has the last word on which weights made it, so demo output cannot pass as real.
                 weights = (loaded.demo_weights, loaded.weights_sha256)
                 if (prediction.demo_weights, prediction.weights_sha256) != weights:
@@ -386,7 +469,7 @@ class ModelHost:
                     )
             except Exception as exc:  # includes Prediction's own validation (NaN maps, bad risk)
                 results.append(
-                    ImageFailure(model_name=plugin.name, image=ref, error=f"postprocessing failed: {exc!r}")
+                    ImageFailure(model_name=plugin.name, image=ref, error=failure_reason("postprocessing failed", exc))
                 )
                 continue
             results.append(prediction)

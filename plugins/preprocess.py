@@ -80,11 +80,16 @@ def read_image_ref(path: str | os.PathLike[str]) -> ImageRef:
     except PermanentError:
         raise
     except Exception as exc:  # pydicom decodes elements lazily and raises many types on bad bytes
-        raise PermanentError(f"{path} is not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+        # The type only: pydicom's messages quote the offending value (a birth date, a name).
+        raise PermanentError(f"{path} is not a readable DICOM file: {type(exc).__name__}") from exc
 
 
 def _image_ref(path: Path) -> ImageRef:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return image_ref_from_header(pydicom.dcmread(path, stop_before_pixels=True), path)
+
+
+def image_ref_from_header(ds: Dataset, path: Path) -> ImageRef:
+    """Describe the image at *path* from its already read header *ds* (see :func:`read_image_ref`)."""
     uids = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         value = str(ds.get(keyword, "") or "")
@@ -106,6 +111,17 @@ def _image_ref(path: Path) -> ImageRef:
         presentation_intent=str(ds.get("PresentationIntentType", "") or "").upper(),
         number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
         us_region=ultrasound_region(ds),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        bits_allocated=int(ds.get("BitsAllocated", 16) or 16),
+        body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper(),
+        anatomic_region=tuple(
+            str(item.get(keyword, "") or "").strip().upper()
+            for item in ds.get("AnatomicRegionSequence", [])
+            for keyword in ("CodeValue", "CodeMeaning")
+            if item.get(keyword)
+        ),
     )
 
 
@@ -194,9 +210,9 @@ def decode_frames(
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a Rust decoder's panic is a BaseException (pyo3)
-        raise PermanentError(
-            f"cannot decode {path} ({transfer_syntax}): {type(exc).__name__}: {exc}"
-        ) from exc
+        # The type only (a decoder's message may quote header values); out of memory by name.
+        kind = "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
+        raise PermanentError(f"cannot decode {path} ({transfer_syntax}): {kind}") from exc
 
 
 def _check_frame_shape(stored: np.ndarray, ds: Dataset, path: Path) -> None:

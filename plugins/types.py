@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.errors import PacsTriageError
+
 
 @dataclass(frozen=True, kw_only=True)
 class AcceptRule:
@@ -110,6 +112,23 @@ class ImageRef:
     frame_index: int = 0
     #: The first 2-D ultrasound region (Sequence of Ultrasound Regions) as (top, left, height, width).
     us_region: tuple[int, int, int, int] | None = None
+    #: Geometry the header declares, for the pixel budget checked before decoding (0 = not given).
+    rows: int = 0
+    columns: int = 0
+    samples_per_pixel: int = 1
+    bits_allocated: int = 16
+    #: Body Part Examined, upper case ("BREAST"), for routing.
+    body_part: str = ""
+    #: Anatomic Region Sequence: code value and meaning, upper case ("76752008", "BREAST").
+    anatomic_region: tuple[str, ...] = ()
+    #: The AE title that sent the study (set by the worker from the job, not read from the file).
+    calling_ae: str = ""
+
+    @property
+    def declared_pixel_bytes(self) -> int:
+        """Bytes the stored pixels of every frame take once decoded: rows x columns x frames x bytes per sample."""
+        bytes_per_sample = max(1, (self.bits_allocated + 7) // 8)
+        return self.rows * self.columns * self.samples_per_pixel * max(1, self.number_of_frames) * bytes_per_sample
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,18 +179,18 @@ class Prediction:
 
     def __post_init__(self) -> None:
         if len(self.classes) != len(self.probabilities):
-            raise ValueError("classes and probabilities differ in length")
+            raise InvalidPredictionError("classes and probabilities differ in length")
         if not all(np.isfinite(p) and -1e-6 <= p <= 1 + 1e-6 for p in self.probabilities):
-            raise ValueError(f"probabilities are not in [0, 1]: {self.probabilities}")
+            raise InvalidPredictionError(f"probabilities are not in [0, 1]: {self.probabilities}")
         if not (np.isfinite(self.risk) and 0.0 <= self.risk <= 1.0):
-            raise ValueError(f"risk {self.risk} is not in [0, 1]")
+            raise InvalidPredictionError(f"risk {self.risk} is not in [0, 1]")
         if self.predicted_class not in self.classes:
-            raise ValueError(f"predicted class {self.predicted_class!r} is not one of {self.classes}")
+            raise InvalidPredictionError(f"predicted class {self.predicted_class!r} is not one of {self.classes}")
         if self.birads is not None and not 0 <= self.birads <= 6:
-            raise ValueError(f"BI-RADS category {self.birads} is out of range")
+            raise InvalidPredictionError(f"BI-RADS category {self.birads} is out of range")
         if self.heatmap is not None:
             if self.heatmap.ndim != 2 or not np.all(np.isfinite(self.heatmap)):
-                raise ValueError("heatmap must be a finite 2-D array")
+                raise InvalidPredictionError("heatmap must be a finite 2-D array")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,3 +209,37 @@ class SkippedImage:
     model_name: str
     image: ImageRef
     reason: str
+
+
+# -------------------------------------------------------------------------
+# Failure reasons
+# -------------------------------------------------------------------------
+
+
+class InvalidPredictionError(PacsTriageError, ValueError):
+    """A plugin's output breaks the :class:`Prediction` contract (its message holds model outputs only)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for Python's ``MemoryError`` and torch's ``OutOfMemoryError`` (named, so no torch import here)."""
+    return isinstance(exc, MemoryError) or any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__)
+
+
+def failure_reason(doing: str, exc: BaseException) -> str:
+    """The one way a failure is described wherever it is stored or shown (journal, dead letter, page, log).
+
+    The reason is *doing* (our own words), the exception's type and, only for the project's own
+    errors (:class:`~gateway.errors.PacsTriageError`, whose messages we write), its message.  A
+    foreign exception's message is left out: pydicom's "Unable to convert '1958-11-23' to 'DA'
+    object" quotes a birth date, a decoder's allocation error the image's geometry.  An
+    allocation failure is named out of memory.
+
+    :param doing: What was being done, e.g. ``"decoding"`` or ``"building outputs"``.
+    :param exc: What was raised.
+    """
+    kind = type(exc).__name__
+    if is_out_of_memory(exc):
+        return f"{doing}: out of memory ({kind})"
+    if isinstance(exc, PacsTriageError):
+        return f"{doing}: {kind}: {exc}"
+    return f"{doing}: {kind}"

@@ -336,7 +336,8 @@ class BadBuild(EchoPlugin):
 
 
 FAILING = {
-    "raising": (Raising, "forward failed: RuntimeError('boom')"),
+    # The type, never the message: a foreign exception's message may quote the data set.
+    "raising": (Raising, "forward failed: RuntimeError"),
     "wrong_shape": (WrongShape, "logits have shape (2, 5), expected (2, 2)"),
     "oom": (OutOfMemory, "out of memory"),
     "nan_heatmap": (NaNHeatmap, "heatmap must be a finite 2-D array"),
@@ -360,6 +361,7 @@ def test_a_failing_plugin_fails_its_images_and_others_carry_on(
     refs = [read_image_ref(p) for p in mammograms.values()]
     failures = mixed_host.run(name, refs)
     assert len(failures) == 2 and all(isinstance(f, ImageFailure) and message in f.error for f in failures)
+    assert not any("boom" in f.error for f in failures)
     assert [f.image.sop_instance_uid for f in failures] == [r.sop_instance_uid for r in refs]
     assert all(isinstance(r, Prediction) for r in mixed_host.run("asg_mammonet", refs))
 

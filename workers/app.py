@@ -12,12 +12,18 @@ Two brokers, one code path:
 
 from __future__ import annotations
 
+import os
+import resource
 from pathlib import Path
 from typing import Any
 
+import structlog
 from celery import Celery
+from celery.signals import worker_process_init
 
 from gateway.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 ANALYSIS_QUEUE = "analysis"
 DELIVERY_QUEUE = "delivery"
@@ -104,3 +110,32 @@ def current_settings() -> Settings:
     if _settings is None:
         raise RuntimeError("the Celery app has no settings")
     return _settings
+
+
+def apply_memory_limit(settings: Settings) -> int | None:
+    """Cap this process's address space (RLIMIT_AS) at ``worker.memory_limit_mb``; returns the bytes set.
+
+    An allocation past the cap then raises ``MemoryError`` in Python (or torch's out-of-memory
+    error): the host records it as that image's out-of-memory failure, and the process, its
+    other images and the other studies carry on.  Without it a huge allocation meets the
+    kernel's OOM killer, and a killed process is redelivered until it is dead-lettered.
+    Nothing is set for 0 or for a CUDA worker (its runtime reserves far more address space
+    than it uses), and a hard limit already lower is kept.
+    """
+    megabytes = settings.worker.memory_limit_mb
+    device = os.environ.get("PACS_TRIAGE_WORKER_DEVICE") or settings.worker.device
+    if not megabytes or device.startswith("cuda"):
+        return None
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = megabytes << 20
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit
+
+
+@worker_process_init.connect
+def _limit_pool_process_memory(**_: Any) -> None:
+    # signals.html worker_process_init: runs in each new pool process, before it takes a task.
+    limit = apply_memory_limit(current_settings())
+    log.info("worker.memory_limit", address_space_bytes=limit)

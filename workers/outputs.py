@@ -23,9 +23,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.pixels import pixel_array
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from plugins.preprocess import to_display, to_grey
 from plugins.types import LocalisationPoint, LocalisationRegion, ModelSpec, Prediction
 from workers import uids
 
@@ -565,17 +567,14 @@ def render_heatmap_overlay(
 
 
 def _display_from_source(source: pydicom.Dataset, frame_index: int = 0) -> np.ndarray:
-    """A plain min-max display rendering of *source*, for callers without a preprocessed image."""
-    pixels = source.pixel_array.astype(np.float32)
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[frame_index]
-    if pixels.ndim == 3:
-        pixels = pixels.mean(axis=2)  # colour (e.g. ultrasound) to grey
-    low, high = np.percentile(pixels, (0.5, 99.5))
-    scaled = (pixels - low) / max(float(high - low), 1e-6)
-    if str(source.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    """The grey display image of one frame of *source*, for callers without the decoded image.
+
+    The same rendering the models read (Modality LUT, VOI, MONOCHROME1 inversion), decoding only
+    that frame.  The study pipeline passes the image it already decoded instead.
+    """
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    stored = pixel_array(source, index=frame_index if frames > 1 else None)
+    return to_grey(to_display(stored, source, frame_index))
 
 
 def build_heatmap_sc(
@@ -599,7 +598,8 @@ def build_heatmap_sc(
     the model's own SC series, and references the source image.
 
     :param source: The source instance (header; pixels only if *source_pixels_display* is None).
-    :param source_pixels_display: The source as the model saw it, greyscale uint8, VOI applied.
+    :param source_pixels_display: The source frame as the model saw it (uint8, VOI applied; grey,
+        or RGB shown grey); ``None`` decodes that frame of *source* again.
     :param prediction: The prediction; its ``heatmap`` must be set.
     :param series_uid: Series Instance UID; by default derived from study, model and version.
     :param instance_number: Instance Number of the SC.
@@ -622,7 +622,7 @@ def build_heatmap_sc(
     if source_pixels_display is None:
         display = _display_from_source(source, prediction.image.frame_index)
     else:
-        display = source_pixels_display
+        display = to_grey(source_pixels_display)  # an RGB display (ultrasound) is shown grey under the map
     study_uid = str(source.StudyInstanceUID)
     name = display_name or prediction.model_name
     caption = "NOT FOR DIAGNOSTIC USE" + (" - DEMO WEIGHTS" if prediction.demo_weights else "")

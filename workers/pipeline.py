@@ -1,4 +1,12 @@
-"""One analysis stage of one study: run models through the host, build the SR and SCs, write them to storage.
+"""The analysis of one study: each header read once, each image decoded once, every model on the same images.
+
+:func:`read_sources` reads every instance's header once.  :func:`analyse_study` then asks each
+model which images it accepts (its own rules and the site's routing), checks the pixel budget from
+the headers, decodes each accepted image once per frame policy into its display image (Modality
+LUT, VOI, photometric interpretation), keeps it while the study is analysed, gives it to every
+model that accepts it (one batched run per model over the whole study), and renders the heatmap
+Secondary Captures from the same display images.  Each source's content digest (for the output
+UIDs) is taken once per study.
 
 Nothing here talks to Celery, so the same code serves the tasks, the tests and the benchmarks.
 """
@@ -7,24 +15,28 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import structlog
 
-from gateway.errors import PermanentError
-from gateway.messages import StudyJob
+from gateway.errors import PluginError
+from gateway.messages import InstanceRef, StudyJob
 from gateway.settings import Settings
-from plugins.host import ModelHost
-from plugins.preprocess import read_image_ref
-from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage
-from workers.outputs import ReportedModel, build_heatmap_sc, build_sr
+from plugins.host import ModelHost, RunTimings, pixel_budget_reason
+from plugins.preprocess import decode_frames, image_ref_from_header, to_grey
+from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage, failure_reason
+from workers import uids
+from workers.outputs import MANUFACTURER, ReportedModel, build_heatmap_sc, build_sr
 
 log = structlog.get_logger(__name__)
 
+#: Why an object we made ourselves (an SR or heatmap SC the PACS sent back) is not analysed.
+OWN_OUTPUT_REASON = "an output of pacs-triage (our own SR or heatmap), never analysed"
 
 _hosts: dict[str, ModelHost] = {}
 
@@ -34,6 +46,144 @@ def model_host(settings: Settings, device: str) -> ModelHost:
     if device not in _hosts:
         _hosts[device] = ModelHost(settings, device=device)
     return _hosts[device]
+
+
+# -------------------------------------------------------------------------
+# Sources: one header read each
+# -------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """One instance of the study version, its header read once."""
+
+    instance: InstanceRef
+    path: Path
+    #: What the header says; ``None`` when it could not be read (see ``error``).
+    ref: ImageRef | None = None
+    header: pydicom.Dataset | None = None
+    error: str | None = None
+    own_output: bool = False
+    _digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """A short SHA-256 of the file, taken once (new bytes under the same UID give new output UIDs)."""
+        if self._digest is None:
+            self._digest = file_digest(self.path)
+        return self._digest
+
+
+def is_own_output(header: pydicom.Dataset) -> bool:
+    """Whether *header* is an object this project made: our Manufacturer on a UID under our root.
+
+    The PACS may forward a whole study back, our SR and SCs included; they must never start an
+    analysis.  Both marks are needed: another program may use pydicom's UID root too.
+    """
+    return (str(header.get("Manufacturer", "") or "") == MANUFACTURER
+            and str(header.get("SOPInstanceUID", "")).startswith(uids.ORG_ROOT))
+
+
+def read_sources(job: StudyJob, timings: StudyTimings | None = None) -> list[Source]:
+    """Read the header of every instance of *job* once; unreadable ones carry a reason, never raise."""
+    started = time.perf_counter()
+    root = Path(job.storage_root)
+    sources = []
+    for instance in job.instances:
+        source = Source(instance=instance, path=root / instance.path)
+        try:
+            header = pydicom.dcmread(source.path, stop_before_pixels=True)
+            source.header = header
+            source.own_output = is_own_output(header)
+            if not source.own_output:
+                source.ref = replace(image_ref_from_header(header, source.path), calling_ae=job.calling_ae)
+        except Exception as exc:  # untrusted bytes: pydicom raises many types, each only this image's problem
+            source.error = failure_reason(f"{instance.path} is not a readable DICOM file", exc)
+        sources.append(source)
+    if timings is not None:
+        timings.header_read += time.perf_counter() - started
+    return sources
+
+
+def adds_new_source(job: StudyJob, sources: Sequence[Source]) -> bool:
+    """Whether this study version holds a source image that no earlier version had.
+
+    A version made only of our own outputs sent back, or of nothing analysable, adds none: its
+    models would give the same findings again.  Version 1, and jobs from a gateway that does not
+    say which version an instance joined, always count as new.
+    """
+    if job.study_version <= 1:
+        return True
+    return any(s.ref is not None and not s.own_output and s.instance.study_version in (0, job.study_version)
+               for s in sources)
+
+
+# -------------------------------------------------------------------------
+# Decoded images, kept while the study is analysed
+# -------------------------------------------------------------------------
+
+
+@dataclass
+class StudyTimings:
+    """Where one study's analysis time went, in seconds; ``decodes`` counts decoded images."""
+
+    header_read: float = 0.0
+    decode: float = 0.0
+    digest: float = 0.0
+    decodes: int = 0
+    models: dict[str, RunTimings] = field(default_factory=dict)
+    outputs: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "header_read_s": round(self.header_read, 4), "decode_s": round(self.decode, 4),
+            "digest_s": round(self.digest, 4), "decodes": self.decodes,
+            "models": {name: {"preprocess_s": round(t.preprocess, 4), "forward_s": round(t.forward, 4),
+                              "postprocess_s": round(t.postprocess, 4), "batches": t.batches,
+                              "outputs_s": round(self.outputs.get(name, 0.0), 4)}
+                       for name, t in self.models.items()},
+        }
+
+
+class DecodedImages:
+    """Display images of the study's sources, decoded once per frame policy and kept for the study."""
+
+    def __init__(self, timings: StudyTimings) -> None:
+        self.timings = timings
+        self._frames: dict[tuple[str, str], list[tuple[ImageRef, np.ndarray]] | str] = {}
+
+    @staticmethod
+    def _key(ref: ImageRef, policy: str) -> tuple[str, str]:
+        # Every policy picks the one frame of a single-frame image: one decode serves them all.
+        return ref.sop_instance_uid, policy if ref.number_of_frames > 1 else "single"
+
+    def frames(self, ref: ImageRef, policy: str) -> list[tuple[ImageRef, np.ndarray]] | str:
+        """The frames *policy* selects as (frame ref, display image), or why they cannot be decoded."""
+        key = self._key(ref, policy)
+        if key not in self._frames:
+            started = time.perf_counter()
+            try:
+                self._frames[key] = [(replace(ref, frame_index=i), image) for i, image in decode_frames(ref.path, policy)]
+            except Exception as exc:  # decode_frames names the file; each failure is this image's alone
+                self._frames[key] = failure_reason("decoding", exc)
+            self.timings.decode += time.perf_counter() - started
+            self.timings.decodes += 1
+        return self._frames[key]
+
+    def display(self, ref: ImageRef) -> np.ndarray | None:
+        """The grey display image of *ref*'s frame, as decoded for a model; ``None`` if never decoded."""
+        for (uid, _), decoded in self._frames.items():
+            if uid != ref.sop_instance_uid or isinstance(decoded, str):
+                continue
+            for frame_ref, image in decoded:
+                if frame_ref.frame_index == ref.frame_index:
+                    return to_grey(image)
+        return None
+
+
+# -------------------------------------------------------------------------
+# The study's analysis
+# -------------------------------------------------------------------------
 
 
 @dataclass
@@ -55,24 +205,51 @@ class ModelRun:
         return max((p.risk for p in self.predictions), default=None)
 
 
-def study_refs(job: StudyJob) -> tuple[list[ImageRef], list[dict[str, str]]]:
-    """Headers of the job's instances; unreadable ones are reported, never raised."""
-    root = Path(job.storage_root)
-    refs, unreadable = [], []
-    for instance in job.instances:
-        try:
-            refs.append(read_image_ref(root / instance.path))
-        except PermanentError as exc:
-            unreadable.append({"sop_instance_uid": instance.sop_instance_uid, "error": str(exc)})
-        except Exception as exc:  # pydicom raises more than read_image_ref names (NotImplementedError...)
-            error = f"{instance.path} is not a readable DICOM file: {type(exc).__name__}"
-            unreadable.append({"sop_instance_uid": instance.sop_instance_uid, "error": error})
-    return refs, unreadable
+def study_budget_refusals(host: ModelHost, refs: Sequence[ImageRef], settings: Settings) -> dict[str, str]:
+    """Images refused by the pixel budget before any decoding: SOP Instance UID -> reason.
+
+    Each image accepted by some enabled model is held to ``worker.max_image_pixel_bytes``; in the
+    job's order they are summed against ``worker.max_study_pixel_bytes``, and those past it are
+    refused.  Every enabled model counts, not one stage's, so both stages refuse the same images.
+    """
+    refusals: dict[str, str] = {}
+    total = 0
+    limit = settings.worker.max_study_pixel_bytes
+    for ref in refs:
+        if not any(host.skip_reason(plugin, ref) is None for plugin in host.models):
+            continue
+        if reason := pixel_budget_reason(ref, settings.worker.max_image_pixel_bytes):
+            refusals[ref.sop_instance_uid] = reason
+            continue
+        total += ref.declared_pixel_bytes
+        if total > limit:
+            refusals[ref.sop_instance_uid] = (
+                f"the study's images declare more pixels than the per-study budget of {limit / 2**20:.0f} MiB "
+                "(worker.max_study_pixel_bytes); this image is past it")
+            total -= ref.declared_pixel_bytes
+    return refusals
 
 
 def accepting_models(host: ModelHost, refs: Sequence[ImageRef]) -> list[str]:
     """Enabled models that accept at least one of *refs*."""
     return [p.name for p in host.models if any(host.skip_reason(p, ref) is None for ref in refs)]
+
+
+def skip_reasons(host: ModelHost, sources: Sequence[Source], refusals: dict[str, str] | None = None
+                 ) -> dict[str, dict[str, str]]:
+    """For each instance, why no model analyses it: SOP Instance UID -> {model or "all": reason}."""
+    reasons: dict[str, dict[str, str]] = {}
+    for source in sources:
+        uid = source.instance.sop_instance_uid
+        if source.error is not None:
+            reasons[uid] = {"all": source.error}
+        elif source.own_output or source.ref is None:
+            reasons[uid] = {"all": OWN_OUTPUT_REASON}
+        elif refusals and uid in refusals:
+            reasons[uid] = {"all": refusals[uid]}
+        else:
+            reasons[uid] = {p.name: host.skip_reason(p, source.ref) or "accepted" for p in host.models}
+    return reasons
 
 
 def combine_risk(risks: Sequence[float], policy: str) -> float | None:
@@ -83,54 +260,110 @@ def combine_risk(risks: Sequence[float], policy: str) -> float | None:
     return max(risks)
 
 
-def run_model(host: ModelHost, model: str, refs: Sequence[ImageRef], job: StudyJob, output_dir: Path) -> ModelRun:
-    """Run one model on the study and write its SR and heatmap SCs under *output_dir*."""
-    run = ModelRun(model=model)
-    started = time.perf_counter()
-    for result in host.run(model, refs):
+def analyse_study(host: ModelHost, models: Iterable[str], sources: Sequence[Source], settings: Settings,
+                  output_dir: Path, timings: StudyTimings | None = None,
+                  on_model_done: Callable[[ModelRun], None] | None = None) -> list[ModelRun]:
+    """Run *models* over the study's *sources* and write each model's SR and heatmap SCs under
+    ``output_dir / <model>``.
+
+    Each image is decoded at most once per frame policy, whichever models read it; images the
+    pixel budget refuses are never decoded.  Nothing raises for a bad image or a failing model.
+
+    :param on_model_done: Called with each model's run as soon as it is finished (the journal).
+    """
+    timings = timings if timings is not None else StudyTimings()
+    refs = [s.ref for s in sources if s.ref is not None]
+    refusals = study_budget_refusals(host, refs, settings)
+    by_uid = {s.instance.sop_instance_uid: s for s in sources}
+    images = DecodedImages(timings)
+    runs = []
+    for model in models:
+        run = ModelRun(model=model)
+        started = time.perf_counter()
+        _run_one(host, model, refs, refusals, images, run, timings.models.setdefault(model, RunTimings()))
+        run.seconds_inference = time.perf_counter() - started
+        if run.predictions:
+            started = time.perf_counter()
+            _build_outputs(host, run, by_uid, images, output_dir / model, timings)
+            run.seconds_outputs = time.perf_counter() - started
+            timings.outputs[model] = run.seconds_outputs
+        runs.append(run)
+        if on_model_done is not None:
+            on_model_done(run)
+    return runs
+
+
+def _run_one(host: ModelHost, model: str, refs: Sequence[ImageRef], refusals: dict[str, str],
+             images: DecodedImages, run: ModelRun, timings: RunTimings) -> None:
+    plugin = host.plugin(model)
+    accepted = []
+    for ref in refs:
+        reason = host.skip_reason(plugin, ref) or refusals.get(ref.sop_instance_uid)
+        if reason is None:
+            accepted.append(ref)
+        else:
+            run.skipped.append(SkippedImage(model_name=model, image=ref, reason=reason))
+    if not accepted:
+        return
+    try:
+        policy = str(host.load(model).options["frames"])
+    except PluginError as exc:  # our own words: which model, and why it cannot load
+        run.failures.extend(ImageFailure(model_name=model, image=ref, error=str(exc)) for ref in accepted)
+        return
+    frames: list[tuple[ImageRef, np.ndarray]] = []
+    for ref in accepted:
+        decoded = images.frames(ref, policy)
+        if isinstance(decoded, str):
+            run.failures.append(ImageFailure(model_name=model, image=ref, error=decoded))
+        else:
+            frames.extend(decoded)
+    for result in host.run_images(model, frames, timings) if frames else ():
         if isinstance(result, Prediction):
             run.predictions.append(result)
         elif isinstance(result, ImageFailure):
             run.failures.append(result)
         else:
             run.skipped.append(result)
-    run.seconds_inference = time.perf_counter() - started
-    if not run.predictions:
-        return run
-    started = time.perf_counter()
+
+
+def _build_outputs(host: ModelHost, run: ModelRun, by_uid: dict[str, Source], images: DecodedImages,
+                   output_dir: Path, timings: StudyTimings) -> None:
     try:
-        run.outputs = write_outputs(host, model, run.predictions, output_dir)
+        run.outputs = write_outputs(host, run.model, run.predictions, by_uid, images, output_dir, timings)
     except Exception as exc:  # a writer bug must fail this model's outputs, not the study
-        # No traceback and no message in the log: both carry the source's patient attributes when one
-        # of them is what failed (pydicom: "Unable to convert '1971-03-04' to 'DA' object", and the
-        # frame locals of highdicom's constructor).  The journal, next to the images, keeps the message.
-        log.error("outputs.failed", model=model, job_id=job.job_id, error=type(exc).__name__)
-        run.outputs_error = f"building outputs failed: {type(exc).__name__}: {exc}"
-        run.failures.append(ImageFailure(model_name=model, image=run.predictions[0].image,
+        # The type and our words only: highdicom and pydicom quote the source's patient attributes
+        # ("Unable to convert '1958-11-23' to 'DA' object"), here and in the journal alike.
+        run.outputs_error = failure_reason("building outputs failed", exc)
+        log.error("outputs.failed", model=run.model, error=run.outputs_error)
+        run.failures.append(ImageFailure(model_name=run.model, image=run.predictions[0].image,
                                          error=run.outputs_error))
-    run.seconds_outputs = time.perf_counter() - started
-    return run
 
 
-def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction], output_dir: Path) -> list[Path]:
-    """Build the SR and one SC per prediction with a heatmap; save them as DICOM files."""
+def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction], by_uid: dict[str, Source],
+                  images: DecodedImages, output_dir: Path, timings: StudyTimings | None = None) -> list[Path]:
+    """Build the SR and one SC per prediction with a heatmap from the kept headers and display
+    images (no source is read again); save them as DICOM files."""
     # The loaded model's spec: its version names the checkpoint it runs with, as its predictions do.
     plugin = host.load(model).plugin
-    sources = {p.image.sop_instance_uid: pydicom.dcmread(p.image.path) for p in predictions}
+    sources = {p.image.sop_instance_uid: by_uid[p.image.sop_instance_uid] for p in predictions}
+    started = time.perf_counter()
     # A resend with the same UIDs but other bytes (the gateway keeps the new copy as a new study
     # version) must give outputs with new UIDs, or the PACS keeps the stale ones.
-    digests = {p.image.sop_instance_uid: file_digest(p.image.path) for p in predictions}
+    digests = {uid: source.digest for uid, source in sources.items()}
+    if timings is not None:
+        timings.digest += time.perf_counter() - started
+    headers = {uid: source.header for uid, source in sources.items() if source.header is not None}
     reported = ReportedModel.from_spec(plugin.spec, predictions[0].parameters)
     demo = any(p.demo_weights for p in predictions)
     output_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    sr = build_sr(list(sources.values()), predictions, model=reported, demo_weights=demo,
-                  source_digests=digests)
+    sr = build_sr(list(headers.values()), predictions, model=reported, demo_weights=demo, source_digests=digests)
     written.append(_save(sr, output_dir))
     for index, prediction in enumerate(p for p in predictions if p.heatmap is not None):
-        sc = build_heatmap_sc(sources[prediction.image.sop_instance_uid], None, prediction,
+        uid = prediction.image.sop_instance_uid
+        sc = build_heatmap_sc(headers[uid], images.display(prediction.image), prediction,
                               instance_number=index + 1, display_name=plugin.spec.display_name,
-                              source_digest=digests[prediction.image.sop_instance_uid])
+                              source_digest=digests[uid])
         written.append(_save(sc, output_dir))
     return written
 

@@ -25,15 +25,19 @@ from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
 from workers.pacs import deliver as deliver_to_pacs
+from plugins.types import failure_reason
 from workers.pipeline import (
     ModelRun,
+    StudyTimings,
     accepting_models,
+    adds_new_source,
+    analyse_study,
     combine_risk,
     model_host,
-    output_dir_for,
     prediction_summary,
-    run_model,
-    study_refs,
+    read_sources,
+    skip_reasons,
+    study_budget_refusals,
 )
 from workers.results import DELIVERY_RETRY, MODEL_DONE_PREFIX, ResultsStore
 
@@ -110,10 +114,10 @@ def analyse(self: Task, job: dict[str, Any], stage: str = "first") -> None:
             raise  # the process is going away: acks_late + reject_on_worker_lost give the study back
         # BaseException, not Exception: a Rust decoder's panic (pyo3's PanicException) is one, and
         # escaping here it left the study "analysing" for ever with its message acknowledged.
-        # Type only: messages and traceback locals can hold patient attributes; the letter keeps the message.
-        log.error("analysis.failed", error=type(exc).__name__)
-        letter = store.dead_letter("analyse", study.job_id, {"job": job, "stage": stage},
-                                   f"analysis failed: {type(exc).__name__}: {exc}")
+        # The type and our own words only (failure_reason): a foreign message can quote patient data.
+        reason = failure_reason("analysis failed", exc)
+        log.error("analysis.failed", error=reason)
+        letter = store.dead_letter("analyse", study.job_id, {"job": job, "stage": stage}, reason)
         store.event(study.job_id, "dead-lettered", f"letter {letter}")
         store.reset_attempts(key)
         give_up(str(exc))
@@ -121,14 +125,31 @@ def analyse(self: Task, job: dict[str, Any], stage: str = "first") -> None:
 
 def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Settings, store: ResultsStore,
              key: str) -> None:
+    """One stage of a study version; it ends in a final state (done, delivered via the delivery
+    task, skipped, dead-lettered) or hands the rest to the next stage."""
     store.event(study.job_id, f"analysis_start:{stage}")
+    timings = StudyTimings()
+    sources = read_sources(study, timings)
+    if stage == "first" and not adds_new_source(study, sources):
+        # Our own SR and SCs sent back by the PACS, or nothing an earlier version lacked: the earlier
+        # version's findings and final state stand, and no model runs or delivers again.
+        store.event(study.job_id, "not_analysed", "this study version adds no new source image (only our own "
+                                                  "outputs or instances an earlier version already had)")
+        store.reset_attempts(key)
+        return
     store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
                        priority=int(study.priority), state="analysing")
     host = model_host(settings, worker_device(settings))
-    refs, unreadable = study_refs(study)
+    unreadable = [{"sop_instance_uid": s.instance.sop_instance_uid, "error": s.error} for s in sources if s.error]
     for problem in unreadable:
         log.warning("instance.unreadable", sop_uid_hash=problem["sop_instance_uid"][-8:], error=problem["error"])
-    models = accepting_models(host, refs)
+    models = accepting_models(host, [s.ref for s in sources if s.ref is not None])
+    if not models:
+        if unreadable:
+            raise PermanentError("no model accepts any readable image; unreadable: "
+                                 + "; ".join(str(u["error"]) for u in unreadable[:5]))
+        _finish_skipped(store, study, skip_reasons(host, sources), key)
+        return
     first = settings.triage.first_stage_model
     if stage == "first" and first in models:
         this_stage, later = [first], [m for m in models if m != first]
@@ -137,21 +158,25 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
     else:
         this_stage, later = [m for m in models if m != first], []
 
-    runs: list[ModelRun] = []
+    def journal(run: ModelRun) -> None:
+        # Unreadable instances are every model's failures: journalled and shown, not only logged.
+        store.record_analysis(study.job_id, run.model, run.risk, [prediction_summary(p) for p in run.predictions],
+                              [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
+                               for f in run.failures] + unreadable, [str(p) for p in run.outputs])
+        store.event(study.job_id, f"{MODEL_DONE_PREFIX}{run.model}",
+                    json.dumps({"inference_s": round(run.seconds_inference, 3),
+                                "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures),
+                                # Why this model left images out (its rules, the routing, the pixel budget).
+                                "skipped": [{"sop_instance_uid": k.image.sop_instance_uid, "reason": k.reason}
+                                            for k in run.skipped]}))
+
+    output_root = Path(settings.gateway.data_dir).resolve() / "outputs" / study.job_id
     try:
-        for model in this_stage:
-            run = run_model(host, model, refs, study, output_dir_for(settings, study, model))
-            runs.append(run)
-            # Unreadable instances are every model's failures: journalled and shown, not only logged.
-            store.record_analysis(study.job_id, model, run.risk, [prediction_summary(p) for p in run.predictions],
-                                  [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
-                                   for f in run.failures] + unreadable, [str(p) for p in run.outputs])
-            store.event(study.job_id, f"{MODEL_DONE_PREFIX}{model}",
-                        json.dumps({"inference_s": round(run.seconds_inference, 3),
-                                    "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures)}))
+        runs = analyse_study(host, this_stage, sources, settings, output_root, timings, on_model_done=journal)
     except SoftTimeLimitExceeded:
         store.event(study.job_id, "analysis_timeout", stage)
         raise
+    store.event(study.job_id, f"timings:{stage}", json.dumps(timings.as_dict()))
 
     all_risks = [a["risk"] for a in store.analyses(study.job_id) if a["risk"] is not None]
     risk = combine_risk(all_risks, settings.triage.policy)
@@ -183,7 +208,14 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         if failed:
             # Every image failed in every model: nothing will reach the PACS, so say so visibly.
             raise PermanentError(f"no model could analyse any image: {'; '.join(failed[:5])}")
+        # Nothing failed and nothing was found: every image was declined (routing, pixel budget).
+        refs = [s.ref for s in sources if s.ref is not None]
+        _finish_skipped(store, study, skip_reasons(host, sources, study_budget_refusals(host, refs, settings)), key)
+        return
     outputs = [str(p) for run in runs for p in run.outputs]
+    if not outputs and not later:
+        # This stage adds nothing to deliver; the first stage's outputs may all be stored already.
+        _mark_delivered(store, study.study_instance_uid, study.job_id)
     if outputs:
         app.send_task("workers.tasks.deliver", kwargs={"job_id": study.job_id, "paths": outputs,
                                                        "study_uid": study.study_instance_uid},
@@ -193,6 +225,15 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "rest"},
                       queue=ANALYSIS_QUEUE, priority=int(priority), retry=True,
                       retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+    store.reset_attempts(key)
+
+
+def _finish_skipped(store: ResultsStore, study: StudyJob, reasons: dict[str, dict[str, str]], key: str) -> None:
+    """Final state ``skipped``: no model analyses any image; each image's reasons are journalled."""
+    store.event(study.job_id, "skipped", json.dumps(reasons, sort_keys=True))
+    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
+                       priority=int(study.priority), state="skipped", findings=[])
+    log.info("analysis.skipped", images=len(reasons))
     store.reset_attempts(key)
 
 
@@ -225,7 +266,7 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
         try:
             datasets.append(pydicom.dcmread(path))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            store.dead_letter("deliver", job_id, kwargs, f"output {path} unreadable: {exc}")
+            store.dead_letter("deliver", job_id, kwargs, failure_reason(f"output {path} unreadable", exc))
             return
     pending_error: Exception | None = None
     for destination in settings.delivery.destinations:
