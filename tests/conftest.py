@@ -1,4 +1,4 @@
-"""Suite-wide fixtures: strict pydicom, a running gateway, and the peers' binaries."""
+"""Suite-wide fixtures: strict pydicom, a running gateway, the peers' binaries and a private Redis."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from gateway.logging import configure_logging
 from gateway.settings import Settings, load_settings
 from tests.dispatchers import RecordingDispatcher
+from tests.peers import RedisServer
 from tests.utils import get_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,3 +59,32 @@ def gateway_settings(tmp_path: Path, **gateway: object) -> Settings:
 @pytest.fixture
 def recording_dispatcher() -> RecordingDispatcher:
     return RecordingDispatcher()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private ``redis-server`` for the session, on a free port with its files under pytest's tmp dir.
+
+    The suite never connects to a Redis it did not start: nothing need run on the machine, and no test
+    can flush someone else's data.
+    """
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), persistent=False)
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
+    with server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The broker URL of the session's private Redis, emptied before and after the test."""
+    import redis  # the Celery extra's client; only the tests that use a broker pay for the import
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    try:
+        yield redis_server.url
+    finally:
+        client.flushall()
+        client.close()

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from tests.peers import Orthanc, get_free_port
+from tests.peers import Orthanc, RedisServer, get_free_port
 from tests.utils import make_instance, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,75 +108,6 @@ def assert_no_phi_in_logs(log_files: Iterable[Path], phi: set[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- peers
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-class RedisServer:
-    """A private ``redis-server`` on a free port: the suite never touches a shared Redis another test flushes.
-
-    :param workdir: Its working directory (the append-only file lives here).
-    :param persistent: ``appendonly yes`` with ``appendfsync always``: a kill -9 loses no acknowledged write.
-    """
-
-    def __init__(self, workdir: Path, *, persistent: bool = True) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not installed")
-        self.binary = binary
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = get_free_port()
-        self.persistent = persistent
-        self.log_path = workdir / "redis.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
-        )
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--dir",
-                    str(self.workdir),
-                    *persistence,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for(lambda: _port_open(self.port), timeout=20)
-
-    def kill(self) -> None:
-        """kill -9: what a crashed or OOM-killed Redis does."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
 
 
 def restart_orthanc(orthanc: Orthanc, timeout: float = 60.0) -> None:

@@ -1,7 +1,9 @@
-"""Real DICOM peers for tests: an Orthanc PACS and a DCMTK storescp, each on free loopback ports.
+"""Real peers for tests: an Orthanc PACS, a DCMTK storescp and a Redis broker, each on free loopback ports.
 
-Both run as child processes with temporary storage and are stopped with ``terminate`` (then
-``kill``) on exit.  ``TCP_NODELAY=1`` is set in their environment, as in production.
+All run as child processes with temporary storage and are stopped with ``terminate`` (then ``kill``) on
+exit.  ``TCP_NODELAY=1`` is set in the DICOM peers' environment, as in production.  The suite connects
+only to peers it started here, so it needs nothing running on the machine and never flushes a Redis that
+someone else uses.
 """
 
 from __future__ import annotations
@@ -222,6 +224,84 @@ class StoreSCP:
         _stop(self.process)
 
     def __enter__(self) -> StoreSCP:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, its files under *workdir*.
+
+    :param workdir: Its working directory (the append-only file and the log live here).
+    :param persistent: ``appendonly yes`` with ``appendfsync always``: a kill -9 loses no acknowledged write.
+    :param startup_timeout: Seconds to wait for its port to open.
+    """
+
+    def __init__(self, workdir: Path, *, persistent: bool = True, startup_timeout: float = 20.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed; .ci/bootstrap --test-peers installs it")
+        self.binary = binary
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = get_free_port()
+        self.persistent = persistent
+        self.startup_timeout = startup_timeout
+        self.log_path = workdir / "redis.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """The broker URL of database 0."""
+        return self.url_of(0)
+
+    def url_of(self, db: int) -> str:
+        """The broker URL of database *db*."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        """Start (or restart, on the same port and files) the server and wait for its port."""
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--dir",
+                    str(self.workdir),
+                    *persistence,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while not _port_open(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start:\n{_tail(self.log_path)}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9: what a crashed or OOM-killed Redis does."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Terminate the server (kill it if it does not stop in time)."""
+        if self.process is not None:
+            _stop(self.process)
+
+    def __enter__(self) -> RedisServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

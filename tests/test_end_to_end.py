@@ -17,31 +17,29 @@ from typing import Any
 import highdicom as hd
 import pydicom
 import pytest
-import redis
 import yaml
 
 from gateway.settings import load_settings
 from plugins import synthetic
 from tests.conftest import require_binary
 from tests.peers import running_orthanc
-from tests.test_triage_order import BUILTIN_MODELS, redis_url, start_worker, stop
+from tests.test_triage_order import BUILTIN_MODELS, start_worker, stop
 from tests.utils import get_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-REDIS_DB = 10
 PROBABILITY_OF_CANCER = "111047"
 
 
 def write_site_config(
-    tmp_path: Path, port: int, orthanc: Any, redis_db: int, *, allow_demo_weights: bool
+    tmp_path: Path, port: int, orthanc: Any, broker_url: str, *, allow_demo_weights: bool
 ) -> Path:
-    """A site config for the whole pipeline on loopback: gateway on *port*, Celery on Redis db *redis_db*,
-    ASG-MammoNet (first stage) and US-Fusion only, delivering to *orthanc*."""
+    """A site config for the whole pipeline on loopback: gateway on *port*, Celery on the Redis at
+    *broker_url*, ASG-MammoNet (first stage) and US-Fusion only, delivering to *orthanc*."""
     config = tmp_path / "site.yaml"
     config.write_text(yaml.safe_dump({
         "gateway": {"port": port, "host": "127.0.0.1", "data_dir": str(tmp_path / "data")},
         "assembly": {"quiet_seconds": 2.0, "tick_seconds": 0.2},
-        "broker": {"url": redis_url(redis_db)},
+        "broker": {"url": broker_url},
         "dispatch": {"kind": "celery"},
         "logging": {"level": "INFO", "json_output": True},
         "plugins": {"allow_demo_weights": allow_demo_weights, "load_entrypoints": False,
@@ -56,13 +54,11 @@ def write_site_config(
 @pytest.mark.redis
 @pytest.mark.peers
 @pytest.mark.slow
-def test_storescu_to_gateway_to_worker_to_orthanc(tmp_path: Path) -> None:
+def test_storescu_to_gateway_to_worker_to_orthanc(tmp_path: Path, redis_url: str) -> None:
     require_binary("storescu")
-    client = redis.Redis.from_url(redis_url(REDIS_DB))
-    client.flushdb()
     port = get_port()
     with running_orthanc(tmp_path / "orthanc") as orthanc:
-        config = write_site_config(tmp_path, port, orthanc, REDIS_DB, allow_demo_weights=True)
+        config = write_site_config(tmp_path, port, orthanc, redis_url, allow_demo_weights=True)
         log = tmp_path / "processes.log"
         with log.open("ab") as out:
             gateway = subprocess.Popen([sys.executable, "-m", "workers.cli", "gateway", "--config", str(config)],

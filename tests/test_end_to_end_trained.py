@@ -23,7 +23,6 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-import redis
 import torch
 
 from gateway.settings import load_settings
@@ -35,15 +34,13 @@ from plugins.weights import file_sha256, load_checkpoint
 from tests.conftest import require_binary
 from tests.peers import running_orthanc
 from tests.test_end_to_end import PROBABILITY_OF_CANCER, _image_of, _walk, write_site_config
-from tests.test_triage_order import redis_url, start_worker, stop
+from tests.test_triage_order import start_worker, stop
 from tests.utils import get_port, wait_for
 from workers.results import ResultsStore
 
 pytestmark = [pytest.mark.redis, pytest.mark.peers, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-# 9-11 belong to the other Celery tests, 12 to the latency benchmark, 13 to test_http.
-REDIS_DB = 14
 TRAINED = {"asg_mammonet": "mg", "us_fusion": "us"}
 MEASUREMENT_GROUP = "125007"
 ALGORITHM_PARAMETERS = "111002"
@@ -83,13 +80,11 @@ def _tail(path: Path, limit: int = 6000) -> str:
     return path.read_text(errors="replace")[-limit:] if path.exists() else ""
 
 
-def test_trained_checkpoints_serve_in_the_pipeline(tmp_path: Path, one_thread: None) -> None:
+def test_trained_checkpoints_serve_in_the_pipeline(tmp_path: Path, one_thread: None, redis_url: str) -> None:
     require_binary("storescu")
-    client = redis.Redis.from_url(redis_url(REDIS_DB))
-    client.flushdb()
     port = get_port()
     with running_orthanc(tmp_path / "orthanc") as orthanc:
-        config = write_site_config(tmp_path, port, orthanc, REDIS_DB, allow_demo_weights=False)
+        config = write_site_config(tmp_path, port, orthanc, redis_url, allow_demo_weights=False)
 
         checkpoints: dict[str, Path] = {}
         for arch, kind in TRAINED.items():

@@ -431,18 +431,9 @@ def test_oldest_unfinished_study_ignores_finished_and_superseded_versions(tmp_pa
 
 
 @pytest.mark.redis
-def test_queue_depth_on_redis_counts_every_priority(tmp_path: Path) -> None:
-    import redis
-
-    url = "redis://127.0.0.1:6379/13"
-    client = redis.Redis.from_url(url)
+def test_queue_depth_on_redis_counts_every_priority(tmp_path: Path, redis_url: str) -> None:
     try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.fail("no Redis on 127.0.0.1:6379; .ci/run starts one")
-    client.flushdb()
-    try:
-        settings = make_settings(tmp_path, **{"broker.url": url})
+        settings = make_settings(tmp_path, **{"broker.url": redis_url})
         assert queue_depths(settings) == {"analysis": 0, "delivery": 0}  # nothing was ever queued
         app = configured_app(settings)
         # The Redis transport keeps one list per priority level: a count of one list would miss most.
@@ -451,7 +442,6 @@ def test_queue_depth_on_redis_counts_every_priority(tmp_path: Path) -> None:
         app.send_task("workers.tasks.deliver", kwargs={}, queue="delivery", priority=2)
         assert queue_depths(settings) == {"analysis": 4, "delivery": 1}
     finally:
-        client.flushdb()
         configured_app(make_settings(tmp_path))
 
 

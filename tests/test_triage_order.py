@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import yaml
 
 from gateway.messages import InstanceRef, Priority, StudyJob
@@ -25,24 +24,7 @@ from tests.peers import running_storescp
 from tests.utils import make_instance, wait_for, write
 
 REPO = Path(__file__).resolve().parent.parent
-REDIS_DB = 9
 BUILTIN_MODELS = ["asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion"]
-
-
-def redis_url(db: int = REDIS_DB) -> str:
-    return f"redis://127.0.0.1:6379/{db}"
-
-
-@pytest.fixture
-def clean_redis() -> redis.Redis:
-    client = redis.Redis.from_url(redis_url())
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.fail("no Redis on 127.0.0.1:6379; .ci/run starts one")
-    client.flushdb()
-    yield client
-    client.flushdb()
 
 
 def start_worker(config: Path, queues: str, log: Path) -> subprocess.Popen:
@@ -76,7 +58,7 @@ def brightness_instance(bright: bool, seed: int):
 
 @pytest.mark.redis
 @pytest.mark.slow
-def test_high_risk_study_overtakes_waiting_routine_studies(tmp_path: Path, clean_redis: redis.Redis) -> None:
+def test_high_risk_study_overtakes_waiting_routine_studies(tmp_path: Path, redis_url: str) -> None:
     from workers.app import configure_app
     from workers.dispatch import CeleryDispatcher
     from workers.results import ResultsStore
@@ -85,7 +67,7 @@ def test_high_risk_study_overtakes_waiting_routine_studies(tmp_path: Path, clean
         config = tmp_path / "triage.yaml"
         config.write_text(yaml.safe_dump({
             "gateway": {"data_dir": str(tmp_path / "data")},
-            "broker": {"url": redis_url()},
+            "broker": {"url": redis_url},
             "dispatch": {"kind": "celery"},
             "logging": {"level": "INFO", "json_output": True},
             "plugins": {"drop_in_dir": str(REPO / "tests" / "triage_plugins"), "load_entrypoints": False,

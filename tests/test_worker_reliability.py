@@ -8,17 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
 
 from gateway.messages import InstanceRef, Priority, StudyJob
 from gateway.settings import load_settings
 from tests.peers import running_storescp
-from tests.test_triage_order import BUILTIN_MODELS, brightness_instance, redis_url, start_worker, stop
+from tests.test_triage_order import BUILTIN_MODELS, brightness_instance, start_worker, stop
 from tests.utils import get_port, wait_for, write
 
 REPO = Path(__file__).resolve().parent.parent
-REDIS_DB = 11
 
 
 def _job(tmp_path: Path, bright: bool, name: str) -> StudyJob:
@@ -33,10 +31,10 @@ def _job(tmp_path: Path, bright: bool, name: str) -> StudyJob:
     )
 
 
-def _config(tmp_path: Path, **extra: object) -> Path:
+def _config(tmp_path: Path, broker_url: str, **extra: object) -> Path:
     data = {
         "gateway": {"data_dir": str(tmp_path / "data")},
-        "broker": {"url": redis_url(REDIS_DB)},
+        "broker": {"url": broker_url},
         "logging": {"level": "INFO", "json_output": True},
         "plugins": {"load_entrypoints": False, "disabled": BUILTIN_MODELS, "allow_demo_weights": True},
         "worker": {"max_redeliveries": 2},
@@ -47,14 +45,6 @@ def _config(tmp_path: Path, **extra: object) -> Path:
     return path
 
 
-@pytest.fixture
-def clean_redis() -> redis.Redis:
-    client = redis.Redis.from_url(redis_url(REDIS_DB))
-    client.flushdb()
-    yield client
-    client.flushdb()
-
-
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "workers.cli", *args, "--config", str(config)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -62,12 +52,12 @@ def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.redis
 @pytest.mark.slow
-def test_a_poison_study_is_dead_lettered_after_capped_redeliveries(tmp_path: Path, clean_redis) -> None:
+def test_a_poison_study_is_dead_lettered_after_capped_redeliveries(tmp_path: Path, redis_url: str) -> None:
     from workers.app import configure_app
     from workers.dispatch import CeleryDispatcher
     from workers.results import ResultsStore
 
-    config = _config(tmp_path, plugins={"drop_in_dir": str(REPO / "tests" / "poison_plugins"),
+    config = _config(tmp_path, redis_url, plugins={"drop_in_dir": str(REPO / "tests" / "poison_plugins"),
                                         "load_entrypoints": False, "disabled": BUILTIN_MODELS,
                                         "allow_demo_weights": True},
                      triage={"first_stage_model": "poison"})
@@ -95,13 +85,13 @@ def test_a_poison_study_is_dead_lettered_after_capped_redeliveries(tmp_path: Pat
 @pytest.mark.redis
 @pytest.mark.peers
 @pytest.mark.slow
-def test_failing_delivery_is_dead_lettered_then_replayed(tmp_path: Path, clean_redis) -> None:
+def test_failing_delivery_is_dead_lettered_then_replayed(tmp_path: Path, redis_url: str) -> None:
     from workers.app import configure_app
     from workers.dispatch import CeleryDispatcher
     from workers.results import ResultsStore
 
     dead_port = get_port()
-    config = _config(tmp_path, plugins={"drop_in_dir": str(REPO / "tests" / "triage_plugins"),
+    config = _config(tmp_path, redis_url, plugins={"drop_in_dir": str(REPO / "tests" / "triage_plugins"),
                                         "load_entrypoints": False, "disabled": BUILTIN_MODELS,
                                         "allow_demo_weights": True, "models": {"triage_probe_heavy": {"enabled": False}}},
                      triage={"first_stage_model": "triage_probe"},
