@@ -65,3 +65,27 @@ def pacs_triage_high_risk_study(study_instance_uid: str, risk: float, prediction
     Paging, e-mail or chat notifications.  The built-in ``plugins.builtin.notify`` logs a
     ``study.high_risk`` event.
     """
+
+
+# -------------------------------------------------------------------------
+# Training hooks
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def pacs_triage_training_recipes() -> list[type]:
+    """Return the training recipe classes this plugin provides.
+
+    Each is a subclass of ``training.recipes.Recipe`` whose ``name`` is the model plugin it trains;
+    ``pacs-triage train``, ``evaluate`` and ``demo-weights`` refuse two recipes for one model.  The
+    runtime never calls this hook (the ``training`` package does), so a plugin imports its training
+    code inside the implementation or in a module of its own, and a gateway or worker host that has
+    no ``training`` extra still loads it.
+
+    .. versionadded:: 0.1
+
+    Use in plugins
+    ~~~~~~~~~~~~~~
+    A model plugin that can be trained with ``pacs-triage train``.  The built-in recipes are the
+    modules of ``training.models``, registered as ``training.<model>``.
+    """

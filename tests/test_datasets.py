@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plugins.synthetic import write_dataset_dir
-from plugins.training.datasets import (
+from training.datasets import (
     DatasetError,
     Record,
     assert_no_patient_leak,

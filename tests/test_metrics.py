@@ -1,4 +1,4 @@
-"""Tests of the metrics: hand-computed cases, sklearn-free identities, calibration, figures, paper table."""
+"""Tests of the metrics: hand-computed cases, identities, calibration, figures, paper table."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugins.training import metrics as m
+from training import metrics as m
 
 # ---------------------------------------------------------------------------------------------------------
 # Confusion-matrix metrics
@@ -308,3 +308,68 @@ def test_format_comparison_puts_ours_beside_the_paper() -> None:
     assert "mcc" in birads and "—" in birads
     with pytest.raises(ValueError, match="known"):
         m.paper_results("vgg16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Operating points and the papers' extra figures
+
+
+def test_youden_threshold_is_the_roc_point_farthest_above_the_diagonal() -> None:
+    assert m.youden_threshold([0.1, 0.2, 0.3, 0.6, 0.7, 0.9], [0, 0, 0, 1, 1, 1]) == 0.6
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 300)
+    scores = y + rng.normal(0, 1.0, 300)
+    threshold = m.youden_threshold(scores, y)
+    pred = (scores >= threshold).astype(int)
+    best = m.recall(y, pred) + m.specificity(y, pred) - 1
+    for other in np.unique(scores):
+        alternative = (scores >= other).astype(int)
+        assert m.recall(y, alternative) + m.specificity(y, alternative) - 1 <= best + 1e-12
+    with pytest.raises(ValueError, match="both classes"):
+        m.youden_threshold([0.2, 0.4], [1, 1])
+
+
+def test_decision_curve_net_benefit() -> None:
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    perfect = m.decision_curve(y, y.astype(float), thresholds=[0.1, 0.5])
+    # A perfect model flags the two positives only: net benefit = prevalence at every threshold.
+    np.testing.assert_allclose(perfect.model, [0.2, 0.2])
+    np.testing.assert_allclose(perfect.treat_all, [0.2 - 0.8 * (0.1 / 0.9), 0.2 - 0.8])
+    useless = m.decision_curve(y, np.full(10, 0.5), thresholds=[0.3])
+    np.testing.assert_allclose(useless.model, useless.treat_all)  # flags everyone, like treat-all
+    with pytest.raises(ValueError, match="strictly between"):
+        m.decision_curve(y, y, thresholds=[1.0])
+
+
+def test_reliability_curves_follow_the_diagonal_when_calibrated_and_tsne_separates_classes(
+    tmp_path: Path,
+) -> None:
+    logits, y = _calibrated_logits(3000, 3, 5)
+    curves = m.reliability_curves(y, m.softmax(logits), ["a", "b", "c"])
+    assert set(curves) == {"a", "b", "c"}
+    for predicted, observed in curves.values():
+        assert np.all(np.abs(predicted - observed) < 0.1)
+    overconfident = m.reliability_curves(y, m.softmax(logits * 4), ["a", "b", "c"])
+    assert max(np.abs(p - o).max() for p, o in overconfident.values()) > 0.15
+    rng = np.random.default_rng(6)
+    labels = np.repeat([0, 1], 30)
+    features = rng.normal(0, 0.3, (60, 5)) + labels[:, None] * 4.0
+    embedding = m.tsne_embedding(features)
+    centres = [embedding[labels == k].mean(axis=0) for k in (0, 1)]
+    spread = max(embedding[labels == k].std(axis=0).max() for k in (0, 1))
+    assert np.linalg.norm(centres[0] - centres[1]) > 2 * spread
+    figures = [
+        m.render_reliability(curves, tmp_path / "reliability.png"),
+        m.render_decision_curve(m.decision_curve(labels, labels * 0.8 + 0.1), tmp_path / "dca.png"),
+        m.render_tsne(embedding, labels, ["benign", "malignant"], tmp_path / "tsne.png"),
+    ]
+    for path in figures:
+        image = cv2.imread(str(path))
+        assert image is not None and image.std() > 10
+
+
+def test_mean_std_of_repeated_runs() -> None:
+    assert m.mean_std([0.9, 0.8, 1.0]) == (pytest.approx(0.9), pytest.approx(0.1))
+    assert m.mean_std([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError):
+        m.mean_std([])

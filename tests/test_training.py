@@ -13,20 +13,29 @@ import argparse
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from gateway.settings import ModelSettings, PluginSettings, Settings, load_settings
+from plugins import hookimpl
 from plugins.host import ModelHost
+from plugins.manager import get_plugin_manager
 from plugins.preprocess import read_image_ref
 from plugins.synthetic import make_mg_image, make_us_image, write_dataset_dir
-from plugins.training import cli
-from plugins.training.datasets import Record, dataset_fingerprint, load_generic_csv
-from plugins.training.evaluate import evaluate_checkpoint, training_info
-from plugins.training.recipes import DEMO_PROFILES, RECIPES, Hyper, get_recipe, parse_value
-from plugins.training.trainer import (
+from plugins.types import Prediction
+from plugins.weights import file_sha256, load_checkpoint
+from training import cli
+from training.datasets import Record, dataset_fingerprint, load_generic_csv
+from training.evaluate import evaluate_checkpoint, training_info
+from training.models.lem import LemRecipe
+from training.models.us_fusion import UsFusionRecipe
+from training.recipes import Hyper, Recipe, parse_value
+from training.registry import demo_profiles, get_recipe, recipe_classes
+from training.trainer import (
     STATE_FILE,
     TrainConfig,
     TrainingInterrupted,
@@ -35,12 +44,11 @@ from plugins.training.trainer import (
     train,
     train_demo,
 )
-from plugins.types import Prediction
-from plugins.weights import file_sha256, load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ARCHITECTURES = ("asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion")
+DEMO_PROFILES = demo_profiles()
 SEED = 3
 
 
@@ -331,8 +339,9 @@ def _plugin(name: str) -> object:
 
 
 def test_every_model_has_a_recipe_whose_defaults_are_tagged() -> None:
-    assert set(RECIPES) == set(ARCHITECTURES) == set(DEMO_PROFILES)
-    for name, recipe in RECIPES.items():
+    recipes = recipe_classes()
+    assert set(recipes) == set(ARCHITECTURES) == set(DEMO_PROFILES)
+    for name, recipe in recipes.items():
         for key, hyper in recipe.HYPERPARAMETERS.items():
             assert isinstance(hyper, Hyper) and hyper.tag in ("paper", "inferred", "default"), (name, key)
         assert {"epochs", "batch_size", "lr"} <= set(recipe.HYPERPARAMETERS), name
@@ -422,3 +431,79 @@ def test_deploy_keeps_the_rest_of_the_config(tmp_path: Path) -> None:
     assert settings.plugin_config("lem").weights == checkpoint.resolve()
     assert settings.plugin_config("lem").batch_size == 2 and not settings.plugins.allow_demo_weights
     assert (tmp_path / "config.yaml.bak").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes come from the plugin manager (fast)
+
+
+class _ExtraRecipe(UsFusionRecipe):
+    """A third-party recipe: US-Fusion's protocol for a model plugin of its own."""
+
+    name = "us_fusion_extra"
+
+
+class _ExtraRecipePlugin:
+    @hookimpl
+    def pacs_triage_training_recipes(self) -> list[type[Recipe]]:
+        return [_ExtraRecipe]
+
+
+def test_a_plugin_brings_its_own_recipe_through_the_hook() -> None:
+    manager = get_plugin_manager(
+        Settings(plugins=PluginSettings(load_entrypoints=False)), load_entrypoints=False
+    )
+    assert "us_fusion_extra" not in recipe_classes(manager)
+    manager.register(_ExtraRecipePlugin(), "extra")
+    recipes = recipe_classes(manager)
+    assert recipes["us_fusion_extra"] is _ExtraRecipe
+    assert set(ARCHITECTURES) < set(recipes)  # the built-ins are still there, registered once
+    assert recipe_classes(manager) == recipes
+    assert demo_profiles(manager)["us_fusion_extra"] is UsFusionRecipe.demo_profile
+
+
+def test_the_built_in_recipes_are_plugins_that_can_be_disabled_and_clashes_are_refused() -> None:
+    disabled = get_plugin_manager(
+        Settings(plugins=PluginSettings(load_entrypoints=False, disabled=("training.lem",))),
+        load_entrypoints=False,
+    )
+    recipes = recipe_classes(disabled)
+    assert "lem" not in recipes and "us_fusion" in recipes
+    with pytest.raises(
+        ValueError, match="no training recipe for model 'lem'; recipes exist for asg_mammonet"
+    ):
+        get_recipe(_plugin("lem"), plugin_manager=disabled)
+
+    class Clash:
+        @hookimpl
+        def pacs_triage_training_recipes(self) -> list[type[Recipe]]:
+            return [type("OtherLem", (LemRecipe,), {})]
+
+    clashing = get_plugin_manager(
+        Settings(plugins=PluginSettings(load_entrypoints=False)), load_entrypoints=False
+    )
+    clashing.register(Clash(), "clash")
+    with pytest.raises(ValueError, match="two recipes train model 'lem'"):
+        recipe_classes(clashing)
+
+    class NotARecipe:
+        @hookimpl
+        def pacs_triage_training_recipes(self) -> list[type]:
+            return [dict]
+
+    wrong = get_plugin_manager(
+        Settings(plugins=PluginSettings(load_entrypoints=False)), load_entrypoints=False
+    )
+    wrong.register(NotARecipe(), "wrong")
+    with pytest.raises(ValueError, match="not a Recipe subclass"):
+        recipe_classes(wrong)
+
+
+def test_the_plugins_package_never_imports_training() -> None:
+    code = (
+        "import sys, plugins.manager, plugins.host, plugins.cli; "
+        "from gateway.settings import Settings, PluginSettings; "
+        "plugins.manager.get_plugin_manager(Settings(plugins=PluginSettings(load_entrypoints=False))); "
+        "assert not [m for m in sys.modules if m == 'training' or m.startswith('training.')], sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

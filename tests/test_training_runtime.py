@@ -21,10 +21,13 @@ from torch.utils.data import Dataset
 from gateway.settings import ModelSettings, PluginSettings, Settings
 from plugins.host import ModelHost
 from plugins.synthetic import write_dataset_dir
-from plugins.training.datasets import Record, load_generic_csv
-from plugins.training.recipes import DEMO_PROFILES, UsFusionRecipe, get_recipe
-from plugins.training.trainer import (
+from plugins.weights import load_checkpoint
+from training.datasets import Record, load_generic_csv
+from training.models.us_fusion import UsFusionRecipe
+from training.registry import get_recipe
+from training.trainer import (
     STATE_FILE,
+    BestTracker,
     TrainConfig,
     Trainer,
     TrainingSet,
@@ -33,7 +36,6 @@ from plugins.training.trainer import (
     seed_everything,
     train,
 )
-from plugins.weights import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,12 +43,14 @@ SEED = 11
 NAME = "us_fusion"
 #: The demo profile cut down to seconds on one thread: 24 images of 64x64, MobileNetV2 branch only, two
 #: epochs with augmentation on, so that each epoch's seeds (and the worker copies of the data) matter.
+DEMO_PROFILE = UsFusionRecipe.demo_profile
+assert DEMO_PROFILE is not None
 PROFILE = dataclasses.replace(
-    DEMO_PROFILES[NAME],
+    DEMO_PROFILE,
     images=24,
     input_size=(64, 64),
     options={"fusion": "a_only"},
-    hyperparameters={**DEMO_PROFILES[NAME].hyperparameters, "epochs": 2, "augment": True},
+    hyperparameters={**DEMO_PROFILE.hyperparameters, "epochs": 2, "augment": True},
 )
 
 
@@ -212,3 +216,19 @@ def test_hybrid_cosine_schedule_anneals_to_zero_over_the_stage() -> None:
     assert paper.scheduler_step == "plateau"  # the paper's ReduceLROnPlateau stays the default
     with pytest.raises(ValueError, match="schedule 'linear' is not plateau or cosine"):
         get_recipe(plugin, hyperparameters={"schedule": "linear"}, input_size=(64, 64))
+
+
+def test_best_tracker_keeps_the_best_weights_and_counts_epochs_without_improvement() -> None:
+    """The early stopping every recipe's stage runs: a monitor that stops improving, then the best restored."""
+    net = torch.nn.Linear(2, 1)
+    tracker = BestTracker("min")
+    improved = []
+    for epoch, loss in enumerate([1.0, 0.5, 0.7, 0.8, 0.9, 0.6, 0.55]):
+        with torch.no_grad():
+            net.weight.fill_(float(epoch))
+        improved.append(tracker.step(loss, net))
+    assert improved == [True, True, False, False, False, False, False]
+    assert tracker.best == 0.5 and tracker.bad_epochs == 5
+    assert tracker.best_state is not None and torch.all(tracker.best_state["weight"] == 1.0)
+    auc = BestTracker("max")
+    assert [auc.step(v, net) for v in (0.6, 0.7, 0.65)] == [True, True, False] and auc.best == 0.7

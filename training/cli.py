@@ -1,6 +1,8 @@
 """The ``pacs-triage train``, ``evaluate`` and ``demo-weights`` commands; ``workers.cli`` adds them.
 
-torch is imported inside the handlers, so building the command's parser stays cheap.
+torch, the models and the recipes are imported inside the handlers, so building the console's parser
+(which every ``pacs-triage`` command does) stays cheap; which models can be trained is known only then,
+from the recipes the plugins bring (:mod:`training.registry`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from gateway.settings import Settings
 
 __all__ = ["DATASETS", "load_records", "parse_assignments", "parse_input_size", "register"]
 
-#: ``--dataset`` choices, each an adapter of :mod:`plugins.training.datasets`.
+#: ``--dataset`` choices, each an adapter of :mod:`training.datasets`.
 DATASETS: tuple[str, ...] = ("cbis-ddsm", "inbreast", "mias", "busi", "csv")
-_ARCHITECTURES = ("asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion")
 
 
 def register(
@@ -95,9 +96,10 @@ def _register_train(subparsers: Any, parents: list[argparse.ArgumentParser]) -> 
         "--arch",
         "--model",
         dest="arch",
-        choices=_ARCHITECTURES,
         required=True,
-        help="the model plugin to train",
+        metavar="NAME",
+        help="the model plugin to train (built-in: asg_mammonet, clgb_net, lem, hybrid_birads, us_fusion; "
+        "an installed plugin may bring its own recipe)",
     )
     _add_data_arguments(parser, required=False)
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (checkpoint, state, metrics)")
@@ -172,6 +174,14 @@ def _register_train(subparsers: Any, parents: list[argparse.ArgumentParser]) -> 
         choices=("auto", "memory", "none"),
         default="auto",
         help="keep decoded images in memory (auto: when they fit in 2 GiB)",
+    )
+    run.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N times with seeds SEED..SEED+N-1 (a new split each) and report the test metrics as "
+        "mean ± std, as ASG-MammoNet's paper does over 10 runs; the best run is exported (default 1)",
     )
     run.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from --out/train_state.pt"
@@ -254,9 +264,9 @@ def _register_demo(subparsers: Any, parents: list[argparse.ArgumentParser]) -> N
     parser.add_argument(
         "--arch",
         action="append",
-        choices=_ARCHITECTURES,
         default=[],
-        help="only this architecture (repeatable; default all)",
+        metavar="NAME",
+        help="only this model (repeatable; default every model whose recipe has a demo profile)",
     )
     parser.add_argument("--epochs", type=int, help="epochs per model (default: each profile's)")
     parser.add_argument("--images", type=int, help="synthetic images per model (default: each profile's)")
@@ -342,7 +352,7 @@ def load_records(dataset: str, data: Path, args: argparse.Namespace | None = Non
     :param data: the folder (or CSV file).
     :param args: the command's arguments (adapter options).
     """
-    from plugins.training import datasets as adapters
+    from training import datasets as adapters
 
     if dataset == "csv":
         return adapters.load_generic_csv(data)
@@ -382,8 +392,8 @@ def _env_line(name: str, checkpoint: Path) -> str:
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
     """``pacs-triage train``."""
     from plugins.host import ModelHost
-    from plugins.training.recipes import get_recipe
-    from plugins.training.trainer import TrainConfig, TrainingInterrupted, deploy_checkpoint, train
+    from training.registry import get_recipe
+    from training.trainer import TrainConfig, TrainingInterrupted, deploy_checkpoint, train
 
     try:
         hyper: dict[str, Any] = parse_assignments(args.hyper, "--set")
@@ -394,7 +404,11 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
         input_size = parse_input_size(args.input_size)
         host = ModelHost(settings, "cpu")
         recipe = get_recipe(
-            host.plugin(args.arch), hyperparameters=hyper, options=options, input_size=input_size
+            host.plugin(args.arch),
+            plugin_manager=host.plugin_manager,
+            hyperparameters=hyper,
+            options=options,
+            input_size=input_size,
         )
         if args.show_recipe:
             print(recipe.describe())
@@ -431,6 +445,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
             demo=args.demo,
             compare_paper=args.compare_paper,
             n_bootstrap=args.bootstrap,
+            repeats=args.repeats,
             log_line=_say,
         )
     except TrainingInterrupted as stopped:
@@ -453,14 +468,14 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """``pacs-triage evaluate``."""
     from tqdm.auto import tqdm
 
-    from plugins.training.evaluate import (
+    from training.evaluate import (
         comparison_text,
         evaluate_checkpoint,
         read_metadata,
         summary_lines,
         write_evaluation,
     )
-    from plugins.training.trainer import held_out_records
+    from training.trainer import held_out_records
 
     try:
         metadata = read_metadata(args.checkpoint)
@@ -508,12 +523,14 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_demo_weights(args: argparse.Namespace, settings: Settings) -> int:
     """``pacs-triage demo-weights``."""
-    from plugins.training.trainer import train_demo
+    from plugins.host import ModelHost
+    from training.registry import demo_profiles
+    from training.trainer import train_demo
 
-    names = args.arch or list(_ARCHITECTURES)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     try:
+        names = args.arch or list(demo_profiles(ModelHost(settings, "cpu").plugin_manager))
         for name in names:
             result = train_demo(
                 name,
@@ -545,6 +562,6 @@ def _disable(progress: bool | None) -> bool | None:
 
 def _plugin_name(settings: Settings, architecture: str) -> str:
     from plugins.host import ModelHost
-    from plugins.training.evaluate import plugin_for_architecture
+    from training.evaluate import plugin_for_architecture
 
     return plugin_for_architecture(ModelHost(settings, "cpu"), architecture)

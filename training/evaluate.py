@@ -5,7 +5,7 @@ Nothing here re-implements preprocessing or inference.  The checkpoint is config
 :meth:`~plugins.host.ModelHost.run_images` (PNG/PGM/TIFF of the public data sets), exactly as a worker runs
 them: decode, the plugin's ``preprocess``, batched ``forward``, ``postprocess`` with the checkpoint's
 temperature.  The :class:`~plugins.types.Prediction` probabilities become the metric report of
-:mod:`plugins.training.metrics`; their logarithms are the logits for temperature scaling (softmax does not
+:mod:`training.metrics`; their logarithms are the logits for temperature scaling (softmax does not
 change when a constant is added to every logit of a row).
 """
 
@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import struct
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,21 +25,32 @@ import cv2
 import numpy as np
 
 from gateway.settings import ModelSettings, Settings
-from plugins.training.datasets import Record, read_mask
-from plugins.training.metrics import (
+from plugins.host import ModelHost
+from plugins.preprocess import read_image_ref
+from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage
+from plugins.weights import METADATA_KEY, CheckpointMetadata, sidecar_path
+from training.datasets import Record, read_mask
+from training.metrics import (
     Calibration,
     MetricReport,
     classification_report,
+    decision_curve,
+    dice,
     format_comparison,
     format_report,
+    mask_recall,
     paper_results,
+    reliability_curves,
     render_confusion_matrix,
+    render_decision_curve,
+    render_reliability,
     render_roc_curves,
+    render_tsne,
     roc_auc,
+    tsne_embedding,
     write_summary_json,
 )
-from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage
-from plugins.weights import METADATA_KEY, CheckpointMetadata, sidecar_path
+from training.registry import recipe_class
 
 __all__ = [
     "DATASET_PAPER_NAMES",
@@ -221,8 +233,6 @@ def predict(
     :param chunk: images per host call.
     :param progress: called with the number of images done after each chunk.
     """
-    from plugins.preprocess import read_image_ref
-
     plugin = host.plugin(name)
     sop_class = (plugin.spec.accepts.sop_class_uids or ("",))[0]
     out: list[ImagePrediction] = []
@@ -289,6 +299,11 @@ class Evaluation:
     mask_recall: float | None = None
     demo_weights: bool = False
     calibration: Calibration | None = None
+    #: Figures beyond the confusion matrix, ROC and reliability curves that the model's paper shows
+    #: (``decision_curve``, ``tsne``): the recipe's :attr:`~training.recipes.Recipe.paper_figures`.
+    figures: tuple[str, ...] = ()
+    #: The classes whose summed probability is the risk (the decision curve's positive outcome).
+    positive_classes: tuple[str, ...] = ()
 
     def flat(self) -> dict[str, float]:
         """Scalar metrics by name, Dice included, for the paper comparison."""
@@ -298,6 +313,18 @@ class Evaluation:
         if self.mask_recall is not None:
             values["mask_recall"] = self.mask_recall
         return values
+
+    def risk_targets(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per scored image: 1 when its label is a positive class, and the model's risk; None without
+        positive classes or when the labels hold one outcome only."""
+        positive = [self.classes.index(c) for c in self.positive_classes if c in self.classes]
+        scored = [p for p in self.predictions if p.probabilities is not None and p.target is not None]
+        if not positive or not scored:
+            return None
+        target = np.isin([p.target for p in scored], positive).astype(np.int64)
+        if target.all() or not target.any():
+            return None
+        return target, np.asarray([p.risk for p in scored], dtype=np.float64)
 
     def logits(self) -> tuple[np.ndarray, np.ndarray]:
         """Log-probabilities (logits up to a per-row constant) and targets of the scored images."""
@@ -313,6 +340,7 @@ def score_predictions(
     positive_class: str | None,
     positive_classes: Sequence[str] = (),
     location_threshold: float | None = None,
+    decision_threshold: float | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> Evaluation:
@@ -324,6 +352,8 @@ def score_predictions(
     :param positive_class: the positive class of binary metrics (None = macro averages).
     :param positive_classes: the classes whose probability is the risk (for the risk AUC).
     :param location_threshold: lesion map threshold for Dice; None = no Dice.
+    :param decision_threshold: predict the positive class when its probability is at least this
+        (binary models); None = argmax.
     :param n_bootstrap: resamples of the AUC CI.
     :param seed: the bootstrap seed.
     :raises ValueError: when no image could be scored.
@@ -337,7 +367,13 @@ def score_predictions(
     y = np.asarray([p.target for p in scored], dtype=np.int64)
     probabilities = np.stack([p.probabilities for p in scored])  # type: ignore[misc]
     report = classification_report(
-        y, probabilities, list(classes), positive_class=positive_class, n_bootstrap=n_bootstrap, seed=seed
+        y,
+        probabilities,
+        list(classes),
+        positive_class=positive_class,
+        threshold=decision_threshold if positive_class is not None else None,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
     )
     extra = dict(report.extra)
     positive = [list(classes).index(c) for c in positive_classes if c in classes]
@@ -362,13 +398,12 @@ def score_predictions(
         dice=dice_value,
         mask_recall=recall_value,
         demo_weights=any(p.demo_weights for p in scored),
+        positive_classes=tuple(c for c in positive_classes if c in classes),
     )
 
 
 def _localisation(scored: Sequence[ImagePrediction], threshold: float) -> tuple[float | None, float | None]:
     """Mean Dice and pixel recall over the images with a non-empty lesion mask (LEM's DSC and recall)."""
-    from plugins.training.metrics import dice, mask_recall
-
     dices, recalls = [], []
     for prediction in scored:
         if prediction.record.mask_path is None or prediction.heatmap is None:
@@ -422,6 +457,32 @@ def write_evaluation(
     )
     if evaluation.report.roc:
         files["roc"] = render_roc_curves(evaluation.report.roc, out_dir / "roc.png", title=title + demo)
+    log_probabilities, targets = evaluation.logits()
+    probabilities = np.exp(log_probabilities)
+    curves = reliability_curves(targets, probabilities, evaluation.classes)
+    files["reliability"] = render_reliability(curves, out_dir / "reliability.png", title=title + demo)
+    figures: dict[str, Any] = {
+        "reliability": {
+            name: {"predicted": p.tolist(), "observed": o.tolist()} for name, (p, o) in curves.items()
+        }
+    }
+    outcome = evaluation.risk_targets()
+    if "decision_curve" in evaluation.figures and outcome is not None:
+        curve = decision_curve(*outcome)
+        positive = ", ".join(evaluation.positive_classes)
+        files["decision_curve"] = render_decision_curve(
+            curve, out_dir / "decision_curve.png", title=f"{title}{demo}: decision curve ({positive})"
+        )
+        figures["decision_curve"] = {"positive_classes": list(evaluation.positive_classes), **curve.to_dict()}
+    if "tsne" in evaluation.figures and len(targets) >= 4:
+        # The log-probabilities stand in for the penultimate features: the host's inference path
+        # returns no features, and the embedding must show what the deployed model computes.
+        embedding = tsne_embedding(log_probabilities)
+        files["tsne"] = render_tsne(
+            embedding, targets, evaluation.classes, out_dir / "tsne.png", title=f"{title}{demo}: t-SNE"
+        )
+    (out_dir / "curves.json").write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
+    files["curves"] = out_dir / "curves.json"
     files["predictions"] = out_dir / "predictions.csv"
     with files["predictions"].open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -515,21 +576,19 @@ def evaluate_checkpoint(
     :param progress: called with the number of images done.
     :param temperature_one: ignore the checkpoint's temperature (for fitting a new one).
     """
-    from plugins.host import ModelHost
-    from plugins.training.recipes import RECIPES, get_recipe
-
     settings = settings if settings is not None else Settings()
     metadata = read_metadata(checkpoint)
     host = ModelHost(settings, device)
     name = plugin_for_architecture(host, metadata.architecture)
-    if name not in RECIPES:
-        raise ValueError(f"model {name!r} has no training recipe, so its labels cannot be mapped")
+    try:
+        recipe_type = recipe_class(name, host.plugin_manager)
+    except ValueError as error:
+        raise ValueError(f"{error}, so the labels of model {name!r} cannot be mapped") from None
     plugin = host.plugin(name)
     hyper = training_info(metadata).get("hyperparameters", {})
-    recipe_type = RECIPES[name]
     label_hp = {k: v for k, v in hyper.items() if k in recipe_type.HYPERPARAMETERS}
     options = {k: v for k, v in metadata.options.items() if k in plugin.default_options}
-    recipe = get_recipe(plugin, hyperparameters=label_hp, options=options, input_size=metadata.input_size)
+    recipe = recipe_type(plugin, hyperparameters=label_hp, options=options, input_size=metadata.input_size)
     targets = [recipe.label_index(r) for r in records]
     do_localise = recipe.localises and any(r.mask_path for r in records) if localise is None else localise
     run_options: dict[str, Any] = {"explain": bool(do_localise)}
@@ -539,17 +598,30 @@ def evaluate_checkpoint(
         settings, name, checkpoint, device=device, batch_size=batch_size, options=run_options
     )
     host = ModelHost(configured, device)
+    loaded = host.load(name)  # before the clock starts: the per-image time is inference, not loading
+    started = time.perf_counter()
     predictions = predict(host, name, records, targets, modality=recipe.modality, progress=progress)
+    elapsed = time.perf_counter() - started
     threshold = None
     if do_localise:
-        threshold = float(host.load(name).options.get("location_threshold", 0.5))
-    spec = host.load(name).plugin.spec
-    return score_predictions(
+        threshold = float(loaded.options.get("location_threshold", 0.5))
+    spec = loaded.plugin.spec
+    positive_class = spec.classes[1] if len(spec.classes) == 2 else None
+    evaluation = score_predictions(
         predictions,
         spec.classes,
-        positive_class=spec.classes[1] if len(spec.classes) == 2 else None,
+        positive_class=positive_class,
         positive_classes=spec.positive_classes,
         location_threshold=threshold,
+        # The threshold the plugin serves with (a checkpoint's Youden threshold, a site's override).
+        decision_threshold=spec.thresholds.get(positive_class) if positive_class else None,
         n_bootstrap=n_bootstrap,
         seed=seed,
+    )
+    # Decoding, preprocessing, the forward pass and postprocessing, as a worker runs them, per image.
+    extra = {**evaluation.report.extra, "seconds_per_image": elapsed / max(1, len(records))}
+    return dataclasses.replace(
+        evaluation,
+        report=dataclasses.replace(evaluation.report, extra=extra),
+        figures=tuple(recipe.paper_figures),
     )

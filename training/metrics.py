@@ -1,10 +1,11 @@
-"""The papers' evaluation metrics, calibration, report rendering and the papers' own numbers, in numpy alone.
+"""The papers' evaluation metrics, calibration, report figures and the papers' own numbers.
 
-Labels are integer class indices and scores are per-class probabilities ``(N, K)``.  Everything here is
-written out by hand (sklearn and scipy are not dependencies): confusion-matrix metrics, MCC, the DIP score of
-ASG-MammoNet, ROC curves and AUC (ties count one half, as in the Mann-Whitney U statistic) with a seeded
-percentile-bootstrap CI, Dice, expected calibration error and temperature scaling.  Figures are drawn with
-OpenCV so that reports need no plotting library.
+Labels are integer class indices and scores are per-class probabilities ``(N, K)``.  The standard metrics
+come from scikit-learn (confusion matrix, precision/recall/F1, MCC, ROC and AUC, calibration curves) and
+the softmax, log-softmax and the temperature search from SciPy; figures are drawn with matplotlib.  What no
+library has is written here: the DIP score of ASG-MammoNet, specificity, the expected calibration error,
+the percentile-bootstrap CI of the AUC, Youden's threshold, decision-curve net benefit, and the papers'
+comparison tables, which are data files in :mod:`training.paper_tables`.
 """
 
 from __future__ import annotations
@@ -13,16 +14,24 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
+from matplotlib.figure import Figure
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+from scipy.special import softmax as scipy_softmax
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+from sklearn.manifold import TSNE
 
 __all__ = [
     "PAPER_RESULTS",
     "Calibration",
     "ClassMetrics",
+    "DecisionCurve",
     "MetricReport",
     "PaperResult",
     "RocCurve",
@@ -33,6 +42,7 @@ __all__ = [
     "calibrate",
     "classification_report",
     "confusion_matrix",
+    "decision_curve",
     "dice",
     "dip_score",
     "expected_calibration_error",
@@ -42,24 +52,31 @@ __all__ = [
     "format_report",
     "mask_recall",
     "matthews_corrcoef",
+    "mean_std",
     "negative_log_likelihood",
     "paper_results",
     "precision",
     "recall",
+    "reliability_curves",
     "render_confusion_matrix",
+    "render_decision_curve",
+    "render_reliability",
     "render_roc_curves",
+    "render_tsne",
     "roc_auc",
     "roc_auc_ovr",
     "roc_curve",
     "sensitivity",
     "softmax",
     "specificity",
+    "tsne_embedding",
     "write_summary_json",
+    "youden_threshold",
 ]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Input checks
+# Input checks: our error messages before sklearn's
 
 
 def _labels(y: Any, name: str = "y_true") -> np.ndarray:
@@ -93,13 +110,17 @@ def _scores(y_score: Any, n: int) -> np.ndarray:
     return scores
 
 
-def _safe_ratio(numerator: float, denominator: float) -> float:
-    """Return numerator / denominator, or 0.0 when the denominator is 0 (sklearn's zero_division=0)."""
-    return float(numerator) / float(denominator) if denominator else 0.0
+def _probabilities(probs: Any, n: int) -> np.ndarray:
+    array = np.asarray(probs, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] != n or array.shape[1] < 2:
+        raise ValueError(f"probabilities must be (N={n}, K>=2), not shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("probabilities hold NaN or infinite values")
+    return array
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Confusion-matrix metrics
+# Confusion-matrix metrics (scikit-learn)
 
 
 def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int | None = None) -> np.ndarray:
@@ -113,7 +134,7 @@ def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int | None = None) -> 
     size = int(max(true.max(), pred.max()) + 1) if n_classes is None else int(n_classes)
     if true.max() >= size or pred.max() >= size:
         raise ValueError(f"a class index is >= n_classes={size}")
-    return np.bincount(true * size + pred, minlength=size * size).reshape(size, size)
+    return skm.confusion_matrix(true, pred, labels=np.arange(size))
 
 
 def binary_counts(y_true: Any, y_pred: Any, positive: int = 1) -> tuple[int, int, int, int]:
@@ -124,12 +145,8 @@ def binary_counts(y_true: Any, y_pred: Any, positive: int = 1) -> tuple[int, int
     :param positive: index of the positive class.
     """
     true, pred = _pair(y_true, y_pred)
-    actual, predicted = true == positive, pred == positive
-    tp = int(np.sum(actual & predicted))
-    fp = int(np.sum(~actual & predicted))
-    fn = int(np.sum(actual & ~predicted))
-    tn = int(np.sum(~actual & ~predicted))
-    return tn, fp, fn, tp
+    tn, fp, fn, tp = skm.multilabel_confusion_matrix(true, pred, labels=[positive])[0].ravel()
+    return int(tn), int(fp), int(fn), int(tp)
 
 
 def accuracy(y_true: Any, y_pred: Any) -> float:
@@ -138,8 +155,7 @@ def accuracy(y_true: Any, y_pred: Any) -> float:
     :param y_true: true class indices.
     :param y_pred: predicted class indices.
     """
-    true, pred = _pair(y_true, y_pred)
-    return float(np.mean(true == pred))
+    return float(skm.accuracy_score(*_pair(y_true, y_pred)))
 
 
 def precision(y_true: Any, y_pred: Any, positive: int = 1) -> float:
@@ -149,8 +165,8 @@ def precision(y_true: Any, y_pred: Any, positive: int = 1) -> float:
     :param y_pred: predicted class indices.
     :param positive: index of the positive class.
     """
-    _, fp, _, tp = binary_counts(y_true, y_pred, positive)
-    return _safe_ratio(tp, tp + fp)
+    true, pred = _pair(y_true, y_pred)
+    return float(skm.precision_score(true, pred, labels=[positive], average="macro", zero_division=0))
 
 
 def recall(y_true: Any, y_pred: Any, positive: int = 1) -> float:
@@ -160,22 +176,23 @@ def recall(y_true: Any, y_pred: Any, positive: int = 1) -> float:
     :param y_pred: predicted class indices.
     :param positive: index of the positive class.
     """
-    _, _, fn, tp = binary_counts(y_true, y_pred, positive)
-    return _safe_ratio(tp, tp + fn)
+    true, pred = _pair(y_true, y_pred)
+    return float(skm.recall_score(true, pred, labels=[positive], average="macro", zero_division=0))
 
 
 sensitivity = recall
 
 
 def specificity(y_true: Any, y_pred: Any, positive: int = 1) -> float:
-    """TN / (TN + FP) for class ``positive``; 0.0 when there are no negatives.
+    """TN / (TN + FP) for class ``positive``; 0.0 when there are no negatives (scikit-learn has no such
+    function: it is the recall of "not positive").
 
     :param y_true: true class indices.
     :param y_pred: predicted class indices.
     :param positive: index of the positive class.
     """
     tn, fp, _, _ = binary_counts(y_true, y_pred, positive)
-    return _safe_ratio(tn, tn + fp)
+    return float(tn) / float(tn + fp) if tn + fp else 0.0
 
 
 def f1_score(y_true: Any, y_pred: Any, positive: int = 1) -> float:
@@ -185,8 +202,8 @@ def f1_score(y_true: Any, y_pred: Any, positive: int = 1) -> float:
     :param y_pred: predicted class indices.
     :param positive: index of the positive class.
     """
-    _, fp, fn, tp = binary_counts(y_true, y_pred, positive)
-    return _safe_ratio(2 * tp, 2 * tp + fp + fn)
+    true, pred = _pair(y_true, y_pred)
+    return float(skm.f1_score(true, pred, labels=[positive], average="macro", zero_division=0))
 
 
 def matthews_corrcoef(y_true: Any, y_pred: Any, n_classes: int | None = None) -> float:
@@ -194,18 +211,15 @@ def matthews_corrcoef(y_true: Any, y_pred: Any, n_classes: int | None = None) ->
 
     :param y_true: true class indices.
     :param y_pred: predicted class indices.
-    :param n_classes: number of classes (default: from the data).
+    :param n_classes: number of classes (unused: absent classes add nothing to R_K).
     """
-    matrix = confusion_matrix(y_true, y_pred, n_classes).astype(np.float64)
-    total = matrix.sum()
-    correct = np.trace(matrix)
-    predicted = matrix.sum(axis=0)
-    actual = matrix.sum(axis=1)
-    numerator = correct * total - float(predicted @ actual)
-    denominator = math.sqrt((total**2 - float(predicted @ predicted)) * (total**2 - float(actual @ actual)))
-    if denominator == 0:
-        return 0.0
-    return float(np.clip(numerator / denominator, -1.0, 1.0))
+    return _mcc(*_pair(y_true, y_pred))
+
+
+def _mcc(true: np.ndarray, pred: np.ndarray) -> float:
+    if np.unique(np.concatenate([true, pred])).size < 2:
+        return 0.0  # one class everywhere: R_K is 0/0, and sklearn warns before saying 0
+    return float(skm.matthews_corrcoef(true, pred))
 
 
 def dip_score(precision_value: float, recall_value: float) -> float:
@@ -220,8 +234,19 @@ def dip_score(precision_value: float, recall_value: float) -> float:
     return 1.0 - math.sqrt(((1.0 - precision_value) ** 2 + (1.0 - recall_value) ** 2) / 2.0)
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value), as the papers report repeated runs.
+
+    :param values: one value per run or fold.
+    """
+    array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("mean_std needs at least one finite value")
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------
-# ROC
+# ROC (scikit-learn)
 
 
 @dataclass(frozen=True)
@@ -252,35 +277,10 @@ def roc_curve(y_true: Any, y_score: Any, positive: int | None = None) -> RocCurv
     """
     target = _binary_target(y_true, positive)
     scores = _scores(y_score, target.size)
-    n_pos, n_neg = int(target.sum()), int((~target).sum())
-    if n_pos == 0 or n_neg == 0:
+    if target.all() or not target.any():
         raise ValueError("ROC needs both positive and negative samples")
-    order = np.argsort(-scores, kind="mergesort")
-    sorted_scores, sorted_target = scores[order], target[order]
-    # The last index of each run of equal scores is where a threshold takes effect.
-    distinct = np.r_[np.nonzero(np.diff(sorted_scores))[0], sorted_scores.size - 1]
-    tps = np.cumsum(sorted_target)[distinct]
-    fps = (distinct + 1) - tps
-    fpr = np.r_[0.0, fps / n_neg]
-    tpr = np.r_[0.0, tps / n_pos]
-    thresholds = np.r_[np.inf, sorted_scores[distinct]]
-    return RocCurve(fpr=fpr, tpr=tpr, thresholds=thresholds, auc=float(np.trapezoid(tpr, fpr)))
-
-
-def _weighted_auc(scores: np.ndarray, target: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """AUC (ties = 1/2) of each row of resample indices ``draws`` (B x N); NaN where a class is missing."""
-    unique, group = np.unique(scores, return_inverse=True)
-    n_groups = unique.size
-    batch = draws.shape[0]
-    cells = group[draws] + (np.arange(batch) * n_groups)[:, None]
-    labels = target[draws]
-    pos = np.bincount(cells[labels].ravel(), minlength=batch * n_groups).reshape(batch, n_groups)
-    neg = np.bincount(cells[~labels].ravel(), minlength=batch * n_groups).reshape(batch, n_groups)
-    below = np.cumsum(neg, axis=1) - neg
-    wins = (pos * (below + 0.5 * neg)).sum(axis=1, dtype=np.float64)
-    pairs = pos.sum(axis=1).astype(np.float64) * neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
+    fpr, tpr, thresholds = skm.roc_curve(target, scores, drop_intermediate=False)
+    return RocCurve(fpr=fpr, tpr=tpr, thresholds=thresholds, auc=float(skm.auc(fpr, tpr)))
 
 
 def roc_auc(y_true: Any, y_score: Any, positive: int | None = None) -> float:
@@ -294,34 +294,50 @@ def roc_auc(y_true: Any, y_score: Any, positive: int | None = None) -> float:
     scores = _scores(y_score, target.size)
     if target.all() or not target.any():
         raise ValueError("AUC needs both positive and negative samples")
-    return float(_weighted_auc(scores, target, np.arange(target.size)[None, :])[0])
-
-
-def _probabilities(probs: Any, n: int) -> np.ndarray:
-    array = np.asarray(probs, dtype=np.float64)
-    if array.ndim != 2 or array.shape[0] != n or array.shape[1] < 2:
-        raise ValueError(f"probabilities must be (N={n}, K>=2), not shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError("probabilities hold NaN or infinite values")
-    return array
+    return float(skm.roc_auc_score(target, scores))
 
 
 def roc_auc_ovr(y_true: Any, probs: Any) -> tuple[float, dict[int, float]]:
     """Macro one-vs-rest AUC and the per-class AUCs; classes absent from ``y_true`` are left out.
+
+    scikit-learn's ``roc_auc_score(multi_class="ovr")`` refuses a class absent from ``y_true``, which a
+    small test split often lacks, so the per-class AUCs are computed one by one and averaged.
 
     :param y_true: class indices.
     :param probs: (N, K) class probabilities.
     """
     true = _labels(y_true)
     scores = _probabilities(probs, true.size)
-    per_class = {}
-    for k in range(scores.shape[1]):
-        target = true == k
-        if target.any() and not target.all():
-            per_class[k] = roc_auc(target.astype(np.int64), scores[:, k])
+    per_class = {
+        k: float(skm.roc_auc_score(true == k, scores[:, k]))
+        for k in range(scores.shape[1])
+        if (true == k).any() and not (true == k).all()
+    }
     if len(per_class) < 2:
         raise ValueError("one-vs-rest AUC needs at least two classes present")
     return float(np.mean(list(per_class.values()))), per_class
+
+
+def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """The score threshold maximising Youden's J = sensitivity + specificity - 1 (the ROC point farthest
+    above the diagonal); predict positive when ``score >= threshold``.
+
+    :param scores: positive-class scores, e.g. validation p(malignant).
+    :param labels: 1 for positive.
+    :raises ValueError: when the labels hold one class only.
+    """
+    target = _binary_target(labels, None)
+    values = _scores(scores, target.size)
+    if target.all() or not target.any():
+        raise ValueError("Youden's J needs both classes in the labels")
+    fpr, tpr, thresholds = skm.roc_curve(target, values, drop_intermediate=False)
+    finite = np.isfinite(thresholds)
+    best = int(np.argmax(np.where(finite, tpr - fpr, -np.inf)))
+    return float(thresholds[best])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals (no library resamples with a skip rule for lost classes)
 
 
 def _bootstrap_draws(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -334,54 +350,6 @@ def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float
         return (math.nan, math.nan)
     low, high = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
-
-
-def bootstrap_auc_ci(
-    y_true: Any,
-    y_score: Any,
-    *,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    positive: int | None = None,
-) -> tuple[float, float]:
-    """Percentile-bootstrap (1 - alpha) CI of the AUC, vectorised; macro OvR when ``y_score`` is (N, K>2).
-
-    Resamples in which a class is missing are skipped.
-
-    :param y_true: class indices.
-    :param y_score: positive-class scores (N,), or (N, K) probabilities (binary: column 1 or ``positive``).
-    :param n_boot: number of resamples.
-    :param alpha: 0.05 gives a 95 % interval.
-    :param seed: the resampling seed.
-    :param positive: positive class for binary scores.
-    """
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha {alpha} must be in (0, 1)")
-    true = _labels(y_true)
-    scores = np.asarray(y_score, dtype=np.float64)
-    if scores.ndim == 2 and scores.shape[1] == 2:
-        scores = scores[:, 1 if positive is None else positive]
-        positive = 1 if positive is None else positive
-    # Chunks keep the B x N index matrix small for large evaluation sets.
-    chunk = max(1, 4_000_000 // max(1, true.size))
-    draws_all = _bootstrap_draws(true.size, n_boot, seed)
-    values = []
-    for start in range(0, n_boot, chunk):
-        draws = draws_all[start : start + chunk]
-        if scores.ndim == 1:
-            target = _binary_target(true, positive)
-            values.append(_weighted_auc(_scores(scores, true.size), target, draws))
-        else:
-            probs = _probabilities(scores, true.size)
-            per_class = [
-                _weighted_auc(probs[:, k], true == k, draws)
-                for k in range(probs.shape[1])
-                if (true == k).any()
-            ]
-            # A resample that lost a class is skipped (NaN), as in the binary case.
-            values.append(np.mean(np.stack(per_class), axis=0))
-    return _percentile_interval(np.concatenate(values), alpha)
 
 
 def bootstrap_ci(
@@ -402,6 +370,8 @@ def bootstrap_ci(
     :param alpha: 0.05 gives a 95 % interval.
     :param seed: the resampling seed.
     """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha {alpha} must be in (0, 1)")
     true = np.asarray(y_true)
     other = np.asarray(y_other)
     values = np.full(n_boot, np.nan)
@@ -413,8 +383,57 @@ def bootstrap_ci(
     return _percentile_interval(values, alpha)
 
 
+def bootstrap_auc_ci(
+    y_true: Any,
+    y_score: Any,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    positive: int | None = None,
+) -> tuple[float, float]:
+    """Percentile-bootstrap (1 - alpha) CI of the AUC; macro OvR when ``y_score`` is (N, K>2).
+
+    Resamples in which a class is missing are skipped.
+
+    :param y_true: class indices.
+    :param y_score: positive-class scores (N,), or (N, K) probabilities (binary: column 1 or ``positive``).
+    :param n_boot: number of resamples.
+    :param alpha: 0.05 gives a 95 % interval.
+    :param seed: the resampling seed.
+    :param positive: positive class for binary scores.
+    """
+    true = _labels(y_true)
+    scores = np.asarray(y_score, dtype=np.float64)
+    if scores.ndim == 2 and scores.shape[1] == 2:
+        scores = scores[:, 1 if positive is None else positive]
+        positive = 1 if positive is None else positive
+    if scores.ndim == 1:
+        target = _binary_target(true, positive).astype(np.int64)
+        return bootstrap_ci(
+            roc_auc, target, _scores(scores, true.size), n_boot=n_boot, alpha=alpha, seed=seed
+        )
+    probs = _probabilities(scores, true.size)
+    present = [k for k in range(probs.shape[1]) if (true == k).any()]
+
+    def macro_auc(labels: np.ndarray, resampled: np.ndarray) -> float:
+        # A resample that lost one of the classes present in the data is skipped, as in the binary case.
+        if not all((labels == k).any() and not (labels == k).all() for k in present):
+            raise ValueError("a class is missing from this resample")
+        return float(np.mean([skm.roc_auc_score(labels == k, resampled[:, k]) for k in present]))
+
+    return bootstrap_ci(macro_auc, true, probs, n_boot=n_boot, alpha=alpha, seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Masks
+# Masks: Dice is the F1 score of the pixels, the pixel recall their recall
+
+
+def _masks(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    return a.ravel(), b.ravel()
 
 
 def dice(pred: Any, target: Any) -> float:
@@ -423,11 +442,8 @@ def dice(pred: Any, target: Any) -> float:
     :param pred: predicted mask.
     :param target: reference mask, same shape.
     """
-    a, b = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.sum(a & b)) / total
+    a, b = _masks(pred, target)
+    return float(skm.f1_score(b, a, zero_division=1.0))
 
 
 def mask_recall(pred: Any, target: Any) -> float:
@@ -436,10 +452,8 @@ def mask_recall(pred: Any, target: Any) -> float:
     :param pred: predicted mask.
     :param target: reference mask, same shape.
     """
-    a, b = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
-    return 1.0 if not b.any() else float(np.sum(a & b)) / float(b.sum())
+    a, b = _masks(pred, target)
+    return float(skm.recall_score(b, a, zero_division=1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,10 +480,7 @@ def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
     """
     if not temperature > 0:
         raise ValueError(f"temperature {temperature} must be positive")
-    z = _logits(logits) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    probabilities: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = scipy_softmax(_logits(logits) / temperature, axis=1)
     return probabilities
 
 
@@ -480,20 +491,19 @@ def negative_log_likelihood(logits: Any, y_true: Any, temperature: float = 1.0) 
     :param y_true: class indices.
     :param temperature: positive temperature.
     """
-    z = _logits(logits) / temperature
+    z = _logits(logits)
     true = _labels(y_true)
     if true.size != z.shape[0]:
         raise ValueError(f"{z.shape[0]} logits but {true.size} labels")
-    shifted = z - z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(shifted).sum(axis=1))
-    return float(np.mean(log_norm - shifted[np.arange(true.size), true]))
+    log_p = log_softmax(z / temperature, axis=1)
+    return float(-np.mean(log_p[np.arange(true.size), true]))
 
 
 def fit_temperature(logits: Any, y_true: Any, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """Fit the temperature that minimises the validation NLL (Guo et al. 2017), without torch or scipy.
+    """Fit the temperature that minimises the validation NLL (Guo et al. 2017) within ``bounds``.
 
-    NLL is convex in beta = 1/T (a log-sum-exp of linear functions minus a linear one), so its derivative,
-    mean(E_p[z] - z_y), is increasing and bisection on it finds the unique minimum within ``bounds``.
+    The NLL is convex in 1/T, hence unimodal in log T, so SciPy's bounded scalar search finds the minimum;
+    the bounds themselves are candidates too, for data that pushes T to an end (separable data).
 
     :param logits: validation logits, (N, K) or (N,).
     :param y_true: validation class indices.
@@ -506,29 +516,13 @@ def fit_temperature(logits: Any, y_true: Any, *, bounds: tuple[float, float] = (
     low_t, high_t = bounds
     if not 0 < low_t < high_t:
         raise ValueError(f"bounds {bounds} must satisfy 0 < low < high")
-    chosen = z[np.arange(true.size), true]
 
-    def slope(beta: float) -> float:
-        scaled = beta * z
-        scaled -= scaled.max(axis=1, keepdims=True)
-        p = np.exp(scaled)
-        p /= p.sum(axis=1, keepdims=True)
-        return float(np.mean((p * z).sum(axis=1) - chosen))
+    def nll(log_t: float) -> float:
+        return negative_log_likelihood(z, true, math.exp(log_t))
 
-    beta_low, beta_high = 1.0 / high_t, 1.0 / low_t
-    if slope(beta_low) >= 0:
-        return high_t
-    if slope(beta_high) <= 0:
-        return low_t
-    for _ in range(100):
-        middle = math.sqrt(beta_low * beta_high)
-        if slope(middle) > 0:
-            beta_high = middle
-        else:
-            beta_low = middle
-        if beta_high / beta_low < 1 + 1e-10:
-            break
-    return 1.0 / math.sqrt(beta_low * beta_high)
+    ends = (math.log(low_t), math.log(high_t))
+    found = minimize_scalar(nll, bounds=ends, method="bounded", options={"xatol": 1e-8})
+    return math.exp(min((float(found.x), *ends), key=nll))
 
 
 @dataclass(frozen=True)
@@ -575,6 +569,8 @@ def calibrate(
 def expected_calibration_error(probs: Any, y_true: Any, *, n_bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins: sum over bins of (n_b/N) |accuracy_b - confidence_b|.
 
+    scikit-learn has calibration curves but no ECE; this is the one-line weighted sum over its bins.
+
     :param probs: (N, K) probabilities, or (N,) probabilities of class 1 for a binary model.
     :param y_true: class indices.
     :param n_bins: number of bins on (0, 1].
@@ -585,14 +581,100 @@ def expected_calibration_error(probs: Any, y_true: Any, *, n_bins: int = 15) -> 
     true = _labels(y_true)
     array = _probabilities(array, true.size)
     confidence = array.max(axis=1)
-    correct = array.argmax(axis=1) == true
+    correct = (array.argmax(axis=1) == true).astype(np.float64)
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        members = bins == b
-        if members.any():
-            total += members.mean() * abs(float(correct[members].mean()) - float(confidence[members].mean()))
-    return float(total)
+    counts = np.bincount(bins, minlength=n_bins)
+    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(
+        bins, weights=confidence, minlength=n_bins
+    )
+    return float(np.abs(gap).sum() / counts.sum())
+
+
+def reliability_curves(
+    y_true: Any, probs: Any, classes: Sequence[str], *, n_bins: int = 10
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One-vs-rest reliability curves (observed frequency against mean predicted probability, per bin)
+    from :func:`sklearn.calibration.calibration_curve`; classes absent from *y_true* are left out.
+
+    :param y_true: class indices.
+    :param probs: (N, K) probabilities.
+    :param classes: class names in column order.
+    :param n_bins: equal-width bins.
+    :returns: class name -> (mean predicted probability, observed frequency).
+    """
+    true = _labels(y_true)
+    scores = _probabilities(probs, true.size)
+    curves = {}
+    for k, name in enumerate(classes):
+        if (true == k).any():
+            observed, predicted = calibration_curve(
+                true == k, scores[:, k], n_bins=n_bins, strategy="uniform"
+            )
+            curves[name] = (predicted, observed)
+    return curves
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decision-curve analysis (Vickers and Elkin 2006): no library in our stack has it
+
+
+@dataclass(frozen=True)
+class DecisionCurve:
+    """Net benefit of acting on the model, on everyone and on no one, at each threshold probability."""
+
+    thresholds: np.ndarray
+    model: np.ndarray
+    treat_all: np.ndarray
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Return the curves as JSON-ready lists (treat-none is 0 everywhere)."""
+        return {
+            "thresholds": self.thresholds.tolist(),
+            "model": self.model.tolist(),
+            "treat_all": self.treat_all.tolist(),
+        }
+
+
+def decision_curve(y_true: Any, y_score: Any, thresholds: Sequence[float] | None = None) -> DecisionCurve:
+    """Net benefit ``TP/N - FP/N * p_t / (1 - p_t)`` of flagging the images whose score is >= ``p_t``.
+
+    :param y_true: 1 for positive.
+    :param y_score: the probability of the positive outcome (e.g. the risk of BI-RADS 4-5).
+    :param thresholds: threshold probabilities in (0, 1); 0.01 to 0.99 by default.
+    """
+    target = _binary_target(y_true, None)
+    scores = _scores(y_score, target.size)
+    points = np.arange(0.01, 1.0, 0.01) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    if np.any((points <= 0) | (points >= 1)):
+        raise ValueError("decision-curve thresholds must lie strictly between 0 and 1")
+    n = target.size
+    odds = points / (1.0 - points)
+    flagged = scores[None, :] >= points[:, None]
+    tp = (flagged & target[None, :]).sum(axis=1)
+    fp = (flagged & ~target[None, :]).sum(axis=1)
+    prevalence = target.mean()
+    return DecisionCurve(
+        thresholds=points,
+        model=tp / n - fp / n * odds,
+        treat_all=prevalence - (1.0 - prevalence) * odds,
+    )
+
+
+def tsne_embedding(features: Any, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """2-D t-SNE of per-image feature vectors (:class:`sklearn.manifold.TSNE`), as the hybrid paper plots.
+
+    :param features: (N, D) vectors, e.g. the model's logits.
+    :param seed: the embedding's random state.
+    :param perplexity: t-SNE perplexity, lowered to (N - 1) / 3 for small sets.
+    """
+    array = np.asarray(features, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] < 4:
+        raise ValueError(f"t-SNE needs (N >= 4, D) features, not shape {array.shape}")
+    perplexity = min(perplexity, (array.shape[0] - 1) / 3.0)
+    embedding: np.ndarray = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=seed
+    ).fit_transform(array)
+    return embedding
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -741,11 +823,12 @@ def classification_report(
         raise ValueError("no samples")
     if true.max() >= k:
         raise ValueError(f"y_true holds class index {int(true.max())} but there are {k} classes")
+    classes = list(classes)
     if positive_class is None and k == 2:
         positive_class = classes[1]
+    if positive_class is not None and positive_class not in classes:
+        raise ValueError(f"positive class {positive_class!r} is not one of {classes}")
     positive = classes.index(positive_class) if positive_class is not None else None
-    if positive_class is not None and positive is None:
-        raise ValueError(f"positive class {positive_class!r} is not one of {list(classes)}")
     if threshold is not None:
         if positive is None:
             raise ValueError("a threshold needs a positive class")
@@ -754,27 +837,31 @@ def classification_report(
         pred = np.where(scores[:, positive] >= threshold, positive, others.argmax(axis=1))
     else:
         pred = scores.argmax(axis=1)
-    matrix = confusion_matrix(true, pred, k)
+    labels = np.arange(k)
+    p_all, r_all, f_all, support = skm.precision_recall_fscore_support(
+        true, pred, labels=labels, average=None, zero_division=0
+    )
+    tn, fp = (skm.multilabel_confusion_matrix(true, pred, labels=labels)[:, 0, j] for j in (0, 1))
+    s_all = np.divide(tn, tn + fp, out=np.zeros(k), where=(tn + fp) > 0)
     per_class: dict[str, ClassMetrics] = {}
     roc: dict[str, RocCurve] = {}
     for index, name in enumerate(classes):
         target = true == index
         auc = None
         if target.any() and not target.all():
-            curve = roc_curve(target.astype(np.int64), scores[:, index])
-            roc[name] = curve
-            auc = curve.auc
+            roc[name] = roc_curve(target.astype(np.int64), scores[:, index])
+            auc = roc[name].auc
         per_class[name] = ClassMetrics(
-            precision=precision(true, pred, index),
-            recall=recall(true, pred, index),
-            specificity=specificity(true, pred, index),
-            f1=f1_score(true, pred, index),
-            support=int(target.sum()),
+            precision=float(p_all[index]),
+            recall=float(r_all[index]),
+            specificity=float(s_all[index]),
+            f1=float(f_all[index]),
+            support=int(support[index]),
             auc=auc,
         )
     auc_value: float | None
     auc_ci: tuple[float, float] | None = None
-    if positive is not None and (k == 2 or positive_class is not None):
+    if positive is not None:
         chosen = per_class[classes[positive]]
         p, r, s, f = chosen.precision, chosen.recall, chosen.specificity, chosen.f1
         auc_value = chosen.auc
@@ -797,16 +884,16 @@ def classification_report(
         classes=tuple(classes),
         n=int(true.size),
         positive_class=positive_class,
-        accuracy=accuracy(true, pred),
+        accuracy=float(skm.accuracy_score(true, pred)),
         precision=p,
         recall=r,
         specificity=s,
         f1=f,
-        mcc=matthews_corrcoef(true, pred, k),
+        mcc=_mcc(true, pred),
         dip=dip_score(p, r),
         auc=auc_value,
         auc_ci=auc_ci,
-        confusion=matrix,
+        confusion=skm.confusion_matrix(true, pred, labels=labels),
         per_class=per_class,
         roc=roc,
         threshold=threshold,
@@ -876,43 +963,27 @@ def write_summary_json(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Figures (OpenCV, so no plotting library is needed)
-
-_WHITE = (255, 255, 255)
-_BLACK = (0, 0, 0)
-_GREY = (200, 200, 200)
-#: BGR colours for successive ROC curves.
-_CURVE_COLOURS = (
-    (180, 119, 31),
-    (14, 127, 255),
-    (44, 160, 44),
-    (40, 39, 214),
-    (189, 103, 148),
-    (75, 86, 140),
-)
+# Figures (matplotlib's object API: no pyplot state, no display needed)
 
 
-def _text(
-    image: np.ndarray,
-    text: str,
-    origin: tuple[int, int],
-    scale: float = 0.5,
-    colour: tuple[int, ...] = _BLACK,
-    *,
-    centre: bool = False,
-    thickness: int = 1,
-) -> None:
-    (width, height), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    x, y = origin
-    if centre:
-        x, y = x - width // 2, y + height // 2
-    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+def _figure(title: str, size: tuple[float, float] = (5.5, 5.0)) -> tuple[Figure, Any]:
+    figure = Figure(figsize=size, dpi=110, layout="constrained")
+    axes = figure.subplots()
+    axes.set_title(title)
+    return figure, axes
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png")
+    return out
 
 
 def render_confusion_matrix(
     matrix: Any, classes: Sequence[str], path: str | Path, *, title: str = "Confusion matrix"
 ) -> Path:
-    """Draw the confusion matrix (counts and row percentages, true classes as rows) as a PNG.
+    """Draw the confusion matrix (counts, coloured by the row share; true classes as rows) as a PNG.
 
     :param matrix: (K, K) counts.
     :param classes: class names.
@@ -923,30 +994,19 @@ def render_confusion_matrix(
     k = len(classes)
     if counts.shape != (k, k):
         raise ValueError(f"matrix shape {counts.shape} does not match {k} classes")
-    cell = 110 if k <= 5 else 70
-    left, top = 150, 80
-    width, height = left + k * cell + 30, top + k * cell + 70
-    image = np.full((height, width, 3), 255, dtype=np.uint8)
+    figure, axes = _figure(title)
     rows = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(k):
         for j in range(k):
-            # White to dark blue by the row share, so each true class reads as its own distribution.
-            t = float(shares[i, j])
-            colour = tuple(round(255 + (c - 255) * t) for c in (107, 48, 8))
-            x0, y0 = left + j * cell, top + i * cell
-            cv2.rectangle(image, (x0, y0), (x0 + cell, y0 + cell), colour, -1)
-            cv2.rectangle(image, (x0, y0), (x0 + cell, y0 + cell), _GREY, 1)
-            ink = _WHITE if t > 0.5 else _BLACK
-            _text(image, str(int(counts[i, j])), (x0 + cell // 2, y0 + cell // 2 - 10), 0.6, ink, centre=True)
-            _text(image, f"{100 * t:.1f}%", (x0 + cell // 2, y0 + cell // 2 + 14), 0.45, ink, centre=True)
-    for index, name in enumerate(classes):
-        label = name if len(name) <= 16 else name[:15] + "."
-        _text(image, label, (8, top + index * cell + cell // 2 + 5), 0.45)
-        _text(image, label, (left + index * cell + cell // 2, top - 14), 0.45, centre=True)
-    _text(image, title, (8, 26), 0.6, thickness=2)
-    _text(image, "true (rows) / predicted (columns)", (8, height - 22), 0.45)
-    return _write_png(image, path)
+            ink = "white" if shares[i, j] > 0.5 else "black"
+            axes.text(j, i, f"{counts[i, j]}\n{100 * shares[i, j]:.1f}%", ha="center", va="center", color=ink)
+    axes.set_xticks(range(k), labels=list(classes), rotation=30, ha="right")
+    axes.set_yticks(range(k), labels=list(classes))
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    return _save(figure, path)
 
 
 def render_roc_curves(curves: Mapping[str, RocCurve], path: str | Path, *, title: str = "ROC curve") -> Path:
@@ -956,53 +1016,82 @@ def render_roc_curves(curves: Mapping[str, RocCurve], path: str | Path, *, title
     :param path: the PNG to write.
     :param title: the figure title.
     """
-    size, margin = 420, 60
-    width, height = size + 2 * margin, size + 2 * margin + 20
-    image = np.full((height, width, 3), 255, dtype=np.uint8)
-    x0, y0 = margin, margin + 20
-
-    def to_pixel(fpr: float, tpr: float) -> tuple[int, int]:
-        return round(x0 + fpr * size), round(y0 + (1.0 - tpr) * size)
-
-    for tick in np.linspace(0, 1, 6):
-        x, _ = to_pixel(tick, 0)
-        _, y = to_pixel(0, tick)
-        cv2.line(image, (x, y0), (x, y0 + size), (235, 235, 235), 1)
-        cv2.line(image, (x0, y), (x0 + size, y), (235, 235, 235), 1)
-        _text(image, f"{tick:.1f}", (x, y0 + size + 16), 0.4, centre=True)
-        _text(image, f"{tick:.1f}", (x0 - 34, y + 4), 0.4)
-    cv2.rectangle(image, (x0, y0), (x0 + size, y0 + size), _BLACK, 1)
-    for step in range(0, size, 12):
-        cv2.line(
-            image, (x0 + step, y0 + size - step), (x0 + step + 6, y0 + size - step - 6), (150, 150, 150), 1
-        )
-    for index, (name, curve) in enumerate(curves.items()):
-        colour = _CURVE_COLOURS[index % len(_CURVE_COLOURS)]
-        points = np.array([to_pixel(f, t) for f, t in zip(curve.fpr, curve.tpr, strict=True)], dtype=np.int32)
-        cv2.polylines(image, [points], False, colour, 2, cv2.LINE_AA)
-        legend_y = y0 + size - 16 - 20 * (len(curves) - 1 - index)
-        cv2.line(image, (x0 + size - 200, legend_y - 4), (x0 + size - 176, legend_y - 4), colour, 2)
-        _text(image, f"{name[:18]} (AUC {curve.auc:.3f})", (x0 + size - 170, legend_y), 0.42)
-    _text(image, title, (x0, 30), 0.6, thickness=2)
-    _text(image, "false positive rate", (x0 + size // 2, y0 + size + 36), 0.45, centre=True)
-    rotated = np.full((24, 200, 3), 255, dtype=np.uint8)
-    _text(rotated, "true positive rate", (100, 8), 0.45, centre=True)
-    vertical = cv2.rotate(rotated, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    top = y0 + size // 2 - vertical.shape[0] // 2
-    image[top : top + vertical.shape[0], 4 : 4 + vertical.shape[1]] = vertical
-    return _write_png(image, path)
+    figure, axes = _figure(title)
+    for name, curve in curves.items():
+        skm.RocCurveDisplay(fpr=curve.fpr, tpr=curve.tpr, roc_auc=curve.auc, name=name).plot(ax=axes)
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.set_title(title)
+    return _save(figure, path)
 
 
-def _write_png(image: np.ndarray, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), image):
-        raise OSError(f"could not write {out}")
-    return out
+def render_reliability(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, title: str = "Reliability"
+) -> Path:
+    """Draw reliability curves (observed frequency against predicted probability) with the diagonal.
+
+    :param curves: from :func:`reliability_curves`.
+    :param path: the PNG to write.
+    :param title: the figure title.
+    """
+    figure, axes = _figure(title)
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    for name, (predicted, observed) in curves.items():
+        axes.plot(predicted, observed, marker="o", label=name)
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("mean predicted probability")
+    axes.set_ylabel("observed frequency")
+    axes.legend(loc="upper left", fontsize="small")
+    return _save(figure, path)
+
+
+def render_decision_curve(curve: DecisionCurve, path: str | Path, *, title: str = "Decision curve") -> Path:
+    """Draw net benefit against threshold probability for the model, treat-all and treat-none.
+
+    :param curve: from :func:`decision_curve`.
+    :param path: the PNG to write.
+    :param title: the figure title.
+    """
+    figure, axes = _figure(title)
+    axes.plot(curve.thresholds, curve.model, label="model")
+    axes.plot(curve.thresholds, curve.treat_all, label="treat all", linestyle=":")
+    axes.axhline(0.0, color="grey", linewidth=1, label="treat none")
+    top = float(max(np.max(curve.model), np.max(curve.treat_all), 0.0))
+    axes.set_ylim(-0.05 * max(top, 0.1), max(top, 0.1) * 1.1)
+    axes.set_xlabel("threshold probability")
+    axes.set_ylabel("net benefit")
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def render_tsne(
+    embedding: Any, y_true: Any, classes: Sequence[str], path: str | Path, *, title: str = "t-SNE"
+) -> Path:
+    """Scatter a 2-D embedding coloured by true class.
+
+    :param embedding: (N, 2) from :func:`tsne_embedding`.
+    :param y_true: class indices.
+    :param classes: class names.
+    :param path: the PNG to write.
+    :param title: the figure title.
+    """
+    points = np.asarray(embedding, dtype=np.float64)
+    true = _labels(y_true)
+    figure, axes = _figure(title)
+    for k, name in enumerate(classes):
+        members = true == k
+        if members.any():
+            axes.scatter(points[members, 0], points[members, 1], s=12, label=name)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.legend(fontsize="small", markerscale=1.5)
+    return _save(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The papers' reported numbers (from the "Reported results" section of each spec in shared/specs/)
+# The papers' reported numbers: one JSON file per architecture in training/paper_tables/
 
 
 @dataclass(frozen=True)
@@ -1016,132 +1105,27 @@ class PaperResult:
     note: str = ""
 
 
-PAPER_RESULTS: tuple[PaperResult, ...] = (
-    PaperResult(
-        "asg_mammonet",
-        "MIAS",
-        {
-            "accuracy": 0.9915,
-            "precision": 0.9854,
-            "recall": 0.9920,
-            "specificity": 0.9913,
-            "f1": 0.9887,
-            "auc": 0.9963,
-            "dip": 0.9901,
-        },
-        {
-            "accuracy": 0.0042,
-            "precision": 0.0074,
-            "recall": 0.0053,
-            "specificity": 0.0043,
-            "f1": 0.0056,
-            "auc": 0.0022,
-            "dip": 0.0047,
-        },
-        "Table 3, mean ± std of 10 runs, 20% test split; probably leaks augmented images (spec §7): "
-        "an upper bound",
-    ),
-    PaperResult(
-        "asg_mammonet",
-        "CBIS-DDSM",
-        {
-            "accuracy": 0.9978,
-            "precision": 0.9982,
-            "recall": 0.9978,
-            "specificity": 0.9978,
-            "f1": 0.9980,
-            "auc": 0.9993,
-            "dip": 0.9980,
-        },
-        {
-            "accuracy": 0.0009,
-            "precision": 0.0009,
-            "recall": 0.0011,
-            "specificity": 0.0011,
-            "f1": 0.0008,
-            "auc": 0.0005,
-            "dip": 0.0007,
-        },
-        "Table 3, mass subset, mean ± std of 10 runs; an upper bound (spec §7)",
-    ),
-    PaperResult(
-        "asg_mammonet",
-        "INbreast",
-        {
-            "accuracy": 0.9964,
-            "precision": 0.9979,
-            "recall": 0.9968,
-            "specificity": 0.9955,
-            "f1": 0.9973,
-            "auc": 0.9993,
-            "dip": 0.9965,
-        },
-        {
-            "accuracy": 0.0019,
-            "precision": 0.0029,
-            "recall": 0.0018,
-            "specificity": 0.0061,
-            "f1": 0.0014,
-            "auc": 0.0012,
-            "dip": 0.0025,
-        },
-        "Table 3, mean ± std of 10 runs; an upper bound (spec §7)",
-    ),
-    PaperResult(
-        "clgb_net",
-        "private (Anhui), test n=355",
-        {
-            "accuracy": 0.904,
-            "precision": 0.900,
-            "recall": 0.935,
-            "f1": 0.900,
-            "auc": 0.92,
-            "auc[malignant]": 0.98,
-            "auc[benign]": 0.91,
-            "auc[normal]": 0.87,
-        },
-        {},
-        "3 classes (normal/benign/malignant); macro averages; private data, not reproducible",
-    ),
-    PaperResult(
-        "hybrid_birads",
-        "INbreast BI-RADS (Kaggle), test",
-        {
-            "accuracy": 0.921,
-            "f1": 0.920,
-            "mcc": 0.903,
-            "auc": 0.987,
-            "f1[BI-RADS 4]": 0.923,
-            "f1[BI-RADS 5]": 0.969,
-            "auc[BI-RADS 3]": 1.000,
-            "auc[BI-RADS 5]": 0.996,
-        },
-        {},
-        "Table 3; macro F1, mean one-vs-rest AUC; ~62 test images: judge on accuracy 0.92 ± 0.04 "
-        "and AUC >= 0.95",
-    ),
-    PaperResult(
-        "lem",
-        "INbreast, test",
-        {"accuracy": 0.963, "auc": 0.976, "dice": 0.37},
-        {},
-        "best backbone (probably DenseNet-169); Dice of the localisation maps",
-    ),
-    PaperResult(
-        "us_fusion",
-        "BUSI",
-        {"auc": 0.9834},
-        {},
-        "abstract only; benign vs malignant",
-    ),
-    PaperResult(
-        "us_fusion",
-        "private clinical (2171 images)",
-        {"auc": 0.9320},
-        {},
-        "abstract only; private data, not reproducible",
-    ),
-)
+def _load_paper_tables() -> tuple[PaperResult, ...]:
+    results = []
+    for entry in sorted(resources.files("training.paper_tables").iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        table = json.loads(entry.read_text(encoding="utf-8"))
+        results.extend(
+            PaperResult(
+                architecture=table["architecture"],
+                dataset=row["dataset"],
+                metrics=row["metrics"],
+                std=row.get("std", {}),
+                note=row.get("note", ""),
+            )
+            for row in table["results"]
+        )
+    return tuple(results)
+
+
+#: Every paper's reported results, read from the package's data files.
+PAPER_RESULTS: tuple[PaperResult, ...] = _load_paper_tables()
 
 _METRIC_ORDER = ("accuracy", "precision", "recall", "specificity", "f1", "mcc", "auc", "dip", "dice", "ece")
 

@@ -4,13 +4,13 @@
 
 1. split by patient (the recipe's shares, the data set's official split, or k folds where the paper used
    cross-validation);
-2. train with the recipe (:mod:`plugins.training.recipes`): seeded, with progress bars and ETAs, mixed
+2. train with the recipe (:mod:`training.recipes`): seeded, with progress bars and ETAs, mixed
    precision (float16 on a GPU, bfloat16 on request on the CPU) and worker processes, a resumable state
    file written after every epoch;
 3. export the best weights as a checkpoint the plugin loads (:func:`plugins.weights.save_checkpoint`),
    run the validation split through the plugin's own inference path and fit the temperature there
    (ECE before and after), and write the checkpoint again with the temperature;
-4. evaluate the test split through the plugin (:mod:`plugins.training.evaluate`): every metric, the
+4. evaluate the test split through the plugin (:mod:`training.evaluate`): every metric, the
    confusion matrix and ROC as PNG, a JSON summary, the paper's table beside ours.
 
 Runs are reproducible: the sampler, every sample's augmentation and dropout draw from seeds derived from
@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,21 +39,28 @@ import cv2
 import numpy as np
 import structlog
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gateway.settings import Settings
-from plugins.training.datasets import (
+from plugins.host import ModelHost
+from plugins.preprocess import decode_frames, read_image_ref
+from plugins.synthetic import write_dataset_dir
+from plugins.types import ImageRef
+from plugins.weights import CheckpointMetadata, save_checkpoint
+from training.datasets import (
     Record,
     assert_no_patient_leak,
     dataset_fingerprint,
     describe_records,
     kfold_records,
+    load_generic_csv,
     official_split,
     split_records,
 )
-from plugins.training.evaluate import (
+from training.evaluate import (
     Evaluation,
     comparison_text,
     evaluate_checkpoint,
@@ -60,15 +68,16 @@ from plugins.training.evaluate import (
     raster_ref,
     read_image,
     summary_lines,
+    training_info,
     write_evaluation,
 )
-from plugins.training.metrics import calibrate, roc_auc, roc_auc_ovr, softmax
-from plugins.training.recipes import Recipe, get_recipe
-from plugins.types import ImageRef
-from plugins.weights import CheckpointMetadata, save_checkpoint
+from training.metrics import calibrate, mean_std, roc_auc, roc_auc_ovr, softmax, youden_threshold
+from training.recipes import Recipe
+from training.registry import recipe_class
 
 __all__ = [
     "STATE_FILE",
+    "BestTracker",
     "FitResult",
     "TrainConfig",
     "TrainResult",
@@ -169,8 +178,6 @@ def load_training_image(record: Record, recipe: Recipe) -> tuple[ImageRef, np.nd
     DICOM goes through :func:`plugins.preprocess.decode_frames` with the plugin's ``frames`` policy (the
     first frame it returns); PNG/PGM/TIFF through OpenCV.
     """
-    from plugins.preprocess import decode_frames, read_image_ref
-
     if not is_dicom(record.path):
         sop_class = (recipe.spec.accepts.sop_class_uids or ("",))[0]
         return raster_ref(record.path, recipe.modality, sop_class), read_image(record.path)
@@ -290,7 +297,7 @@ class FitResult:
     images_per_second: float
 
 
-class _BestTracker:
+class BestTracker:
     """Best-so-far weights of one stage and the epochs since the monitor last improved."""
 
     def __init__(self, mode: str) -> None:
@@ -466,7 +473,7 @@ class Trainer:
             stage = stages[stage_index]
             optimizer = stage.optimizer(stage.trainable(model))
             scheduler = stage.scheduler(optimizer, steps) if stage.scheduler is not None else None
-            tracker = _BestTracker("min" if self.monitor == "val_loss" else "max")
+            tracker = BestTracker("min" if self.monitor == "val_loss" else "max")
             first_epoch = 0
             if resumed is not None and stage_index == resumed["stage"]:
                 optimizer.load_state_dict(resumed["optimizer"])
@@ -541,7 +548,7 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
-    def _should_stop(self, stage: Any, tracker: _BestTracker) -> bool:
+    def _should_stop(self, stage: Any, tracker: BestTracker) -> bool:
         patience = self.recipe.patience
         return bool(
             stage.early_stopping
@@ -694,7 +701,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         scaler: torch.amp.GradScaler,
-        tracker: _BestTracker,
+        tracker: BestTracker,
         **fields: Any,
     ) -> None:
         self._write_state(
@@ -821,10 +828,6 @@ def deploy_checkpoint(checkpoint: Path, name: str, config_path: Path) -> Path:
     :param config_path: the YAML configuration the workers load.
     :returns: the config file written.
     """
-    import yaml
-
-    from gateway.settings import Settings as SettingsModel
-
     data: dict[str, Any] = {}
     if config_path.is_file():
         loaded = yaml.safe_load(config_path.read_text()) or {}
@@ -838,7 +841,7 @@ def deploy_checkpoint(checkpoint: Path, name: str, config_path: Path) -> Path:
     model = models.setdefault(name, {}) or {}
     models[name] = model
     model["weights"] = str(checkpoint.resolve())
-    SettingsModel.model_validate(data)
+    Settings.model_validate(data)
     if config_path.is_file():
         shutil.copy2(config_path, config_path.with_name(config_path.name + ".bak"))
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -919,8 +922,6 @@ def held_out_records(records: Sequence[Record], metadata: CheckpointMetadata, pa
     :raises ValueError: when the checkpoint records no split, or the data set differs from the one it was
         trained on (the split would then differ too, and could put training images in the test part).
     """
-    from plugins.training.evaluate import training_info
-
     info = training_info(metadata)
     how = info.get("split")
     if not isinstance(how, dict) or "method" not in how:
@@ -1001,6 +1002,7 @@ def train(
     demo: bool = False,
     compare_paper: bool = False,
     n_bootstrap: int = 1000,
+    repeats: int = 1,
     log_line: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train *plugin_name* on *records* with its paper's recipe; export, calibrate and evaluate it.
@@ -1022,24 +1024,33 @@ def train(
     :param demo: label the checkpoint as demo weights.
     :param compare_paper: print the paper's table beside the test metrics.
     :param n_bootstrap: resamples of the AUC CI.
+    :param repeats: train this many times with seeds ``seed``, ``seed + 1`` ... (a new split and
+        initialisation each) and report the test metrics as mean ± std, as ASG-MammoNet's paper does
+        over 10 runs; the run with the best validation monitor is exported.
     :param log_line: where progress lines go.
     """
-    from plugins.host import ModelHost
-
     settings = settings if settings is not None else Settings()
     say = log_line or (lambda line: tqdm.write(line, file=sys.stderr))
     host = ModelHost(settings, "cpu")
     plugin = host.plugin(plugin_name)
-    probe = get_recipe(plugin, hyperparameters=hyperparameters, options=options, input_size=input_size)
+    recipe_type = recipe_class(plugin.name, host.plugin_manager)
+    probe = recipe_type(plugin, hyperparameters=hyperparameters, options=options, input_size=input_size)
     k = probe.kfold_datasets.get(dataset, 0) if folds is None else folds
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if repeats > 1 and k and k > 1:
+        raise ValueError("repeated runs and k-fold cross-validation do not combine; choose one")
     out_dir = config.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    if k and k > 1:
-        return _train_kfold(
+    if (k and k > 1) or repeats > 1:
+        return _train_runs(
             plugin,
+            recipe_type,
             records,
             config,
-            k,
+            k if k and k > 1 else 0,
+            repeats,
+            split=split,
             settings=settings,
             hyperparameters=hyperparameters,
             options=options,
@@ -1059,6 +1070,7 @@ def train(
     )
     return _train_one(
         plugin,
+        recipe_type,
         records,
         parts,
         config,
@@ -1079,6 +1091,7 @@ def train(
 
 def _train_one(
     plugin: Any,
+    recipe_type: type[Recipe],
     records: Sequence[Record],
     parts: Mapping[str, Sequence[Record]],
     config: TrainConfig,
@@ -1096,7 +1109,7 @@ def _train_one(
     n_bootstrap: int,
     say: Callable[[str], None],
 ) -> TrainResult:
-    recipe = get_recipe(plugin, hyperparameters=hyperparameters, options=options, input_size=input_size)
+    recipe = recipe_type(plugin, hyperparameters=hyperparameters, options=options, input_size=input_size)
     out_dir = config.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "splits.json").write_text(
@@ -1132,18 +1145,22 @@ def _train_one(
         validation = evaluate_checkpoint(checkpoint, val_records, localise=False, **evaluate_kwargs)
         logits, targets = validation.logits()
         if len(np.unique(targets)) < 2:
-            say("the validation split holds one class only: the temperature is not fitted")
+            say("the validation split holds one class only: neither temperature nor threshold is fitted")
         else:
             calibration = calibrate(logits, targets)
             say(
                 f"temperature scaling on the validation split: T = {calibration.temperature:.4f}, "
                 f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}"
             )
-        if recipe.hp.get("threshold") == "youden" and recipe.positive_class is not None:
-            from plugins.builtin.us_fusion_training import youden_threshold
-
-            scores = softmax(logits, calibration.temperature if calibration else 1.0)[:, 1]
-            thresholds[recipe.positive_class] = youden_threshold(scores, targets)
+            if recipe.hp.get("threshold") == "youden" and recipe.positive_class is not None:
+                # On the calibrated probabilities, which are what the plugin serves and thresholds.
+                positive = recipe.classes.index(recipe.positive_class)
+                scores = softmax(logits, calibration.temperature)[:, positive]
+                thresholds[recipe.positive_class] = youden_threshold(scores, targets == positive)
+                say(
+                    f"Youden's threshold on the validation split: p({recipe.positive_class}) >= "
+                    f"{thresholds[recipe.positive_class]:.4f}"
+                )
         write_evaluation(
             dataclasses.replace(validation, calibration=calibration),
             out_dir / "val",
@@ -1208,55 +1225,81 @@ def _train_one(
     )
 
 
-def _train_kfold(
+def _train_runs(
     plugin: Any,
+    recipe_type: type[Recipe],
     records: Sequence[Record],
     config: TrainConfig,
     k: int,
+    repeats: int,
     *,
+    split: str | Mapping[str, float],
     say: Callable[[str], None],
     **kwargs: Any,
 ) -> TrainResult:
-    """k-fold cross-validation: k models, each tested on its fold; mean ± std; the fold with the best
+    """k-fold cross-validation (``k`` > 0: k models, each tested on its fold) or ``repeats`` runs with
+    seeds ``seed + i`` (each its own split): the test metrics as mean ± std; the run with the best
     validation monitor is exported as the run's checkpoint."""
-    probe = get_recipe(
+    probe = recipe_type(
         plugin,
         hyperparameters=kwargs["hyperparameters"],
         options=kwargs["options"],
         input_size=kwargs["input_size"],
     )
-    share = probe.kfold_val_share
+    kind, count = ("fold", k) if k else ("run", repeats)
     results: list[TrainResult] = []
     rows: list[dict[str, Any]] = []
-    for fold in range(1, k + 1):
-        how = {"method": "kfold", "k": k, "fold": fold, "val_share": share, "seed": config.seed}
-        parts = remake_split(records, how)
-        say(f"fold {fold}/{k}: " + ", ".join(f"{name} {len(part)}" for name, part in parts.items()))
-        fold_config = dataclasses.replace(config, out_dir=config.out_dir / f"fold{fold}")
-        result = _train_one(plugin, records, parts, fold_config, how=how, say=say, **kwargs)
+    for index in range(1, count + 1):
+        if k:
+            how: dict[str, Any] = {
+                "method": "kfold",
+                "k": k,
+                "fold": index,
+                "val_share": probe.kfold_val_share,
+                "seed": config.seed,
+            }
+            parts = remake_split(records, how)
+            run_config = dataclasses.replace(config, out_dir=config.out_dir / f"fold{index}")
+        else:
+            run_config = dataclasses.replace(
+                config, out_dir=config.out_dir / f"run{index}", seed=config.seed + index - 1
+            )
+            parts, how = _split_parts(probe, records, split, run_config.seed)
+        say(f"{kind} {index}/{count}: " + ", ".join(f"{name} {len(part)}" for name, part in parts.items()))
+        result = _train_one(plugin, recipe_type, records, parts, run_config, how=how, say=say, **kwargs)
         results.append(result)
         summary = json.loads(result.summary_path.read_text()) if result.summary_path else {}
         rows.append(
             {
-                "fold": fold,
+                kind: index,
+                "seed": run_config.seed,
                 "best_validation": summary.get("best_validation"),
                 **(result.test.flat() if result.test else {}),
             }
         )
-    names = sorted({key for row in rows for key in row if key not in ("fold", "best_validation")})
+    names = sorted({key for row in rows for key in row if key not in (kind, "seed", "best_validation")})
     stats = {}
     for name in names:
         values = [
             row[name] for row in rows if isinstance(row.get(name), int | float) and math.isfinite(row[name])
         ]
         if values:
-            stats[name] = {
-                "mean": float(np.mean(values)),
-                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            }
-    for name in ("accuracy", "auc", "f1", "mcc"):
+            mean, std = mean_std(values)
+            stats[name] = {"mean": mean, "std": std}
+    label = f"{k}-fold" if k else f"{repeats} runs,"
+    for name in (
+        "accuracy",
+        "precision",
+        "recall",
+        "specificity",
+        "f1",
+        "auc",
+        "mcc",
+        "dip",
+        "seconds_per_image",
+    ):
         if name in stats:
-            say(f"{k}-fold {name}: {stats[name]['mean']:.4f} ± {stats[name]['std']:.4f}")
+            say(f"{label} {name}: {stats[name]['mean']:.4f} ± {stats[name]['std']:.4f}")
     monitored = [
         (row["best_validation"], i) for i, row in enumerate(rows) if row["best_validation"] is not None
     ]
@@ -1265,12 +1308,17 @@ def _train_kfold(
     checkpoint = config.out_dir / f"{plugin.name}.safetensors"
     for suffix in (".safetensors", ".json"):
         shutil.copy2(results[chosen].checkpoint.with_suffix(suffix), checkpoint.with_suffix(suffix))
-    say(f"exported fold {chosen + 1} (best validation {probe.monitor}) as {checkpoint}")
+    say(f"exported {kind} {chosen + 1} (best validation {probe.monitor}) as {checkpoint}")
     summary_path = config.out_dir / "summary.json"
     summary_path.write_text(
         json.dumps(
             _json_safe(
-                {"folds": rows, "mean_std": stats, "exported_fold": chosen + 1, "checkpoint": str(checkpoint)}
+                {
+                    f"{kind}s": rows,
+                    "mean_std": stats,
+                    f"exported_{kind}": chosen + 1,
+                    "checkpoint": str(checkpoint),
+                }
             ),
             indent=2,
         )
@@ -1318,17 +1366,9 @@ def train_demo(
     :param log_line: where progress lines go.
     :returns: the run, with ``checkpoint`` the file in *out_dir*.
     """
-    import tempfile
-
-    from plugins.synthetic import write_dataset_dir
-    from plugins.training.datasets import load_generic_csv
-    from plugins.training.recipes import DEMO_PROFILES
-
-    if name not in DEMO_PROFILES:
-        raise ValueError(
-            f"no demo profile for {name!r}; profiles exist for {', '.join(sorted(DEMO_PROFILES))}"
-        )
-    profile = DEMO_PROFILES[name]
+    profile = recipe_class(name, ModelHost(settings or Settings(), "cpu").plugin_manager).demo_profile
+    if profile is None:
+        raise ValueError(f"the recipe of {name!r} has no demo profile")
     hyper = dict(profile.hyperparameters)
     if epochs is not None:
         hyper["epochs"] = epochs

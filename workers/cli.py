@@ -44,7 +44,7 @@ def _optional_command_modules() -> list[Any]:
     import importlib
 
     modules = []
-    for name in ("plugins.cli", "plugins.training.cli", "workers.commands", "workers.http_cli"):
+    for name in ("plugins.cli", "training.cli", "workers.commands", "workers.http_cli"):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:

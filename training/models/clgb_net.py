@@ -1,39 +1,32 @@
-"""CLGB-Net training parts (spec clgb-net.md 2, 3.3, 5): loss, optimiser, schedule, transforms, split.
+"""CLGB-Net training (docs/models/clgb-net.md §2, §3.3, §5): the auxiliary CAM loss, the schedule, staged
+unfreezing, the augmentation and the recipe.
 
-The training command lives elsewhere; these are the pieces it assembles, each with the spec's [D] value as its
-default.
+Inference never imports this module; the model is :mod:`plugins.builtin.clgb_net`.
 """
 
 from __future__ import annotations
 
-import random
-from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydicom import Dataset
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from plugins import preprocess as pre
-from plugins.base import to_tensor
-from plugins.builtin.clgb_net import CLASSES, IMAGENET_MEAN, IMAGENET_STD, CLGBNet
-from plugins.weights import CheckpointMetadata
+from plugins import hookimpl
+from plugins.builtin.clgb_net import CLGBNet, load_imagenet_backbones
+from training.recipes import DemoProfile, Hyper, Recipe, Stage, all_trainable, seeded_torch, sgd_or_adam
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "build_optimizer",
     "build_scheduler",
     "clgb_loss",
-    "dicom_to_uint8",
-    "eval_transform",
-    "label_map_from_metadata",
-    "macro_metrics",
+    "ClgbNetRecipe",
+    "pacs_triage_training_recipes",
     "set_training_stage",
-    "split_by_patient",
     "train_transform",
 ]
 
@@ -61,25 +54,6 @@ def clgb_loss(
     main = F.cross_entropy(logits, target)
     aux = F.cross_entropy(cam_logits, target)
     return main + aux_weight * aux, {"ce": main.detach(), "ce_aux": aux.detach()}
-
-
-def build_optimizer(
-    model: nn.Module,
-    lr: float = 1e-3,
-    momentum: float = 0.9,
-    weight_decay: float = 1e-4,
-    nesterov: bool = False,
-) -> torch.optim.SGD:
-    """SGD over the trainable parameters [P], lr 0.001 [P], momentum and L2 value [D].
-
-    :param model: the model whose ``requires_grad`` parameters are optimised.
-    :param lr: initial learning rate.
-    :param momentum: SGD momentum.
-    :param weight_decay: L2 weight decay.
-    :param nesterov: Nesterov momentum.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 def build_scheduler(
@@ -119,17 +93,6 @@ def set_training_stage(model: CLGBNet, stage: int) -> list[str]:
     return trainable
 
 
-def dicom_to_uint8(ds: Dataset) -> np.ndarray:
-    """DICOM to 8-bit grayscale [D], standing in for the paper's MicroDicom JPG export.
-
-    The host's conversion (:func:`plugins.preprocess.to_display`: Modality LUT, VOI LUT or window,
-    MONOCHROME1 inverted), so that training sees what inference sees.
-
-    :param ds: a single-frame grayscale dataset with pixel data.
-    """
-    return pre.to_display(ds.pixel_array, ds)
-
-
 def _gray_uint8_to_tensor(image: np.ndarray | Tensor) -> Tensor:
     tensor = torch.as_tensor(image)
     if tensor.dtype != torch.uint8:
@@ -143,31 +106,6 @@ def _gray_uint8_to_tensor(image: np.ndarray | Tensor) -> Tensor:
 
 def _to_three_channels(image: Tensor) -> Tensor:
     return image.expand(3, -1, -1).contiguous()
-
-
-def eval_transform(
-    input_size: int = 224,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Callable[[np.ndarray], Tensor]:
-    """The fixed val/test transform: plain resize (aspect not kept), 3 channels, ImageNet normalisation.
-
-    It is the plugin's own inference preprocessing (the host's stretched :func:`~plugins.preprocess.letterbox`
-    and :func:`~plugins.base.to_tensor`), so validation numbers hold for the deployed model.
-
-    :param input_size: square output side.
-    :param mean: per-channel mean.
-    :param std: per-channel std.
-    :returns: a function from a uint8 (H, W) image to a float32 (3, size, size) tensor.
-    """
-
-    def transform(image: np.ndarray) -> Tensor:
-        if image.dtype != np.uint8 or image.ndim != 2:
-            raise TypeError(f"expected a uint8 (H, W) image, got {image.dtype} {image.shape}")
-        resized, _box = pre.letterbox(image, (input_size, input_size), keep_aspect=False)
-        return to_tensor(resized, tuple(mean), tuple(std))
-
-    return transform
 
 
 def train_transform(
@@ -210,81 +148,152 @@ def train_transform(
     return lambda image: pipeline(_gray_uint8_to_tensor(image))
 
 
-def split_by_patient(
-    patient_ids: Sequence[Hashable],
-    labels: Sequence[int],
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-) -> tuple[list[int], list[int], list[int]]:
-    """Split images into train/val/test per patient, stratified by class, with a fixed seed [D].
-
-    A patient's stratum is the highest label among their images (malignant > benign > normal), so the CC
-    and MLO views of one woman always land in the same split.
-
-    :param patient_ids: one id per image.
-    :param labels: one class index per image.
-    :param fractions: train / val / test fractions (80/10/10 [P]).
-    :param seed: shuffling seed.
-    :returns: image indices of the train, val and test splits.
-    """
-    if len(patient_ids) != len(labels):
-        raise ValueError("patient_ids and labels differ in length")
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"fractions {fractions} do not sum to 1")
-    images_of: dict[Hashable, list[int]] = defaultdict(list)
-    for index, patient in enumerate(patient_ids):
-        images_of[patient].append(index)
-    by_stratum: dict[int, list[Hashable]] = defaultdict(list)
-    for patient, indices in images_of.items():
-        by_stratum[max(labels[i] for i in indices)].append(patient)
-    rng = random.Random(seed)
-    splits: tuple[list[int], list[int], list[int]] = ([], [], [])
-    for stratum in sorted(by_stratum):
-        patients = sorted(by_stratum[stratum], key=str)
-        rng.shuffle(patients)
-        n_train = round(fractions[0] * len(patients))
-        n_val = round(fractions[1] * len(patients))
-        groups = (patients[:n_train], patients[n_train : n_train + n_val], patients[n_train + n_val :])
-        for split, group in zip(splits, groups, strict=True):
-            split.extend(i for p in group for i in images_of[p])
-    return tuple(sorted(s) for s in splits)  # type: ignore[return-value]
+# ---------------------------------------------------------------------------------------------------------
+# The recipe
 
 
-def macro_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int = 3) -> dict[str, float]:
-    """Accuracy and one-vs-rest macro precision, recall and F1 (Eqs. 8-11 are lost; standard definitions [D]).
+class ClgbNetRecipe(Recipe):
+    """ResNet-50 + Swin-T + FPN + CAM: random resized crop and flips, CE plus the auxiliary CAM loss, SGD
+    with cosine warm restarts; the best validation accuracy is kept."""
 
-    :param y_true: true class indices.
-    :param y_pred: predicted class indices.
-    :param num_classes: number of classes.
-    """
-    truth = np.asarray(y_true)
-    pred = np.asarray(y_pred)
-    if truth.shape != pred.shape or truth.size == 0:
-        raise ValueError("y_true and y_pred must be non-empty and of equal length")
-    precisions, recalls, f1s = [], [], []
-    for k in range(num_classes):
-        tp = float(np.sum((pred == k) & (truth == k)))
-        fp = float(np.sum((pred == k) & (truth != k)))
-        fn = float(np.sum((pred != k) & (truth == k)))
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        precisions.append(precision)
-        recalls.append(recall)
-        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-    return {
-        "accuracy": float(np.mean(truth == pred)),
-        "precision": float(np.mean(precisions)),
-        "recall": float(np.mean(recalls)),
-        "f1": float(np.mean(f1s)),
+    name = "clgb_net"
+    modality = "MG"
+    summary = "CLGB-Net (docs/models/clgb-net.md §2, §5): SGD 1e-3, cosine restarts, batch 64, 100 epochs"
+    HYPERPARAMETERS: ClassVar[dict[str, Hyper]] = {
+        "epochs": Hyper(100, "default", "epochs (all stages together with train_schedule=staged)"),
+        "batch_size": Hyper(64, "paper", "images per batch"),
+        "augment": Hyper(
+            True, "paper", "random resized crop and flips (false: the plugin's preprocessing only)"
+        ),
+        "optimizer": Hyper("sgd", "paper", "sgd (momentum) or adam (for training from random weights)"),
+        "lr": Hyper(1e-3, "paper", "initial learning rate"),
+        "momentum": Hyper(0.9, "default", "SGD momentum"),
+        "weight_decay": Hyper(1e-4, "default", "L2 weight decay (the paper uses one)"),
+        "monitor": Hyper(
+            "val_accuracy", "default", "the weights with the best value are kept (no early stopping)"
+        ),
+        "t_0": Hyper(25, "default", "epochs of the first cosine cycle"),
+        "t_mult": Hyper(1, "default", "cycle length multiplier"),
+        "eta_min": Hyper(1e-6, "default", "learning-rate floor"),
+        "crop_scale": Hyper([0.8, 1.0], "default", "RandomResizedCrop area range"),
+        "hflip_p": Hyper(0.5, "default", "horizontal flip probability"),
+        "vflip_p": Hyper(0.5, "default", "vertical flip probability"),
+    }
+    split: ClassVar[dict[str, float]] = {"train": 0.8, "val": 0.1, "test": 0.1}
+    imagenet_backbones: ClassVar[dict[str, tuple[str, str, tuple[str, ...]]]] = {
+        "cnn": ("cnn", "resnet50", ("fc.",)),
+        "swin": ("swin", "swin_tiny_patch4_window7_224", ("head.",)),
     }
 
+    def configure(self) -> None:
+        super().configure()
+        height, width = self.input_size
+        if height != width or height % 32:
+            raise ValueError(f"CLGB-Net needs a square input that is a multiple of 32, got {self.input_size}")
 
-def label_map_from_metadata(metadata: CheckpointMetadata) -> dict[int, str]:
-    """Index -> class name from a checkpoint's metadata, checked against the order this code assumes.
+    def load_imagenet(self, model: nn.Module, sources: Mapping[str, str]) -> list[str]:
+        unknown = sorted(set(sources) - {"cnn", "swin"})
+        if unknown:
+            raise ValueError(f"clgb_net has no backbone {unknown}; --imagenet takes cnn=PATH and swin=PATH")
+        files = {k: v for k, v in sources.items() if v != "hub"}
+        hub = {k: v for k, v in sources.items() if v == "hub"}
+        done = super().load_imagenet(model, hub) if hub else []
+        if files:
+            # The model file's helper converts Microsoft-layout Swin checkpoints and other input sizes.
+            load_imagenet_backbones(model, cnn_path=files.get("cnn"), swin_path=files.get("swin"))  # type: ignore[arg-type]
+            done += [f"{k}: from {v}" for k, v in files.items()]
+        return done
 
-    :param metadata: as returned by ``load_clgb_checkpoint``.
-    :raises ValueError: when the checkpoint uses another class order.
-    """
-    if tuple(metadata.class_names) != CLASSES:
-        raise ValueError(f"checkpoint class order {metadata.class_names} differs from {CLASSES}")
-    return dict(enumerate(metadata.class_names))
+    def augmented_input(self, prepared: np.ndarray, seed: int) -> torch.Tensor:
+        transform = train_transform(
+            self.input_size[0],
+            scale=tuple(self.hp["crop_scale"]),  # type: ignore[arg-type]
+            hflip=float(self.hp["hflip_p"]),
+            vflip=float(self.hp["vflip_p"]),
+            mean=self.spec.mean,
+            std=self.spec.std,
+        )
+        return seeded_torch(seed, transform, torch.from_numpy(np.ascontiguousarray(prepared)))
+
+    def loss(
+        self, output: Any, target: torch.Tensor, epoch: int, train_labels: Sequence[int]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, extras = output
+        value, parts = clgb_loss(logits, extras["cam_logits"], target, float(self.options["aux_loss_weight"]))
+        return value, {k: float(v) for k, v in parts.items()}
+
+    def logits(self, output: Any) -> torch.Tensor:
+        return output[0]  # type: ignore[no-any-return]
+
+    def stages(self, steps_per_epoch: int) -> list[Stage]:
+        hp = self.hp
+
+        def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            # build_optimizer's SGD, over the stage's parameters rather than a whole model's.
+            return sgd_or_adam(hp, params)
+
+        def scheduler(opt: torch.optim.Optimizer, _steps: int) -> Any:
+            return build_scheduler(
+                opt, t_0=int(hp["t_0"]), t_mult=int(hp["t_mult"]), eta_min=float(hp["eta_min"])
+            )
+
+        epochs = int(hp["epochs"])
+        if self.options["train_schedule"] == "staged":
+            # The paper's three stages have no stated lengths: equal thirds [default].
+            lengths = [epochs // 3 + (1 if i < epochs % 3 else 0) for i in range(3)]
+
+            def stage_trainable(k: int) -> Callable[[nn.Module], list[nn.Parameter]]:
+                def trainable(model: nn.Module) -> list[nn.Parameter]:
+                    set_training_stage(model, k)  # type: ignore[arg-type]
+                    return [p for p in model.parameters() if p.requires_grad]
+
+                return trainable
+
+            return [
+                Stage(
+                    name=f"stage {k}",
+                    epochs=n,
+                    trainable=stage_trainable(k),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scheduler_step="epoch",
+                )
+                for k, n in zip((1, 2, 3), lengths, strict=True)
+                if n > 0
+            ]
+        return [
+            Stage(
+                name="joint",
+                epochs=epochs,
+                trainable=all_trainable,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scheduler_step="epoch",
+            )
+        ]
+
+
+ClgbNetRecipe.demo_profile = DemoProfile(
+    kind="mg",
+    classes=("normal", "benign", "malignant"),
+    images=360,
+    input_size=(96, 96),
+    options={"crop": "breast", "cnn_name": "resnet18", "fpn_channels": 64},
+    hyperparameters={
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "epochs": 8,
+        # One cosine cycle over the run: the learning rate reaches its floor by the last epoch, which
+        # is what separates benign from normal within the budget.
+        "t_0": 8,
+        "batch_size": 8,
+        "augment": False,
+        "monitor": "val_auc",
+    },
+)
+
+
+@hookimpl
+def pacs_triage_training_recipes() -> list[type[Recipe]]:
+    """Train ``clgb_net`` with its paper's recipe."""
+    return [ClgbNetRecipe]

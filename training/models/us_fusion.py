@@ -1,42 +1,37 @@
-"""Training-time parts of US-Fusion (spec us-fusion.md §2, §4): weighted loss, augmentation, splits, schedule.
+"""US-Fusion training (docs/models/us-fusion.md §2, §4): class weights, the augmentation, the warm-up and
+cosine schedule and the recipe.  The recipe's ``threshold=youden`` stores Youden's threshold on the
+validation split in the checkpoint, which the plugin then applies when it serves.
 
-The training CLI is built elsewhere; these are the pieces it composes, each unit-tested on its own.
+Inference never imports this module; the model is :mod:`plugins.builtin.us_fusion`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision.transforms import v2 as T
 
-from plugins.builtin.hybrid_birads_training import EarlyStopping
-from plugins.builtin.us_fusion import IMAGENET_MEAN, IMAGENET_STD
+from plugins import hookimpl
+from training.datasets import Record
+from training.recipes import DemoProfile, Hyper, Recipe, Stage, adam_factory, all_trainable, seeded_torch
 
 __all__ = [
-    "EarlyStopping",
-    "busi_label",
     "class_weights",
-    "eval_transform",
-    "make_loss",
-    "make_optimizer",
     "make_scheduler",
-    "make_early_stopping",
-    "patient_split",
-    "stratified_kfold",
+    "pacs_triage_training_recipes",
     "train_transform",
-    "youden_threshold",
+    "UsFusionRecipe",
 ]
 
-LEARNING_RATE = 1e-4
-WEIGHT_DECAY = 1e-4
-BATCH_SIZE = 32
 EPOCHS = 50
 WARMUP_EPOCHS = 2
-EARLY_STOP_PATIENCE = 10
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,15 +48,6 @@ def class_weights(labels: Sequence[int], num_classes: int = 2) -> torch.Tensor:
     if np.any(counts == 0):
         raise ValueError(f"every class needs at least one training sample, counts are {counts.tolist()}")
     return torch.tensor(counts.sum() / (num_classes * counts), dtype=torch.float32)
-
-
-def make_loss(labels: Sequence[int], num_classes: int = 2) -> nn.CrossEntropyLoss:
-    """Class-weighted cross-entropy, no label smoothing (no sampler).
-
-    :param labels: training labels, for :func:`class_weights`.
-    :param num_classes: K.
-    """
-    return nn.CrossEntropyLoss(weight=class_weights(labels, num_classes))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,135 +73,12 @@ def train_transform(size: int = 224) -> T.Compose:
     )
 
 
-def eval_transform(size: int = 224) -> T.Compose:
-    """Plain bilinear resize and ImageNet normalisation (the crop happens before, as at serving time).
-
-    :param size: output side.
-    """
-    return T.Compose(
-        [
-            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=False),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
 # ----------------------------------------------------------------------------------------------------
 # Data splits
 
 
-def busi_label(folder: str, *, normal_as_benign: bool = False) -> int | None:
-    """BUSI folder name to a class index; "normal" is dropped (None) unless ``normal_as_benign``.
-
-    :param folder: ``benign``, ``malignant`` or ``normal``.
-    :param normal_as_benign: the spec's off-by-default flag.
-    """
-    name = folder.strip().lower()
-    if name == "benign":
-        return 0
-    if name == "malignant":
-        return 1
-    if name == "normal":
-        return 0 if normal_as_benign else None
-    raise ValueError(f"unknown BUSI class folder {folder!r}")
-
-
-def patient_split(
-    patient_ids: Sequence[str],
-    labels: Sequence[int],
-    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-    seed: int = 42,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Patient-level stratified train / val / test image indices: a patient's images never cross splits.
-
-    Patients are stratified by their most severe label (malignant if any image is).
-
-    :param patient_ids: patient of each image.
-    :param labels: label of each image.
-    :param fractions: train, val, test shares of patients.
-    :param seed: RNG seed.
-    """
-    if not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split fractions must sum to 1, got {fractions}")
-    ids = np.asarray(patient_ids)
-    y = np.asarray(labels)
-    patients = np.unique(ids)
-    patient_label = np.array([y[ids == p].max() for p in patients])
-    rng = np.random.default_rng(seed)
-    assignment: dict[str, int] = {}
-    for cls in np.unique(patient_label):
-        members = rng.permutation(patients[patient_label == cls])
-        n_train = round(fractions[0] * len(members))
-        n_val = round(fractions[1] * len(members))
-        for j, patient in enumerate(members):
-            assignment[str(patient)] = 0 if j < n_train else 1 if j < n_train + n_val else 2
-    split = np.array([assignment[str(p)] for p in ids])
-    return tuple(np.flatnonzero(split == k) for k in range(3))  # type: ignore[return-value]
-
-
-def stratified_kfold(
-    labels: Sequence[int], k: int = 5, seed: int = 42, val_fraction: float = 0.1
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stratified k-fold; within each fold a stratified ``val_fraction`` of the training part is validation.
-
-    :param labels: label of each image.
-    :param k: folds.
-    :param seed: RNG seed (the validation cut uses seed + fold index).
-    :param val_fraction: validation share of each fold's training part.
-    :returns: (train, val, test) index arrays per fold.
-    """
-    y = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(y), dtype=np.int64)
-    for cls in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == cls))
-        fold_of[members] = np.arange(len(members)) % k
-    folds = []
-    for fold in range(k):
-        test = np.flatnonzero(fold_of == fold)
-        rest = np.flatnonzero(fold_of != fold)
-        fold_rng = np.random.default_rng(seed + fold)
-        val_parts = []
-        for cls in np.unique(y[rest]):
-            members = fold_rng.permutation(rest[y[rest] == cls])
-            val_parts.append(members[: round(val_fraction * len(members))])
-        val = np.sort(np.concatenate(val_parts))
-        train = np.setdiff1d(rest, val)
-        folds.append((train, val, test))
-    return folds
-
-
-def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """The p(malignant) threshold maximising sensitivity + specificity − 1 on validation data.
-
-    :param scores: p(malignant) per image.
-    :param labels: 1 for malignant.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels)
-    positives, negatives = (y == 1).sum(), (y == 0).sum()
-    if positives == 0 or negatives == 0:
-        raise ValueError("Youden's J needs both classes in the validation labels")
-    best_j, best_t = -1.0, 0.5
-    for threshold in np.unique(s):
-        predicted = s >= threshold
-        j = (predicted & (y == 1)).sum() / positives + (~predicted & (y == 0)).sum() / negatives - 1
-        if j > best_j:
-            best_j, best_t = j, float(threshold)
-    return best_t
-
-
 # ----------------------------------------------------------------------------------------------------
 # Optimiser, schedule, early stopping
-
-
-def make_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Adam:
-    """Adam, lr 1e-4, weight decay 1e-4; end-to-end fine-tuning, nothing frozen.
-
-    :param params: all model parameters.
-    """
-    return torch.optim.Adam(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
 
 def make_scheduler(
@@ -247,6 +110,124 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_early_stopping() -> EarlyStopping:
-    """Patience 10 on validation AUC (higher is better), keeping the best-AUC weights."""
-    return EarlyStopping(patience=EARLY_STOP_PATIENCE, mode="max")
+# ---------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+class UsFusionRecipe(Recipe):
+    """MobileNetV2 + DenseNet121 fusion: US-region crop, resized crop/flip/rotation/jitter, class-weighted
+    CE, Adam with warm-up and cosine, early stopping on the validation AUC; 5-fold CV on BUSI."""
+
+    name = "us_fusion"
+    modality = "US"
+    summary = "US-Fusion (docs/models/us-fusion.md §2, §4): weighted CE, Adam 1e-4, warm-up + cosine, batch 32, 50 epochs"
+    HYPERPARAMETERS: ClassVar[dict[str, Hyper]] = {
+        "epochs": Hyper(50, "default", "epochs of the cosine schedule"),
+        "warmup_epochs": Hyper(2, "default", "linear warm-up epochs"),
+        "batch_size": Hyper(32, "default", "images per batch"),
+        "augment": Hyper(
+            True, "default", "resized crop, flip, rotation, jitter (false: the plugin's preprocessing only)"
+        ),
+        "lr": Hyper(1e-4, "default", "Adam learning rate"),
+        "weight_decay": Hyper(1e-4, "default", "Adam weight decay"),
+        "patience": Hyper(10, "default", "early stopping: epochs without improvement of the monitor"),
+        "monitor": Hyper("val_auc", "default", "val_auc, val_loss, val_accuracy or none; best weights kept"),
+        "class_weighted_loss": Hyper(True, "default", "w_c = N / (K N_c) in the cross-entropy"),
+        "normal_as_benign": Hyper(False, "default", "BUSI 'normal' images count as benign (else left out)"),
+        "threshold": Hyper(
+            "youden",
+            "paper",
+            "youden (Youden's J on the validation split, stored in the checkpoint; the plugin serves with "
+            "it) or argmax",
+        ),
+    }
+    split: ClassVar[dict[str, float]] = {"train": 0.7, "val": 0.1, "test": 0.2}
+    kfold_datasets: ClassVar[dict[str, int]] = {"busi": 5}
+    runtime_options = frozenset({"saliency", "shap", "shap_samples", "shap_background"})
+
+    @property
+    def imagenet_backbones(self) -> dict[str, tuple[str, str, tuple[str, ...]]]:  # type: ignore[override]
+        head_a: tuple[str, ...] = ("classifier.",)
+        if self.options["branch_a_features"] == "blocks":
+            head_a += ("conv_head.", "bn2.")
+        backbones = {}
+        if self.options["fusion"] != "b_only":
+            backbones["mobilenet"] = ("branch_a", "mobilenetv2_100", head_a)
+        if self.options["fusion"] != "a_only":
+            backbones["densenet"] = ("branch_b", "densenet121", ("classifier.",))
+        return backbones
+
+    def configure(self) -> None:
+        super().configure()
+        if self.input_size[0] != self.input_size[1]:
+            raise ValueError(f"US-Fusion needs a square input, got {self.input_size}")
+        if int(self.hp["epochs"]) <= int(self.hp["warmup_epochs"]):
+            raise ValueError(
+                f"epochs ({self.hp['epochs']}) must exceed warmup_epochs ({self.hp['warmup_epochs']})"
+            )
+        if self.hp["threshold"] not in ("argmax", "youden"):
+            raise ValueError(f"threshold {self.hp['threshold']!r} is not argmax or youden")
+
+    def label_index(self, record: Record) -> int | None:
+        if record.label.strip().lower() == "normal":
+            return 0 if self.hp["normal_as_benign"] else None
+        return super().label_index(record)
+
+    def augmented_input(self, prepared: np.ndarray, seed: int) -> torch.Tensor:
+        grey = torch.from_numpy(np.ascontiguousarray(prepared)).unsqueeze(0).expand(3, -1, -1).contiguous()
+        return seeded_torch(seed, train_transform(self.input_size[0]), grey)
+
+    def loss(
+        self, output: Any, target: torch.Tensor, epoch: int, train_labels: Sequence[int]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.hp["class_weighted_loss"]:
+            weights = self._weights(tuple(train_labels)).to(output.device, output.dtype)
+            value = F.cross_entropy(output, target, weight=weights)
+        else:
+            value = F.cross_entropy(output, target)
+        return value, {"ce": float(value.detach())}
+
+    def _weights(self, labels: tuple[int, ...]) -> torch.Tensor:
+        cached = getattr(self, "_weight_cache", None)
+        if cached is None or cached[0] != labels:
+            cached = (labels, class_weights(labels, len(self.classes)))
+            self._weight_cache = cached
+        return cached[1]
+
+    def stages(self, steps_per_epoch: int) -> list[Stage]:
+        hp = self.hp
+        return [
+            Stage(
+                name="fine-tune",
+                epochs=int(hp["epochs"]),
+                trainable=all_trainable,
+                optimizer=adam_factory(float(hp["lr"]), float(hp["weight_decay"])),
+                scheduler=lambda opt, steps: make_scheduler(
+                    opt, steps, epochs=int(hp["epochs"]), warmup_epochs=int(hp["warmup_epochs"])
+                ),
+                scheduler_step="batch",
+                early_stopping=True,
+            )
+        ]
+
+
+UsFusionRecipe.demo_profile = DemoProfile(
+    kind="us",
+    classes=("benign", "malignant"),
+    images=160,
+    input_size=(64, 64),
+    hyperparameters={
+        "epochs": 2,
+        "warmup_epochs": 0,
+        "lr": 1e-3,
+        "batch_size": 8,
+        "patience": 0,
+        "augment": False,
+    },
+)
+
+
+@hookimpl
+def pacs_triage_training_recipes() -> list[type[Recipe]]:
+    """Train ``us_fusion`` with its paper's recipe."""
+    return [UsFusionRecipe]
