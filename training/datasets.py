@@ -862,7 +862,7 @@ def load_busi(
 
     The mask of ``benign (1).png`` is ``benign (1)_mask.png``; further masks of the same image
     (``_mask_1.png`` ...) are listed in ``extra["extra_masks"]``.  BUSI has no patient identity, so every
-    image is its own split group (and its near-duplicates can leak; the US-Fusion spec warns about this).
+    image is its own split group (and its near-duplicates can leak; docs/models/us-fusion.md warns about this).
 
     :param root: ``Dataset_BUSI_with_GT`` or the folder above it.
     :param classes: the class folders to read.

@@ -10,7 +10,7 @@ Two numbers per architecture, on synthetic phantoms (``plugins.synthetic``):
 An epoch runs at about the smaller of ``step`` and ``augment x workers``.
 
 Run: ``.venv/bin/python benchmarks/training/bench_training.py`` (``--help`` for options).  The default
-input sizes are the demo profiles' (small, for CPUs); ``--input-size paper`` uses each spec's size.
+input sizes are the demo profiles' (small, for CPUs); ``--input-size paper`` uses each paper's size.
 """
 
 from __future__ import annotations
@@ -28,18 +28,20 @@ import torch
 from gateway.settings import PluginSettings, Settings
 from plugins.host import ModelHost
 from plugins.synthetic import write_dataset_dir
-from plugins.training.datasets import load_generic_csv
-from plugins.training.recipes import DEMO_PROFILES, Recipe, get_recipe
-from plugins.training.trainer import derive_seed, load_training_image
+from training.datasets import load_generic_csv
+from training.recipes import Recipe
+from training.registry import demo_profiles, get_recipe
+from training.trainer import derive_seed, load_training_image
 
 ARCHITECTURES = ("asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion")
+DEMO_PROFILES = demo_profiles()
 
 
 def build_recipe(name: str, input_size: str | None) -> Recipe:
     plugin = ModelHost(Settings(plugins=PluginSettings(load_entrypoints=False))).plugin(name)
     profile = DEMO_PROFILES[name]
     if input_size == "paper":
-        # The paper's build (e.g. clgb_net with ResNet-50), at the spec's input size.
+        # The paper's build (e.g. clgb_net with ResNet-50), at the paper's input size.
         return get_recipe(plugin)
     if input_size:
         height, _, width = input_size.partition("x")

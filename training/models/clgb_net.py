@@ -117,7 +117,7 @@ def train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Callable[[np.ndarray | Tensor], Tensor]:
-    """The training transform of spec 2: random resized crop, horizontal and vertical flips, normalisation.
+    """The training transform of docs/models/clgb-net.md §2: random resized crop, horizontal and vertical flips, normalisation.
 
     No CLAHE, rotation or colour jitter: the paper applies only scaling, cropping and flipping.
 
