@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pynetdicom._validators import validate_ae
 
 from gateway.errors import ConfigError
 
@@ -26,10 +25,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _ae_title_problem(value: str) -> str | None:
+    """What PS3.5's AE value representation forbids in ``value``, or None."""
+    if not value.strip(" "):
+        return "it is empty or only spaces"
+    if len(value) > 16:
+        return "it is longer than 16 characters"
+    if any(char == "\\" or not (" " <= char <= "~") for char in value):
+        return "it holds a backslash, a control character or a character outside the default repertoire"
+    return None
+
+
 def _check_ae_title(value: str) -> str:
-    ok, reason = validate_ae(value)
-    if not ok:
-        raise ValueError(f'AE title "{value}" is invalid: {reason}')
+    # Our own check: pynetdicom's AE validator lives in a private module.
+    problem = _ae_title_problem(value)
+    if problem is not None:
+        raise ValueError(f'AE title "{value}" is invalid: {problem}')
     return value
 
 

@@ -31,6 +31,8 @@ def test_unknown_key_names_the_key_and_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("yaml", "key"), [
     ("gateway: {port: 70000}", "gateway.port"),
     ("gateway: {ae_title: 'WAY_TOO_LONG_FOR_AN_AE_TITLE'}", "gateway.ae_title"),
+    ("gateway: {ae_title: '   '}", "gateway.ae_title"),
+    ("gateway: {ae_title: 'BACK\\\\SLASH'}", "gateway.ae_title"),
     ("assembly: {quiet_seconds: -1}", "assembly.quiet_seconds"),
     ("gateway: {tls: {enabled: true}}", "gateway.tls"),
 ])
