@@ -1,0 +1,186 @@
+"""The study pipeline end to end in one process: final states, routing, our own outputs, decode once.
+
+Every study ends done, delivered, skipped (no model accepts it, each image's reason journalled) or
+dead-lettered; the next study is analysed as usual after each case.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from plugins.preprocess import BREAST_TOMOSYNTHESIS, read_image_ref
+from tests.pipeline_cases import (  # noqa: F401
+    Harness,
+    _harness,
+    bright_mammogram,
+    harness,
+    harness_settings,
+    new_study_uid,
+    ultrasound,
+)
+from tests.utils import write
+from workers import pipeline
+
+
+def _outputs(harness: Harness, job_id: str) -> list[Path]:
+    return [Path(p) for a in harness.store.analyses(job_id) for p in json.loads(a["outputs"])]
+
+
+def test_a_study_two_models_accept_is_done_with_one_decode_per_image(harness: Harness,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    study_uid = new_study_uid()
+    views = [bright_mammogram(study_uid, seed=i, laterality=lat, view=view)
+             for i, (lat, view) in enumerate([("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")])]
+    job = harness.job(views)
+    decoded: list[str] = []
+    reads: list[tuple[object, bool]] = []
+    with monkeypatch.context() as patch:
+        real_decode = pipeline.decode_frames
+        patch.setattr(pipeline, "decode_frames", lambda path, policy: decoded.append(path) or real_decode(path, policy))
+        real_read = pydicom.dcmread
+        patch.setattr(pydicom, "dcmread",
+                      lambda *a, **k: reads.append((a[0], k.get("stop_before_pixels", False))) or real_read(*a, **k))
+
+        host = pipeline.model_host(harness.settings, "cpu")
+        timings = pipeline.StudyTimings()
+        sources = pipeline.read_sources(job, timings)
+        runs = pipeline.analyse_study(host, ["triage_probe", "triage_probe_heavy"], sources, harness.settings,
+                                      harness.store_dir.parent / "outputs", timings)
+        assert [len(r.predictions) for r in runs] == [4, 4]
+        assert sorted(map(str, decoded)) == sorted(str(Path(job.storage_root) / i.path) for i in job.instances)
+        assert timings.decodes == 4
+        # Each source read twice in all: its header (read_sources), then its pixels (the one decode).
+        # Building the SR and the 8 SCs reads none of them again.
+        sources_read = [r for r in reads if str(r[0]).startswith(job.storage_root)]
+        assert sorted(header_only for _, header_only in sources_read) == [False] * 4 + [True] * 4
+        assert sum(len(r.outputs) for r in runs) == 2 * (1 + 4)
+
+    row = harness.run(job)
+    assert row["state"] == "done"
+    assert len(json.loads(row["findings"])) == 8
+
+
+def test_a_tomosynthesis_only_study_is_skipped_with_each_image_s_reason(harness: Harness) -> None:
+    study_uid = new_study_uid()
+    volumes = [bright_mammogram(study_uid, seed=i) for i in range(2)]
+    for volume in volumes:
+        volume.SOPClassUID = volume.file_meta.MediaStorageSOPClassUID = BREAST_TOMOSYNTHESIS
+    job = harness.job(volumes)
+    row = harness.run(job)
+    assert row["state"] == "skipped"
+    reasons = json.loads(harness.timeline(job)["skipped"])
+    assert set(reasons) == {str(v.SOPInstanceUID) for v in volumes}
+    for per_model in reasons.values():
+        assert "tomosynthesis" in per_model["triage_probe"] and "tomosynthesis" in per_model["triage_probe_heavy"]
+        assert "modality MG" in per_model["us_fusion"]
+    assert harness.store.dead_letters() == []
+    assert harness.run(harness.job([bright_mammogram(new_study_uid())]))["state"] == "done"
+
+
+def test_an_obstetric_ultrasound_is_not_read_by_the_breast_ultrasound_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = harness_settings(tmp_path, plugins={
+        "drop_in_dir": str(Path(__file__).parent / "triage_plugins"), "load_entrypoints": False,
+        "disabled": ["asg_mammonet", "clgb_net", "lem", "hybrid_birads"], "allow_demo_weights": True})
+    harness = next(_harness(tmp_path, monkeypatch, settings))
+    study_uid = new_study_uid()
+    job = harness.job([ultrasound(study_uid, body_part="ABDOMEN"),
+                       ultrasound(study_uid, anatomic_region=("110547006", "Pregnant uterus"))])
+    row = harness.run(job)
+    assert row["state"] == "skipped"
+    reasons = json.loads(harness.timeline(job)["skipped"])
+    assert all("routing" in per_model["us_fusion"] for per_model in reasons.values())
+    assert not any(a["model"] == "us_fusion" for a in harness.store.analyses(job.job_id))
+    assert harness.run(harness.job([bright_mammogram(new_study_uid())]))["state"] == "done"
+
+
+def test_breast_ultrasound_is_routed_by_body_part_anatomic_region_or_a_breast_unit(tmp_path: Path) -> None:
+    from plugins.host import ModelHost
+
+    settings = harness_settings(tmp_path, routing={"breast_unit_aes": ["BREAST_US1"]})
+    host = ModelHost(settings)
+    us_model = host.plugin("us_fusion")
+    study_uid = new_study_uid()
+
+    def reason(ds: pydicom.Dataset, calling_ae: str = "MODALITY") -> str | None:
+        import dataclasses
+
+        ref = dataclasses.replace(read_image_ref(write(ds, tmp_path / "refs")), calling_ae=calling_ae)
+        return host.skip_reason(us_model, ref)
+
+    assert reason(ultrasound(study_uid, body_part="BREAST")) is None
+    assert reason(ultrasound(study_uid, anatomic_region=("76752008", "Breast"))) is None
+    assert reason(ultrasound(study_uid), calling_ae="BREAST_US1") is None
+    assert "routing" in (reason(ultrasound(study_uid)) or "")
+    assert "routing" in (reason(ultrasound(study_uid, body_part="ABDOMEN"), calling_ae="OBSTETRICS") or "")
+    # The mammography models are routed MG only, whatever else a site sends.
+    from plugins.host import route_matches
+
+    breast_us = read_image_ref(write(ultrasound(study_uid, body_part="BREAST"), tmp_path / "refs"))
+    [mg_only] = settings.routing.rules_for("asg_mammonet")
+    assert not route_matches(mg_only, breast_us, settings.routing.breast_unit_aes)
+
+
+def test_a_site_rule_replaces_the_default_route(tmp_path: Path) -> None:
+    from plugins.host import ModelHost
+
+    settings = harness_settings(tmp_path, routing={"models": {"us_fusion": [{"calling_aes": ["ANY_US"]}]}})
+    host = ModelHost(settings)
+    ref = read_image_ref(write(ultrasound(new_study_uid(), body_part="ABDOMEN"), tmp_path / "refs"))
+    import dataclasses
+
+    assert host.skip_reason(host.plugin("us_fusion"), dataclasses.replace(ref, calling_ae="ANY_US")) is None
+    assert host.skip_reason(host.plugin("us_fusion"), ref) is not None
+
+
+def test_our_own_outputs_sent_back_start_no_analysis(harness: Harness) -> None:
+    study_uid = new_study_uid()
+    source = bright_mammogram(study_uid)
+    first = harness.job([source])
+    assert harness.run(first)["state"] == "done"
+    outputs = [pydicom.dcmread(p) for p in _outputs(harness, first.job_id)]
+    assert len(outputs) == 4  # an SR and a heatmap SC from each of the two models
+    assert all(pipeline.is_own_output(ds) for ds in outputs)
+
+    # The PACS forwards the whole study back: the source (version 1) and our outputs (version 2).
+    second = harness.job([source, *outputs], version=2, versions={str(source.SOPInstanceUID): 1})
+    row = harness.run(second)
+    assert "not_analysed" in harness.timeline(second)
+    assert harness.store.analyses(second.job_id) == []
+    assert (row["job_id"], row["state"]) == (first.job_id, "done")
+
+
+def test_a_version_of_only_our_outputs_is_skipped_when_nothing_else_is_known(harness: Harness) -> None:
+    study_uid = new_study_uid()
+    first = harness.job([bright_mammogram(study_uid)])
+    harness.run(first)
+    outputs = [pydicom.dcmread(p) for p in _outputs(harness, first.job_id)]
+    # A gateway that saw only the outputs (a fresh data directory) makes them version 1 of the study.
+    fresh = Harness(settings=harness.settings, store_dir=harness.store_dir.parent / "fresh")
+    fresh.queued = harness.queued
+    job = fresh.job(outputs, job_id="fresh-v1")
+    row = fresh.run(job)
+    assert (row["job_id"], row["state"]) == ("fresh-v1", "skipped")
+    reasons = json.loads(fresh.timeline(job)["skipped"])
+    assert all(r == {"all": pipeline.OWN_OUTPUT_REASON} for r in reasons.values())
+
+
+def test_a_version_with_a_replaced_source_is_analysed_again_and_one_without_is_not(harness: Harness) -> None:
+    study_uid = new_study_uid()
+    source = bright_mammogram(study_uid)
+    first = harness.job([source])
+    harness.run(first)
+    unchanged = harness.job([source], version=2, versions={str(source.SOPInstanceUID): 1})
+    harness.run(unchanged)
+    assert "not_analysed" in harness.timeline(unchanged)
+    source.PixelData = bright_mammogram(study_uid, seed=9).PixelData  # same UIDs, new bytes
+    replaced = harness.job([source], version=3)
+    row = harness.run(replaced)
+    assert (row["job_id"], row["state"]) == (replaced.job_id, "done")
+    assert {Path(p).name for p in _outputs(harness, replaced.job_id)}.isdisjoint(
+        Path(p).name for p in _outputs(harness, first.job_id))
