@@ -139,8 +139,9 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._writer_lock = (os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-                             if fcntl is not None else None)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._writer_lock: int | None = (
+            os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if fcntl is not None else None)
         self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -310,7 +311,8 @@ def connect_existing(path: Path, tables: Sequence[str]) -> sqlite3.Connection | 
     """
     if not path.is_file():
         return None
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=10.0, check_same_thread=False)
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=10.0,
+                         check_same_thread=False)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA busy_timeout=10000")
     # The file appears a moment before the writer's schema transaction commits.
@@ -440,6 +442,7 @@ class JournalReader:
             completed = db.execute("SELECT completed_by, count(*) AS n FROM studies"
                                    " WHERE completed_at IS NOT NULL GROUP BY completed_by").fetchall()
             refused = db.execute("SELECT reason, count FROM refusals ORDER BY reason").fetchall()
-        return JournalCounts(stored=int(stored), duplicates=int(duplicates),
-                             completed_by={str(r["completed_by"] or "unknown"): int(r["n"]) for r in completed},
-                             refused={str(r["reason"]): int(r["count"]) for r in refused})
+        return JournalCounts(
+            stored=int(stored), duplicates=int(duplicates),
+            completed_by={str(r["completed_by"] or "unknown"): int(r["n"]) for r in completed},
+            refused={str(r["reason"]): int(r["count"]) for r in refused})

@@ -31,7 +31,7 @@ _MAX_DOUBLINGS = 63
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
-    """Capped exponential backoff: retry *n* (0 for the first) waits ``min(max_seconds, first_seconds * 2**n)``.
+    """Capped exponential backoff: retry *n* (0 first) waits ``min(max_seconds, first_seconds * 2**n)``.
 
     :param first_seconds: The wait before the first retry.
     :param max_seconds: The longest wait.

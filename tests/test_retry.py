@@ -1,4 +1,4 @@
-"""The one retry policy: capped exponential waits, full jitter, the give-up count, kombu's view of it, its users."""
+"""The one retry policy: capped exponential waits, full jitter, giving up, kombu's view of it, its users."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def test_kombu_waits_never_exceed_the_policy_and_keep_its_cap_and_count() -> Non
         options = policy.kombu_retry_policy()
         assert options["max_retries"] == policy.max_retries
         # kombu's schedule: start, then one step more per retry, up to the cap.
-        kombu_waits = [min(options["interval_max"], options["interval_start"] + n * options["interval_step"])
-                       for n in range(policy.max_retries or 0)]
+        start, step, cap = options["interval_start"], options["interval_step"], options["interval_max"]
+        kombu_waits = [min(cap, start + n * step) for n in range(policy.max_retries or 0)]
         assert all(k <= policy.delay(n) for n, k in enumerate(kombu_waits))
         assert max(kombu_waits) <= policy.max_seconds
     with pytest.raises(ValueError, match="jitter"):
@@ -57,7 +57,7 @@ def test_kombu_waits_never_exceed_the_policy_and_keep_its_cap_and_count() -> Non
 def test_delivery_follows_the_settings_and_the_gateway_retries_dispatch_for_ever() -> None:
     settings = DeliverySettings(max_retries=5, backoff_base_seconds=3.0, backoff_max_seconds=30.0)
     policy = delivery_policy(settings)
-    assert (policy.first_seconds, policy.max_seconds, policy.max_retries, policy.jitter) == (3.0, 30.0, 5, True)
+    assert (policy.first_seconds, policy.max_seconds, policy.max_retries) == (3.0, 30.0, 5) and policy.jitter
     assert policy.describe() == "at most 5, backoff from 3 s up to 30 s with full jitter"
     assert GATEWAY_DISPATCH.max_retries is None and not GATEWAY_DISPATCH.exhausted(10**6)
 
@@ -74,7 +74,8 @@ def test_the_assembler_waits_by_its_policy_after_the_broker_refused_a_study(tmp_
 
     journal = Journal(tmp_path / "journal.sqlite")
     record = InstanceRecord(sop_uid="1.2.3.1", study_uid="1.2.3", series_uid="1.2.3.9",
-                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
+                            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+                            transfer_syntax="1.2.840.10008.1.2.1",
                             modality="CT", laterality="", view="", presentation="", path="a.dcm", size=1,
                             calling_ae="A", priority=6)
     now = 1_000.0
@@ -86,4 +87,5 @@ def test_the_assembler_waits_by_its_policy_after_the_broker_refused_a_study(tmp_
     wait = GATEWAY_DISPATCH.delay(0)
     assert assembler.tick(now + wait / 2) == 0 and dispatcher.calls == 1  # still waiting: not tried
     assert assembler.tick(now + wait) == 1 and dispatcher.calls == 2
-    assert journal.study("1.2.3", version).state == StudyState.DISPATCHED
+    study = journal.study("1.2.3", version)
+    assert study is not None and study.state == StudyState.DISPATCHED

@@ -23,7 +23,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 from gateway import __version__
 from gateway.handlers import STORE_STATUSES
@@ -133,7 +133,8 @@ def conformance_statement(settings: Settings) -> str:
         + ", ".join(_name(ts) for ts in pynetdicom.DEFAULT_TRANSFER_SYNTAXES) + ".\n")
 
     add("### 3.3 C-STORE response status\n")
-    add(_table(("Status", "Meaning"), [(f"0x{status:04X}", meaning) for status, meaning in STORE_STATUSES]) + "\n")
+    store_statuses = [(f"0x{status:04X}", meaning) for status, meaning in STORE_STATUSES]
+    add(_table(("Status", "Meaning"), store_statuses) + "\n")
 
     add("### 3.4 Storage behaviour\n")
     add("- Level of storage: every element is kept as received (the file is stored byte for byte); nothing "

@@ -30,6 +30,7 @@ queried from here and a schema changes in one place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -89,11 +90,9 @@ def queue_depths(settings: Settings, timeout: float = 2.0) -> dict[str, int]:
         connection.ensure_connection(max_retries=1, timeout=timeout)
         for queue in QUEUES:
             # A channel each: a passive declare of a missing queue closes its channel on AMQP brokers.
-            with connection.channel() as channel:
-                try:
-                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
-                except connection.channel_errors:
-                    pass  # the queue does not exist yet: nothing was ever queued there
+            # A queue that does not exist yet never had anything queued: it stays at 0.
+            with connection.channel() as channel, contextlib.suppress(*connection.channel_errors):
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
     return depths
 
 

@@ -370,7 +370,7 @@ class ResultsReader:
     # ------------------------------------------------------------------ worklist
 
     def worklist(self, limit: int) -> list[WorklistEntry]:
-        """Up to *limit* studies in :meth:`ResultsStore.worklist`'s order: highest risk first, unanalysed last."""
+        """Up to *limit* studies in :meth:`ResultsStore.worklist`'s order (highest risk first)."""
         return [WorklistEntry._from_row(r) for r in self._rows(
             "SELECT * FROM worklist ORDER BY risk IS NULL, risk DESC, updated_at ASC LIMIT ?", (limit,))]
 
@@ -378,7 +378,8 @@ class ResultsReader:
         """Every worklist row, by Study Instance UID."""
         return {r["study_uid"]: WorklistEntry._from_row(r) for r in self._rows("SELECT * FROM worklist")}
 
-    def worklist_entry(self, *, job_id: str | None = None, study_uid: str | None = None) -> WorklistEntry | None:
+    def worklist_entry(self, *, job_id: str | None = None,
+                       study_uid: str | None = None) -> WorklistEntry | None:
         """The worklist row of one job id, or of one study whichever version it holds."""
         if (job_id is None) == (study_uid is None):
             raise ValueError("give exactly one of job_id and study_uid")
@@ -389,12 +390,14 @@ class ResultsReader:
     def progress(self) -> dict[str, WorkProgress]:
         """For each study on the worklist, its version there and whether the workers are done with it."""
         rows = self._rows(
-            "SELECT w.study_uid, w.version, w.state, EXISTS (SELECT 1 FROM analyses a WHERE a.job_id = w.job_id"
-            " AND a.outputs != '[]') AS has_outputs FROM worklist w")
-        return {r["study_uid"]: WorkProgress(
-                    version=int(r["version"]),
-                    finished=r["state"] in FINISHED_STATES or (r["state"] == "analysed" and not r["has_outputs"]))
-                for r in rows}
+            "SELECT w.study_uid, w.version, w.state, EXISTS (SELECT 1 FROM analyses a"
+            " WHERE a.job_id = w.job_id AND a.outputs != '[]') AS has_outputs FROM worklist w")
+        progress = {}
+        for r in rows:
+            nothing_to_deliver = r["state"] == "analysed" and not r["has_outputs"]
+            finished = r["state"] in FINISHED_STATES or nothing_to_deliver
+            progress[r["study_uid"]] = WorkProgress(version=int(r["version"]), finished=finished)
+        return progress
 
     # ------------------------------------------------------------------ one job
 
