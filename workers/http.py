@@ -141,10 +141,10 @@ def _output_header(path: str, mtime_ns: int) -> tuple[str, str]:
 @functools.lru_cache(maxsize=4096)
 def _study_header(path: str, mtime_ns: int) -> dict[str, str]:
     """The study attributes the page shows, from one received instance (no patient name, ID or birth date)."""
-    import pydicom
+    from gateway.inflate import read_header
 
-    tags = ["AccessionNumber", "StudyDate", "StudyDescription", "Modality"]
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+    # Never the whole data set: pydicom inflates a deflated one whole even with stop_before_pixels.
+    ds = read_header(path)
     return {"accession_number": str(ds.get("AccessionNumber", "") or ""),
             "study_date": str(ds.get("StudyDate", "") or ""),
             "study_description": str(ds.get("StudyDescription", "") or ""),
