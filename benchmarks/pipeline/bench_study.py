@@ -1,0 +1,193 @@
+"""Where one study's analysis time goes, in the worker's own study pipeline, beside the bare forward passes.
+
+Runs :func:`workers.pipeline.analyse_study` (what the analysis task runs) on a synthetic 4-view
+full-field mammogram through the mammography models, then C-STOREs the outputs to a throw-away
+storage SCP on loopback (pynetdicom, in this process), and reports per study:
+
+    header read   every source's header, once (read_sources)
+    decode        every source decoded into its display image (and how many decodes there were)
+    forward       each model's forward pass with its explanation (Grad-CAM, the model's own maps)
+    bare forward  the same network on the same preprocessed batch under inference_mode, no explanation
+    explanation   forward - bare forward
+    pre / post    each model's preprocessing, and its maps resized back onto the source
+    outputs       SR and heatmap SC building and writing (digest included)
+    delivery      the C-STORE of every output
+
+and the share of the study's time spent outside the models' forward and explanation passes.
+
+Usage: .venv/bin/python benchmarks/pipeline/bench_study.py [--size 3328x2560] [--repeats 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from gateway.messages import InstanceRef, Priority, StudyJob  # noqa: E402
+from gateway.settings import DestinationSettings, ModelSettings, PluginSettings, Settings  # noqa: E402
+from plugins.host import ModelHost  # noqa: E402
+from plugins.synthetic import make_mg_study  # noqa: E402
+from workers import pipeline  # noqa: E402
+from workers.pacs import deliver  # noqa: E402
+
+MG_MODELS = ["asg_mammonet", "clgb_net", "lem", "hybrid_birads"]
+
+
+def write_study(directory: Path, size: tuple[int, int]) -> StudyJob:
+    datasets = make_mg_study(seed=11, label="malignant", size=size)
+    instances = []
+    for number, ds in enumerate(datasets):
+        path = directory / f"view{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        instances.append(InstanceRef(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                                     series_instance_uid=str(ds.SeriesInstanceUID), modality="MG", path=path.name,
+                                     transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), study_version=1))
+    return StudyJob(job_id="bench-v1", study_instance_uid=str(datasets[0].StudyInstanceUID), study_version=1,
+                    calling_ae="BENCH", priority=Priority.ROUTINE, storage_root=str(directory),
+                    instances=tuple(instances))
+
+
+def start_storage_scp() -> tuple[Any, int]:
+    """A storage SCP on loopback that accepts every storage class and keeps nothing."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title="BENCH_PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    return server, int(server.socket.getsockname()[1])
+
+
+def bare_forward_seconds(host: ModelHost, model: str, sources: list[pipeline.Source]) -> float:
+    """The loaded network alone on the study's preprocessed batch (same images, same batch size)."""
+    loaded = host.load(model)
+    images = pipeline.DecodedImages(pipeline.StudyTimings())
+    tensors = []
+    for source in sources:
+        if source.ref is None or host.skip_reason(loaded.plugin, source.ref) is not None:
+            continue
+        decoded = images.frames(source.ref, str(loaded.options["frames"]))
+        assert not isinstance(decoded, str), decoded
+        tensors += [loaded.plugin.preprocess(image, ref, loaded.options)[0] for ref, image in decoded]
+    total = 0.0
+    for start in range(0, len(tensors), loaded.batch_size):
+        batch = torch.stack(tensors[start:start + loaded.batch_size]).to(loaded.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            loaded.model(batch)
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+        total += time.perf_counter() - started
+    return total
+
+
+def run_study(host: ModelHost, models: list[str], job: StudyJob, settings: Settings, out: Path,
+              destination: DestinationSettings) -> dict[str, Any]:
+    timings = pipeline.StudyTimings()
+    started = time.perf_counter()
+    sources = pipeline.read_sources(job, timings)
+    runs = pipeline.analyse_study(host, models, sources, settings, out, timings)
+    delivery_started = time.perf_counter()
+    paths = [p for run in runs for p in run.outputs]
+    results = deliver([pydicom.dcmread(p) for p in paths], destination)
+    delivery = time.perf_counter() - delivery_started
+    total = time.perf_counter() - started
+    if not all(r.ok for r in results) or any(r.failures for r in runs):
+        raise RuntimeError(f"the study did not go through: {[r.failures for r in runs]}")
+    return {"timings": timings, "delivery": delivery, "total": total, "outputs": len(paths), "sources": sources}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="3328x2560", help="rows x columns of each view")
+    parser.add_argument("--models", nargs="+", default=MG_MODELS)
+    parser.add_argument("--repeats", type=int, default=2, help="timed studies after one warm-up study")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, columns = (int(side) for side in args.size.split("x"))
+
+    settings = Settings(plugins=PluginSettings(
+        allow_demo_weights=True, load_entrypoints=False,
+        disabled=tuple(m for m in [*MG_MODELS, "us_fusion"] if m not in args.models),
+        models={m: ModelSettings(batch_size=4) for m in args.models}))
+    host = ModelHost(settings, device=args.device)
+    server, port = start_storage_scp()
+    destination = DestinationSettings(ae_title="BENCH_PACS", host="127.0.0.1", port=port)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            job = write_study(Path(tmp), (rows, columns))
+            run_study(host, args.models, job, settings, Path(tmp) / "warm-up", destination)
+            studies = [run_study(host, args.models, job, settings, Path(tmp) / f"run{i}", destination)
+                       for i in range(args.repeats)]
+            bare = {m: statistics.median(bare_forward_seconds(host, m, studies[0]["sources"]) for _ in range(3))
+                    for m in args.models}
+    finally:
+        server.shutdown()
+
+    def median(get: Any) -> float:
+        return statistics.median(get(s) for s in studies)
+
+    report: dict[str, Any] = {
+        "size": args.size, "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "total_s": median(lambda s: s["total"]),
+        "header_read_s": median(lambda s: s["timings"].header_read),
+        "decode_s": median(lambda s: s["timings"].decode),
+        "decodes": studies[0]["timings"].decodes,
+        "sources": len(studies[0]["sources"]),
+        "digest_s": median(lambda s: s["timings"].digest),
+        "delivery_s": median(lambda s: s["delivery"]),
+        "outputs": studies[0]["outputs"],
+        "models": {},
+    }
+    for model in args.models:
+        forward = median(lambda s, m=model: s["timings"].models[m].forward)
+        report["models"][model] = {
+            "forward_with_explanation_s": forward,
+            "bare_forward_s": bare[model],
+            "explanation_s": forward - bare[model],
+            "preprocess_s": median(lambda s, m=model: s["timings"].models[m].preprocess),
+            "postprocess_s": median(lambda s, m=model: s["timings"].models[m].postprocess),
+            "outputs_s": median(lambda s, m=model: s["timings"].outputs[m]),
+        }
+    in_models = sum(m["forward_with_explanation_s"] for m in report["models"].values())
+    report["outside_forward_and_explanation_s"] = report["total_s"] - in_models
+    report["outside_share"] = report["outside_forward_and_explanation_s"] / report["total_s"]
+
+    print(f"study: 4 views {args.size}, {args.device}, {report['threads']} torch threads, median of {args.repeats}")
+    print("| model | forward + explanation s | bare forward s | explanation s | preprocess s | postprocess s "
+          "| outputs s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for model, m in report["models"].items():
+        print(f"| {model} | {m['forward_with_explanation_s']:.2f} | {m['bare_forward_s']:.2f} | "
+              f"{m['explanation_s']:.2f} | {m['preprocess_s']:.2f} | {m['postprocess_s']:.2f} | {m['outputs_s']:.2f} |")
+    print(f"header read {report['header_read_s']:.3f} s, decode {report['decode_s']:.3f} s "
+          f"({report['decodes']} decodes for {report['sources']} sources), digest {report['digest_s']:.3f} s, "
+          f"delivery {report['delivery_s']:.3f} s ({report['outputs']} objects)")
+    print(f"study {report['total_s']:.2f} s; outside forward + explanation {report['outside_forward_and_explanation_s']:.2f}"
+          f" s = {100 * report['outside_share']:.1f}% (goal <= 15%)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
