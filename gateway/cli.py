@@ -23,20 +23,28 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 def common_options() -> argparse.ArgumentParser:
     """Options every command takes."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", metavar="PATH",
-                        help="YAML configuration (default: $PACS_TRIAGE_CONFIG or configs/default.yaml)")
+    parent.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML configuration (default: $PACS_TRIAGE_CONFIG or configs/default.yaml)",
+    )
     return parent
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     gw = subparsers.add_parser(
-        "gateway", parents=[common], help="run the DICOM Storage/Verification SCP only",
+        "gateway",
+        parents=[common],
+        help="run the DICOM Storage/Verification SCP only",
         description="Receive DICOM into the durable spool, assemble studies and dispatch them. "
-                    "Flags override the config file for quick trials.")
+        "Flags override the config file for quick trials.",
+    )
     _add_gateway_flags(gw)
     gw.set_defaults(func=run_gateway, overrides=gateway_overrides)
 
-    echo = subparsers.add_parser("echo", parents=[common], help="C-ECHO a DICOM node (the gateway by default)")
+    echo = subparsers.add_parser(
+        "echo", parents=[common], help="C-ECHO a DICOM node (the gateway by default)"
+    )
     _add_peer_flags(echo)
     echo.set_defaults(func=run_echo)
 
@@ -45,7 +53,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     _add_peer_flags(send)
     send.set_defaults(func=run_send)
 
-    cfg = subparsers.add_parser("config", parents=[common], help="validate and print the effective configuration")
+    cfg = subparsers.add_parser(
+        "config", parents=[common], help="validate and print the effective configuration"
+    )
     cfg.set_defaults(func=run_config)
 
 
@@ -56,8 +66,11 @@ def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"gateway.port": args.port, "gateway.ae_title": args.ae_title,
-            "gateway.data_dir": str(args.data_dir) if args.data_dir else None}
+    return {
+        "gateway.port": args.port,
+        "gateway.ae_title": args.ae_title,
+        "gateway.data_dir": str(args.data_dir) if args.data_dir else None,
+    }
 
 
 def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,12 +81,19 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _peer(args: argparse.Namespace, settings: Settings) -> tuple[str, int, str]:
-    return (args.host or "127.0.0.1", args.port or settings.gateway.port,
-            args.called_ae or settings.gateway.ae_title)
+    return (
+        args.host or "127.0.0.1",
+        args.port or settings.gateway.port,
+        args.called_ae or settings.gateway.ae_title,
+    )
 
 
-def run_gateway(args: argparse.Namespace, settings: Settings, dispatcher: Any = None,
-                companions: dict[str, Any] | None = None) -> int:
+def run_gateway(
+    args: argparse.Namespace,
+    settings: Settings,
+    dispatcher: Any = None,
+    companions: dict[str, Any] | None = None,
+) -> int:
     """Run the gateway until SIGINT/SIGTERM.
 
     :param companions: Child processes started beside it (``up``: the worker, the web service),
@@ -105,8 +125,12 @@ def _serve_with(service: Any, companions: dict[str, Any]) -> int:
             for name, child in companions.items():
                 code = child.poll()
                 if code is not None:
-                    print(f"pacs-triage up: error: the {name} could not start or has stopped (exit status {code}); "
-                          "stopping everything", file=sys.stderr)
+                    print(
+                        f"pacs-triage up: error: the {name} could not start or has stopped "
+                        f"(exit status {code}); "
+                        "stopping everything",
+                        file=sys.stderr,
+                    )
                     return 1
         return 0
     finally:
@@ -133,9 +157,7 @@ def _associate(args: argparse.Namespace, settings: Settings, contexts: list[Any]
 
 
 def run_echo(args: argparse.Namespace, settings: Settings) -> int:
-    from pynetdicom.sop_class import Verification
-
-    assoc = _associate(args, settings, [(Verification,)])
+    assoc = _associate(args, settings, [("1.2.840.10008.1.1",)])  # Verification
     if assoc is None:
         return 2
     status = assoc.send_c_echo()
@@ -175,7 +197,9 @@ def run_send(args: argparse.Namespace, settings: Settings) -> int:
         print("error: no DICOM files to send", file=sys.stderr)
         return 2
     if len(contexts) > 128:
-        print("error: more than 128 SOP class/transfer syntax pairs; send in smaller batches", file=sys.stderr)
+        print(
+            "error: more than 128 SOP class/transfer syntax pairs; send in smaller batches", file=sys.stderr
+        )
         return 2
     assoc = _associate(args, settings, [(sop, [tsx]) for sop, tsx in sorted(contexts)])
     if assoc is None:
@@ -198,8 +222,10 @@ def run_send(args: argparse.Namespace, settings: Settings) -> int:
                 stored += 1
                 continue
             problems += 1
-            print(f"{path}: refused, status 0x{code & 0xFFFF:04X}" if code >= 0 else f"{path}: no response",
-                  file=sys.stderr)
+            print(
+                f"{path}: refused, status 0x{code & 0xFFFF:04X}" if code >= 0 else f"{path}: no response",
+                file=sys.stderr,
+            )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -212,4 +238,3 @@ def run_config(args: argparse.Namespace, settings: Settings) -> int:
     print(f"# {settings.source}: valid")
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
     return 0
-

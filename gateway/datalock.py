@@ -40,8 +40,10 @@ def hold_data_dir(data_dir: Path | str) -> bool:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
             os.close(fd)
-            raise StartupError(f"the data directory {root} is in use by a running gateway (pid {holder}); "
-                               "stop it first, or give this one another gateway.data_dir") from None
+            raise StartupError(
+                f"the data directory {root} is in use by a running gateway (pid {holder}); "
+                "stop it first, or give this one another gateway.data_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         _held[root] = fd

@@ -38,6 +38,7 @@ upstream pynetdicom issue that would make it unnecessary:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pynetdicom import AE, evt, register_uid
+from pynetdicom import AE, register_uid
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
@@ -73,8 +74,14 @@ _ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ, _P_DATA_TF, _RELEASE_RQ, _RELEASE_R
 ASSOCIATION_REQUEST_CAP = 64 * 1024
 #: A-RELEASE-RQ/RP and A-ABORT have a fixed 4-byte body; A-ASSOCIATE-AC/RJ never come to an acceptor
 #: legitimately and get the request's cap.
-_FIXED_CAPS = {_ASSOCIATE_RQ: ASSOCIATION_REQUEST_CAP, _ASSOCIATE_AC: ASSOCIATION_REQUEST_CAP,
-               _ASSOCIATE_RJ: 4, _RELEASE_RQ: 4, _RELEASE_RP: 4, _ABORT: 4}
+_FIXED_CAPS = {
+    _ASSOCIATE_RQ: ASSOCIATION_REQUEST_CAP,
+    _ASSOCIATE_AC: ASSOCIATION_REQUEST_CAP,
+    _ASSOCIATE_RJ: 4,
+    _RELEASE_RQ: 4,
+    _RELEASE_RP: 4,
+    _ABORT: 4,
+}
 #: A title no peer can send (AE titles are at most 16 characters): "nobody from this host".
 _NO_TITLE = "\0" * 17
 #: How many unrecognised SOP Class UIDs one process registers before it lets pynetdicom abort.
@@ -120,8 +127,9 @@ class BoundedAssociationSocket(AssociationSocket):
     :param accepted_at: ``time.monotonic()`` when the connection was accepted.
     """
 
-    def __init__(self, assoc: Association, client_socket: socket.socket, limits: PduLimits,
-                 accepted_at: float) -> None:
+    def __init__(
+        self, assoc: Association, client_socket: socket.socket, limits: PduLimits, accepted_at: float
+    ) -> None:
         # The stock socket this one replaces already signalled the connection (Evt5) to the
         # state machine; the one this constructor signals goes to a queue nobody reads.
         self.connection_indicated: queue.Queue[str] | None = queue.Queue()
@@ -133,7 +141,7 @@ class BoundedAssociationSocket(AssociationSocket):
         self.body_deadline: float | None = None
 
     @property
-    def event_queue(self) -> queue.Queue[str]:  # type: ignore[override]
+    def event_queue(self) -> queue.Queue[str]:
         if self.connection_indicated is not None:
             return self.connection_indicated
         return super().event_queue
@@ -143,7 +151,9 @@ class BoundedAssociationSocket(AssociationSocket):
             deadline, self.body_deadline = self.body_deadline, None
             return self._read(nr_bytes, deadline)
         # The first PDU is the association request: its deadline counts from the accept.
-        deadline = self.request_deadline if self.pdus_read == 0 else time.monotonic() + self.limits.pdu_deadline
+        deadline = (
+            self.request_deadline if self.pdus_read == 0 else time.monotonic() + self.limits.pdu_deadline
+        )
         header = self._read(nr_bytes, deadline)
         self.pdus_read += 1
         if nr_bytes != 6 or len(header) != 6:
@@ -174,17 +184,15 @@ class BoundedAssociationSocket(AssociationSocket):
                 raw.settimeout(remaining)
                 try:
                     count = raw.recv_into(view[got:], nr_bytes - got)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     self._refuse("a PDU did not arrive whole before its deadline")
                 if not count:
                     break  # the peer closed: the DUL sees a short PDU, as with the stock socket
                 got += count
         finally:
             view.release()
-            try:
+            with contextlib.suppress(OSError):
                 raw.settimeout(self.limits.pdu_deadline)  # sends keep a bound too
-            except OSError:
-                pass
         del buffer[got:]
         return buffer
 
@@ -192,10 +200,8 @@ class BoundedAssociationSocket(AssociationSocket):
         log.warning("association.pdu_refused", reason=reason, peer=_peer_host(self.assoc))
         raw = self.socket
         if raw is not None:
-            try:
+            with contextlib.suppress(OSError):
                 raw.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         raise PduRefused(reason)
 
 
@@ -250,12 +256,14 @@ class EdgeServer(ThreadedAssociationServer):
         self.server_close()
 
     def server_bind(self) -> None:
-        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT") and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
+        listener = self.socket
+        assert listener is not None, "accepting on a closed server"
+        client, address = listener.accept()
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -263,8 +271,11 @@ class EdgeServer(ThreadedAssociationServer):
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         EdgeServer.accepted.at = time.monotonic()
         if isinstance(request, ssl.SSLSocket) and not _handshake(request, self.handshake_timeout):
-            log.warning("association.tls_refused", reason="no complete TLS handshake within the ACSE timeout",
-                        peer=str(client_address[0]))
+            log.warning(
+                "association.tls_refused",
+                reason="no complete TLS handshake within the ACSE timeout",
+                peer=str(client_address[0]),
+            )
             self.shutdown_request(request)
             return
         super().process_request_thread(request, client_address)
@@ -292,10 +303,8 @@ def _handshake(tls: ssl.SSLSocket, timeout: float) -> bool:
     except (OSError, ValueError):
         return False
     finally:
-        try:
+        with contextlib.suppress(OSError):
             tls.setblocking(True)
-        except OSError:
-            pass
 
 
 def _negotiating_acceptor() -> Association | None:
@@ -334,14 +343,15 @@ class EdgeAE(AE):
     :param max_per_host: Simultaneous associations one peer host may hold.
     """
 
-    def __init__(self, ae_title: str, allowed_callers: tuple[AllowedCaller, ...] | None,
-                 max_per_host: int) -> None:
+    def __init__(
+        self, ae_title: str, allowed_callers: tuple[AllowedCaller, ...] | None, max_per_host: int
+    ) -> None:
         super().__init__(ae_title=ae_title)
         self.allowed_callers = allowed_callers
         self.max_per_host = max_per_host
         self.admission = threading.Lock()
 
-    @property  # type: ignore[override]
+    @property
     def require_calling_aet(self) -> list[str]:
         """For an association negotiating in this thread, the titles allowed from its host."""
         assoc = _negotiating_acceptor()
@@ -368,19 +378,33 @@ class EdgeAE(AE):
             return everyone
         host = _peer_host(assoc)
         with self.admission:
-            holding = [a for a in everyone if a is not assoc and a.is_acceptor and a.is_alive()
-                       and (a.is_established or getattr(a, "admitted", False))]
+            holding = [
+                a
+                for a in everyone
+                if a is not assoc
+                and a.is_acceptor
+                and a.is_alive()
+                and (a.is_established or getattr(a, "admitted", False))
+            ]
             from_host = sum(1 for a in holding if _peer_host(a) == host)
             if from_host >= self.max_per_host:
-                log.warning("association.rejected", reason="too many associations from this host",
-                            limit=self.max_per_host, peer=host)
+                log.warning(
+                    "association.rejected",
+                    reason="too many associations from this host",
+                    limit=self.max_per_host,
+                    peer=host,
+                )
                 return holding + [assoc] * (self.maximum_associations + 1)
             if len(holding) >= self.maximum_associations:
-                log.warning("association.rejected", reason="too many associations",
-                            limit=self.maximum_associations, peer=host)
+                log.warning(
+                    "association.rejected",
+                    reason="too many associations",
+                    limit=self.maximum_associations,
+                    peer=host,
+                )
                 return holding + [assoc] * (self.maximum_associations + 1)
             assoc.admitted = True  # type: ignore[attr-defined]
-            return holding + [assoc]
+            return [*holding, assoc]
 
 
 _registered_lock = threading.Lock()
@@ -416,7 +440,7 @@ def _has_service(uid: str) -> bool:
     return uid_to_service_class(uid) is not ServiceClass
 
 
-class _AssociationTempDir(os.PathLike):  # type: ignore[type-arg]
+class _AssociationTempDir(os.PathLike[str]):
     """``tempfile.tempdir`` for the gateway process: a folder per receiving association.
 
     pynetdicom opens its ``NamedTemporaryFile`` in the association's DUL thread; that thread's

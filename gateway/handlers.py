@@ -35,18 +35,29 @@ STATUS_INVALID_UID = 0xC220
 STATUS_UID_MISMATCH = 0xC221
 STATUS_PROCESSING_FAILURE = 0x0110
 #: The reason each refusal is counted under in the journal's ``refusals`` table (and /metrics).
-_REFUSAL_REASONS = {STATUS_SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
-                    STATUS_OUT_OF_RESOURCES: "out_of_resources", STATUS_CANNOT_UNDERSTAND: "undecodable",
-                    STATUS_INVALID_UID: "invalid_uid", STATUS_UID_MISMATCH: "uid_mismatch"}
+_REFUSAL_REASONS = {
+    STATUS_SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
+    STATUS_OUT_OF_RESOURCES: "out_of_resources",
+    STATUS_CANNOT_UNDERSTAND: "undecodable",
+    STATUS_INVALID_UID: "invalid_uid",
+    STATUS_UID_MISMATCH: "uid_mismatch",
+}
 #: Every status the Storage SCP returns, with its meaning (the conformance statement prints this table).
 STORE_STATUSES: tuple[tuple[int, str], ...] = (
-    (STATUS_SUCCESS, "Success: the instance is on disk (fsynced, atomically renamed) and in the journal; also "
-                     "returned for a repeat of an instance already held"),
+    (
+        STATUS_SUCCESS,
+        "Success: the instance is on disk (fsynced, atomically renamed) and in the journal; also "
+        "returned for a repeat of an instance already held",
+    ),
     (STATUS_SOP_CLASS_NOT_SUPPORTED, "Refused: the C-STORE's SOP class is not one the gateway accepts"),
-    (STATUS_OUT_OF_RESOURCES, "Refused, out of resources: free space below the disk watermark, or the write "
-                              "failed"),
-    (STATUS_CANNOT_UNDERSTAND, "Error, cannot understand: the data set cannot be decoded (its bytes are "
-                               "quarantined)"),
+    (
+        STATUS_OUT_OF_RESOURCES,
+        "Refused, out of resources: free space below the disk watermark, or the write failed",
+    ),
+    (
+        STATUS_CANNOT_UNDERSTAND,
+        "Error, cannot understand: the data set cannot be decoded (its bytes are quarantined)",
+    ),
     (STATUS_INVALID_UID, "Error: Study, Series or SOP Instance UID missing or not a valid UID"),
     (STATUS_UID_MISMATCH, "Error: the data set's SOP Instance UID differs from the C-STORE request's"),
     (0xC211, "Error: any other failure while storing"),  # pynetdicom's status when a handler raises
@@ -171,12 +182,19 @@ class StoreHandler:
     :param inflate_budget: The most bytes a deflated data set may inflate to.
     """
 
-    def __init__(self, spool: Spool, journal: Journal, stat_keywords: tuple[str, ...] = (),
-                 accepted_sop_classes: tuple[str, ...] | None = None,
-                 inflate_budget: int = DEFAULT_INFLATE_BUDGET) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        journal: Journal,
+        stat_keywords: tuple[str, ...] = (),
+        accepted_sop_classes: tuple[str, ...] | None = None,
+        inflate_budget: int = DEFAULT_INFLATE_BUDGET,
+    ) -> None:
         self.spool = spool
         self.journal = journal
-        self.accepted_sop_classes = frozenset(accepted_sop_classes) if accepted_sop_classes is not None else None
+        self.accepted_sop_classes = (
+            frozenset(accepted_sop_classes) if accepted_sop_classes is not None else None
+        )
         self.inflate_budget = inflate_budget
         self.stat_keywords = tuple(k.upper() for k in stat_keywords)
         self.group_commit = GroupCommit(journal)
@@ -202,8 +220,9 @@ class StoreHandler:
     def _store(self, event: Event, temp_path: Path, calling_ae: str, request: Any, started: float) -> int:
         requested_class = str(getattr(request, "AffectedSOPClassUID", "") or "")
         if self.accepted_sop_classes is not None and requested_class not in self.accepted_sop_classes:
-            log.warning("store.refused", reason="sop_class_not_supported",
-                        status=hex(STATUS_SOP_CLASS_NOT_SUPPORTED))
+            log.warning(
+                "store.refused", reason="sop_class_not_supported", status=hex(STATUS_SOP_CLASS_NOT_SUPPORTED)
+            )
             return STATUS_SOP_CLASS_NOT_SUPPORTED
         if self.spool.disk_status().below_watermark:
             log.warning("store.refused", reason="disk_watermark", status=hex(STATUS_OUT_OF_RESOURCES))
@@ -217,24 +236,41 @@ class StoreHandler:
             missing = [name for name in ("SOPClassUID", "SOPInstanceUID") if name not in header]
             if missing:
                 raise ValueError(f"no {' or '.join(missing)} in the data set")
-            uids = {name: header.get(name) for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                                         "SOPClassUID")}
+            uids = {
+                name: header.get(name)
+                for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+            }
             # Decoded here, where a malformed value is a 0xC210, not later as a crash after the rename.
             described = _Described.of(header)
         except InflateBudgetExceeded:
-            log.warning("store.refused", reason="inflate_budget", budget=self.inflate_budget,
-                        status=hex(STATUS_OUT_OF_RESOURCES))
+            log.warning(
+                "store.refused",
+                reason="inflate_budget",
+                budget=self.inflate_budget,
+                status=hex(STATUS_OUT_OF_RESOURCES),
+            )
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # any decode failure of untrusted bytes is a 0xC210, never a crash
-            where = self.spool.quarantine(temp_path, f"undecodable: {type(exc).__name__}: {exc}",
-                                          {"calling_ae": calling_ae})
-            log.warning("store.refused", reason="undecodable", error=type(exc).__name__,
-                        quarantined=where.name, status=hex(STATUS_CANNOT_UNDERSTAND))
+            where = self.spool.quarantine(
+                temp_path, f"undecodable: {type(exc).__name__}: {exc}", {"calling_ae": calling_ae}
+            )
+            log.warning(
+                "store.refused",
+                reason="undecodable",
+                error=type(exc).__name__,
+                quarantined=where.name,
+                status=hex(STATUS_CANNOT_UNDERSTAND),
+            )
             return STATUS_CANNOT_UNDERSTAND
         for name, value in uids.items():
             if problem := uid_problem(value):
-                log.warning("store.refused", reason="invalid_uid", element=name, problem=problem,
-                            status=hex(STATUS_INVALID_UID))
+                log.warning(
+                    "store.refused",
+                    reason="invalid_uid",
+                    element=name,
+                    problem=problem,
+                    status=hex(STATUS_INVALID_UID),
+                )
                 return STATUS_INVALID_UID
         study_uid, series_uid, sop_uid, _ = (str(v) for v in uids.values())
         if sop_uid != str(request.AffectedSOPInstanceUID):
@@ -254,22 +290,37 @@ class StoreHandler:
                 for directory in self.spool.place(temp_path, final_path):
                     fsync_path(directory)
         except OSError as exc:
-            log.error("store.refused", reason="write_failed", error=str(exc), status=hex(STATUS_OUT_OF_RESOURCES))
+            log.error(
+                "store.refused", reason="write_failed", error=str(exc), status=hex(STATUS_OUT_OF_RESOURCES)
+            )
             return STATUS_OUT_OF_RESOURCES
 
         record = InstanceRecord(
-            sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
+            sop_uid=sop_uid,
+            study_uid=study_uid,
+            series_uid=series_uid,
             sop_class_uid=str(uids["SOPClassUID"] or request.AffectedSOPClassUID),
-            transfer_syntax=transfer_syntax, modality=described.modality, laterality=described.laterality,
-            view=described.view, presentation=described.presentation,
-            path=self.spool.relative(final_path), size=size, calling_ae=calling_ae,
+            transfer_syntax=transfer_syntax,
+            modality=described.modality,
+            laterality=described.laterality,
+            view=described.view,
+            presentation=described.presentation,
+            path=self.spool.relative(final_path),
+            size=size,
+            calling_ae=calling_ae,
             priority=int(self._priority(request, described)),
         )
         # The journal commit (its WAL fsync) is shared with concurrent associations.
         version = self.group_commit.submit(record, outcome)
         if _stdlib_log.isEnabledFor(logging.INFO):
-            log.info("store.received", outcome=str(outcome), study_version=version, bytes=size,
-                     modality=record.modality, ms=round(1000 * (time.perf_counter() - started), 2))
+            log.info(
+                "store.received",
+                outcome=str(outcome),
+                study_version=version,
+                bytes=size,
+                modality=record.modality,
+                ms=round(1000 * (time.perf_counter() - started), 2),
+            )
         return STATUS_SUCCESS
 
     def _count_refusal(self, status: int) -> None:
@@ -310,5 +361,8 @@ def handle_conn_open(event: Event) -> None:
 
 def log_rejection(event: Event) -> None:
     """``evt.EVT_REJECTED``: say which caller was turned away (no reason here: pynetdicom logs it)."""
-    log.warning("association.rejected", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-                peer=event.assoc.requestor.address)
+    log.warning(
+        "association.rejected",
+        calling_ae=str(event.assoc.requestor.ae_title).strip(),
+        peer=event.assoc.requestor.address,
+    )

@@ -100,7 +100,8 @@ def read_header(path: Path | str, inflate_budget: int = DEFAULT_INFLATE_BUDGET) 
     if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
         return dcmread(path, stop_before_pixels=True, defer_size="64 KB")
     prefix = inflated_prefix(path, dataset_offset(path), inflate_budget)
-    header = read_dataset(io.BytesIO(prefix), is_implicit_VR=False, is_little_endian=True,
-                          stop_when=_before_pixels)
+    header = read_dataset(
+        io.BytesIO(prefix), is_implicit_VR=False, is_little_endian=True, stop_when=_before_pixels
+    )
     header.file_meta = meta
     return header

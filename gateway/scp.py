@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ssl
 import threading
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom import uid as ts
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom import evt, register_uid, sop_class
+from pynetdicom import evt, register_uid
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -36,6 +36,8 @@ from gateway.settings import GatewaySettings
 from gateway.spool import Spool
 
 log = structlog.get_logger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 #: Accepted as received and stored as received: we never transcode on ingest.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -82,8 +84,9 @@ RETIRED_STORAGE_CLASSES: dict[str, str] = {
 
 #: Every standard storage SOP class pynetdicom knows (Enhanced/multi-frame and SR included) and
 #: the retired ones above.
-STANDARD_STORAGE_CLASSES: tuple[str, ...] = tuple(sorted(
-    {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts} | set(RETIRED_STORAGE_CLASSES)))
+STANDARD_STORAGE_CLASSES: tuple[str, ...] = tuple(
+    sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts} | set(RETIRED_STORAGE_CLASSES))
+)
 
 _register_lock = threading.Lock()
 
@@ -96,7 +99,7 @@ def _register_storage(uid: str, keyword: str) -> None:
 
 
 def storage_sop_classes(settings: GatewaySettings) -> tuple[str, ...]:
-    """The SOP classes we accept: all standard storage classes, retired ones included, plus configured private ones."""
+    """The SOP classes we accept: all standard storage classes (retired too) and configured private ones."""
     for uid, keyword in RETIRED_STORAGE_CLASSES.items():
         _register_storage(uid, keyword)
     private = tuple(u for u in settings.private_sop_classes if u not in STANDARD_STORAGE_CLASSES)
@@ -132,12 +135,18 @@ def build_ae(settings: GatewaySettings) -> EdgeAE:
     ae.require_called_aet = True
     for sop in storage_sop_classes(settings):
         ae.add_supported_context(sop, list(ACCEPTED_TRANSFER_SYNTAXES))
-    ae.add_supported_context(sop_class.Verification)
+    ae.add_supported_context(VERIFICATION)
     return ae
 
 
-def start_scp(settings: GatewaySettings, spool: Spool, journal: Journal,
-              stat_keywords: tuple[str, ...] = (), *, reuse_port: bool = False) -> tuple[EdgeAE, EdgeServer]:
+def start_scp(
+    settings: GatewaySettings,
+    spool: Spool,
+    journal: Journal,
+    stat_keywords: tuple[str, ...] = (),
+    *,
+    reuse_port: bool = False,
+) -> tuple[EdgeAE, EdgeServer]:
     """Start a non-blocking Storage/Verification SCP and return ``(ae, server)``.
 
     :raises StartupError: if the port cannot be bound or TLS files cannot be read.
@@ -150,11 +159,19 @@ def start_scp(settings: GatewaySettings, spool: Spool, journal: Journal,
     tempdir, remove_association_folder = association_spool_dirs(spool.incoming)
     install_tempdir(tempdir)
     ae = build_ae(settings)
-    limits = PduLimits(max_pdu_size=settings.max_pdu_size, request_deadline=settings.acse_timeout,
-                       pdu_deadline=settings.network_timeout)
-    store = StoreHandler(spool, journal, stat_keywords, accepted_sop_classes=storage_sop_classes(settings),
-                         inflate_budget=settings.max_inflated_size)
-    handlers = [
+    limits = PduLimits(
+        max_pdu_size=settings.max_pdu_size,
+        request_deadline=settings.acse_timeout,
+        pdu_deadline=settings.network_timeout,
+    )
+    store = StoreHandler(
+        spool,
+        journal,
+        stat_keywords,
+        accepted_sop_classes=storage_sop_classes(settings),
+        inflate_budget=settings.max_inflated_size,
+    )
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, store),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_CONN_OPEN, bound_pdus(limits)),
@@ -164,8 +181,11 @@ def start_scp(settings: GatewaySettings, spool: Spool, journal: Journal,
         (evt.EVT_ABORTED, remove_association_folder),
         (evt.EVT_CONN_CLOSE, remove_association_folder),
     ]
-    server_class = type("EdgeServerForGateway", (EdgeServer,),
-                        {"reuse_port": reuse_port, "handshake_timeout": settings.acse_timeout})
+    server_class = type(
+        "EdgeServerForGateway",
+        (EdgeServer,),
+        {"reuse_port": reuse_port, "handshake_timeout": settings.acse_timeout},
+    )
     try:
         server = ae.make_server(
             (settings.host, settings.port),
@@ -177,4 +197,4 @@ def start_scp(settings: GatewaySettings, spool: Spool, journal: Journal,
         raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
     thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
     thread.start()
-    return ae, server
+    return ae, cast(EdgeServer, server)

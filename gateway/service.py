@@ -1,4 +1,4 @@
-"""The running gateway: receiving SCP process(es), the journal and the assembler, started and stopped together."""
+"""The running gateway: receiving SCP process(es), journal and assembler, started and stopped together."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class GatewayService:
         self._ae: Any = None
         self._server: Any = None
         self._owns_lock = False
-        self._children: list[multiprocessing.Process] = []
+        self._children: list[Any] = []
         self._stopped = threading.Event()
 
     @property
@@ -74,31 +74,53 @@ class GatewayService:
         gw = self.settings.gateway
         swept = self.spool.sweep_incoming()
         self.journal = Journal(self.spool.journal_path)
-        pending = {state: len(self.journal.studies(state)) for state in (StudyState.RECEIVING, StudyState.COMPLETE)}
-        log.info("gateway.recovery", partial_files_removed=swept, studies_receiving=pending[StudyState.RECEIVING],
-                 studies_undispatched=pending[StudyState.COMPLETE])
+        pending = {
+            state: len(self.journal.studies(state)) for state in (StudyState.RECEIVING, StudyState.COMPLETE)
+        }
+        log.info(
+            "gateway.recovery",
+            partial_files_removed=swept,
+            studies_receiving=pending[StudyState.RECEIVING],
+            studies_undispatched=pending[StudyState.COMPLETE],
+        )
         if gw.allowed_callers is None:
-            log.warning("gateway.open_to_any_caller",
-                        hint="set gateway.allowed_callers to accept only known modalities")
+            log.warning(
+                "gateway.open_to_any_caller",
+                hint="set gateway.allowed_callers to accept only known modalities",
+            )
         reuse = gw.receive_processes > 1
-        self._ae, self._server = start_scp(gw, self.spool, self.journal, self.settings.triage.stat_keywords,
-                                           reuse_port=reuse)
+        self._ae, self._server = start_scp(
+            gw, self.spool, self.journal, self.settings.triage.stat_keywords, reuse_port=reuse
+        )
         if reuse:
             # Children bind the port the parent bound, so a configured port of 0 stays one port.
             child_settings = self.settings.model_copy(
-                update={"gateway": gw.model_copy(update={"port": self.port})})
+                update={"gateway": gw.model_copy(update={"port": self.port})}
+            )
             ctx = multiprocessing.get_context("spawn")
             for index in range(gw.receive_processes - 1):
-                child = ctx.Process(target=_receiver_main, args=(child_settings, os.getpid()),
-                                    name=f"receiver-{index + 1}", daemon=True)
+                child = ctx.Process(
+                    target=_receiver_main,
+                    args=(child_settings, os.getpid()),
+                    name=f"receiver-{index + 1}",
+                    daemon=True,
+                )
                 child.start()
                 self._children.append(child)
-        self.assembler = Assembler(self.journal, self.dispatcher, self.settings.assembly, str(self.spool.root))
+        self.assembler = Assembler(
+            self.journal, self.dispatcher, self.settings.assembly, str(self.spool.root)
+        )
         self.assembler.tick()  # dispatch what a previous run completed but never queued
         self.assembler.start()
-        log.info("gateway.listening", ae_title=gw.ae_title, host=gw.host, port=self.port,
-                 data_dir=str(self.spool.root), receive_processes=gw.receive_processes,
-                 tls=gw.tls.enabled)
+        log.info(
+            "gateway.listening",
+            ae_title=gw.ae_title,
+            host=gw.host,
+            port=self.port,
+            data_dir=str(self.spool.root),
+            receive_processes=gw.receive_processes,
+            tls=gw.tls.enabled,
+        )
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -46,8 +46,15 @@ def association_request(calling: bytes = b"ATTACKER", called: bytes = b"PACS_TRI
     transfer = _item(0x40, b"1.2.840.10008.1.2")
     context = _item(0x20, bytes([1, 0, 0, 0]) + abstract + transfer)
     user = _item(0x50, struct.pack(">BBHL", 0x51, 0, 4, 16384) + _item(0x52, b"1.2.826.0.1.3680043.9.1"))
-    body = (struct.pack(">HH", 1, 0) + called.ljust(16) + calling.ljust(16) + bytes(32)
-            + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16)
+        + calling.ljust(16)
+        + bytes(32)
+        + _item(0x10, b"1.2.840.10008.3.1.1.1")
+        + context
+        + user
+    )
     return struct.pack(">BBL", 0x01, 0, len(body)) + body
 
 
@@ -128,21 +135,35 @@ class Gateway:
 
 
 def _gateway_config(tmp_path: Path, port: int, **extra: object) -> Path:
-    gateway = {"port": port, "host": "127.0.0.1", "data_dir": str(tmp_path / "data"),
-               "acse_timeout": ACSE_TIMEOUT, "network_timeout": ACSE_TIMEOUT, "dimse_timeout": 10,
-               "max_pdu_size": MAX_PDU, "max_associations": 16, "max_associations_per_host": PER_HOST,
-               "max_inflated_size": 32 * 2**20, **extra}
+    gateway = {
+        "port": port,
+        "host": "127.0.0.1",
+        "data_dir": str(tmp_path / "data"),
+        "acse_timeout": ACSE_TIMEOUT,
+        "network_timeout": ACSE_TIMEOUT,
+        "dimse_timeout": 10,
+        "max_pdu_size": MAX_PDU,
+        "max_associations": 16,
+        "max_associations_per_host": PER_HOST,
+        "max_inflated_size": 32 * 2**20,
+        **extra,
+    }
     config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump({"gateway": gateway, "logging": {"level": "WARNING"},
-                                      "dispatch": {"kind": "logging"}}))
+    config.write_text(
+        yaml.safe_dump({"gateway": gateway, "logging": {"level": "WARNING"}, "dispatch": {"kind": "logging"}})
+    )
     return config
 
 
 def _start_gateway(config: Path) -> subprocess.Popen:
     # Its log goes to a file: a pipe nobody reads fills up under an attack's warnings and stalls it.
     with (config.parent / "gateway.log").open("w") as log:
-        return subprocess.Popen([sys.executable, "-m", "workers.cli", "gateway", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=log, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "gateway", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
 
 
 @contextlib.contextmanager
@@ -206,7 +227,7 @@ def test_data_pdu_above_the_announced_maximum_is_refused(gateway: Gateway) -> No
 
 
 def test_slow_drip_connections_hold_no_slot_past_the_acse_timeout(gateway: Gateway) -> None:
-    """More drip-feeding connections than association slots: each is closed long before its request is whole."""
+    """More drip-feeding connections than association slots: each is closed long before it is whole."""
     request = association_request()
     drip_interval = 0.5  # the whole request would take len(request) * 0.5 s, about a minute
 
@@ -214,7 +235,7 @@ def test_slow_drip_connections_hold_no_slot_past_the_acse_timeout(gateway: Gatew
         with gateway.connect() as sock:
             for index in range(len(request)):
                 try:
-                    sock.sendall(request[index:index + 1])
+                    sock.sendall(request[index : index + 1])
                 except OSError:
                     return True
                 if _closed_by_gateway(sock, wait=drip_interval):
@@ -294,15 +315,36 @@ def test_associations_per_host_are_capped_and_rejected_politely(gateway: Gateway
 
 def test_tls_peer_that_never_handshakes_stops_nobody(tmp_path: Path, pki: Path) -> None:  # noqa: F811
     require_binary("echoscu")
-    tls = {"enabled": True, "certificate": str(pki / "server.crt"), "private_key": str(pki / "server.key"),
-           "ca_certificates": str(pki / "ca.crt"), "require_client_certificate": True}
+    tls = {
+        "enabled": True,
+        "certificate": str(pki / "server.crt"),
+        "private_key": str(pki / "server.key"),
+        "ca_certificates": str(pki / "ca.crt"),
+        "require_client_certificate": True,
+    }
     with _running_gateway_tls(tmp_path, tls) as gateway, gateway.connect() as idle:
         time.sleep(0.2)  # the idle connection is accepted and waiting for a handshake
         echo = subprocess.run(
-            ["echoscu", "+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"),
-             "-ta", str(ACSE_TIMEOUT), "-to", str(ACSE_TIMEOUT), "-aec", "PACS_TRIAGE",
-             "127.0.0.1", str(gateway.port)],
-            capture_output=True, text=True, timeout=60)
+            [
+                "echoscu",
+                "+tls",
+                str(pki / "client.key"),
+                str(pki / "client.crt"),
+                "+cf",
+                str(pki / "ca.crt"),
+                "-ta",
+                str(ACSE_TIMEOUT),
+                "-to",
+                str(ACSE_TIMEOUT),
+                "-aec",
+                "PACS_TRIAGE",
+                "127.0.0.1",
+                str(gateway.port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert echo.returncode == 0, echo.stderr
         assert _closed_by_gateway(idle), "the connection that never handshakes was kept open"
         assert gateway.peak_growth_mib() < MEMORY_BOUND_MIB

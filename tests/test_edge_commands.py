@@ -1,4 +1,4 @@
-"""The commands around the edge: ``send`` goes on past bad files, ``up`` stops whole, one gateway per data dir."""
+"""Around the edge: ``send`` goes on past bad files, ``up`` stops whole, one gateway per data dir."""
 
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 @pytest.fixture
@@ -69,9 +74,13 @@ def test_second_gateway_or_up_on_a_data_dir_refuses_before_touching_the_journal(
         journal = first.spool.journal_path
         before = journal.stat()
         for command in ("gateway", "up"):
-            config = _config(tmp_path, command, gateway={"port": get_port(), "host": "127.0.0.1",
-                                                         "data_dir": str(data)},
-                             http={"port": get_port()}, dispatch={"kind": "logging"})
+            config = _config(
+                tmp_path,
+                command,
+                gateway={"port": get_port(), "host": "127.0.0.1", "data_dir": str(data)},
+                http={"port": get_port()},
+                dispatch={"kind": "logging"},
+            )
             second = _cli(command, "--config", str(config), timeout=60)
             assert second.returncode == 2, second.stderr
             assert "in use by a running gateway" in second.stderr
@@ -88,9 +97,12 @@ def test_up_stops_everything_and_names_the_web_service_when_its_port_is_taken(tm
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         http_port = taken.getsockname()[1]
-        config = _config(tmp_path, "up", gateway={"port": get_port(), "host": "127.0.0.1",
-                                                  "data_dir": str(tmp_path / "data")},
-                         http={"port": http_port, "host": "127.0.0.1"})
+        config = _config(
+            tmp_path,
+            "up",
+            gateway={"port": get_port(), "host": "127.0.0.1", "data_dir": str(tmp_path / "data")},
+            http={"port": http_port, "host": "127.0.0.1"},
+        )
         up = _cli("up", "--config", str(config), timeout=180)
     assert up.returncode == 1, up.stderr
     assert "the web service (serve-http) could not start or has stopped" in up.stderr

@@ -47,7 +47,7 @@ def explicit_little_endian(ds: Dataset) -> DicomBytesIO:
 
 
 def deflated_bomb(path: Path, inflated_pixel_bytes: int) -> Path:
-    """A valid deflated CT instance whose zero pixel data inflates to *inflated_pixel_bytes* (written in steps)."""
+    """A valid deflated CT instance whose zero pixels inflate to *inflated_pixel_bytes* (written in steps)."""
     ds = make_instance(modality="CT")
     del ds.PixelData
     ds.Rows, ds.Columns = 4096, 4096
@@ -82,7 +82,9 @@ def test_header_of_a_deflate_bomb_is_read_in_bounded_memory(tmp_path: Path) -> N
         read_header(bomb, inflate_budget=64 * 2**20)
 
 
-def test_deflate_bomb_is_refused_with_a700_and_nothing_is_kept(gateway: GatewayService, tmp_path: Path) -> None:
+def test_deflate_bomb_is_refused_with_a700_and_nothing_is_kept(
+    gateway: GatewayService, tmp_path: Path
+) -> None:
     bomb = deflated_bomb(tmp_path / "bomb.dcm", 256 * 2**20)
     ae = AE(ae_title="MODALITY")
     ae.requested_contexts = [build_context(CT_IMAGE, [DeflatedExplicitVRLittleEndian])]
@@ -108,13 +110,18 @@ def test_deflate_bomb_is_refused_with_a700_and_nothing_is_kept(gateway: GatewayS
 
 
 @pytest.mark.parametrize("sop_class", [RETIRED_US, RETIRED_US_MULTIFRAME])
-def test_retired_ultrasound_classes_are_received_from_storescu(gateway: GatewayService, tmp_path: Path,
-                                                                sop_class: str) -> None:
+def test_retired_ultrasound_classes_are_received_from_storescu(
+    gateway: GatewayService, tmp_path: Path, sop_class: str
+) -> None:
     require_binary("storescu")
     ds = make_instance(modality="US", sop_class_uid=sop_class)
     path = write(ds, tmp_path / "send")
-    sent = subprocess.run(["storescu", "-R", "-aec", "PACS_TRIAGE", "127.0.0.1", str(gateway.port), str(path)],
-                          capture_output=True, text=True, timeout=60)
+    sent = subprocess.run(
+        ["storescu", "-R", "-aec", "PACS_TRIAGE", "127.0.0.1", str(gateway.port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sent.returncode == 0, sent.stderr
     row = gateway.journal.find_instance(str(ds.SOPInstanceUID))
     assert row is not None and row["sop_class_uid"] == sop_class
@@ -125,8 +132,12 @@ def test_unknown_sop_class_gets_0122_and_the_association_carries_on(gateway: Gat
     ds = make_instance(modality="CT")
     ae = AE(ae_title="BROKEN_SCU")
     ae.requested_contexts = [build_context(CT_IMAGE, [ExplicitVRLittleEndian])]
-    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="PACS_TRIAGE",
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: keep_responses_for_the_caller(event.assoc))])
+    assoc = ae.associate(
+        "127.0.0.1",
+        gateway.port,
+        ae_title="PACS_TRIAGE",
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: keep_responses_for_the_caller(event.assoc))],
+    )
     assert assoc.is_established
     context_id = assoc.accepted_contexts[0].context_id
     request = C_STORE()
@@ -144,5 +155,3 @@ def test_unknown_sop_class_gets_0122_and_the_association_carries_on(gateway: Gat
     assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
     assert gateway.journal.find_instance(str(ds.SOPInstanceUID)) is not None
-
-

@@ -109,7 +109,7 @@ def _set_nodelay(event: Event) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _ResponsesForTheCaller(queue.Queue):  # type: ignore[type-arg]
+class _ResponsesForTheCaller(queue.Queue[Any]):
     """A DIMSE message queue whose non-blocking ``get`` (the association reactor's poll) sees requests only.
 
     ``send_c_store`` waits for its response with a blocking ``get``; pynetdicom's reactor polls the
