@@ -70,14 +70,21 @@ def test_mypy_passes(cache_dir: Path) -> None:
     _run("mypy", "--cache-dir", str(cache_dir / "mypy"), *PACKAGES, fix="the type errors are listed below")
 
 
-def test_no_test_reaches_for_a_redis_it_did_not_start() -> None:
-    # The suite starts its own redis-server on a free port (tests/conftest.py redis_server); one on the
-    # default port belongs to someone else, and a test that flushed it would destroy their data.
-    shared = re.compile(r"(127\.0\.0\.1|localhost):6379\b")
+def test_no_test_connects_to_a_service_on_its_default_port() -> None:
+    # The suite starts every peer it needs on a free port (tests/peers.py).  Something on a default
+    # port belongs to someone else, and a test that flushed or filled it would damage their data.
+    default_ports = {
+        6379: "the broker",
+        4242: "the PACS (DICOM)",
+        8042: "the PACS (REST)",
+        11112: "the gateway",
+    }
+    loopback = re.compile(r"(127\.0\.0\.1|localhost):(\d+)\b")
     offenders = [
-        f"{path.relative_to(REPO)}:{number}"
+        f"{path.relative_to(REPO)}:{number} ({default_ports[int(match.group(2))]})"
         for path in sorted((REPO / "tests").rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), start=1)
-        if shared.search(line) and path != Path(__file__).resolve()
+        for match in loopback.finditer(line)
+        if int(match.group(2)) in default_ports
     ]
     assert offenders == []
