@@ -209,7 +209,7 @@ def decode_frames(
         raise
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 - a Rust decoder's panic is a BaseException (pyo3)
+    except BaseException as exc:  # a Rust decoder's panic is a BaseException (pyo3)
         # The type only (a decoder's message may quote header values); out of memory by name.
         kind = "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
         raise PermanentError(f"cannot decode {path} ({transfer_syntax}): {kind}") from exc
@@ -221,7 +221,8 @@ def _check_frame_shape(stored: np.ndarray, ds: Dataset, path: Path) -> None:
     Lenient decoders return whatever the bytes allow when the header understates the data.
     """
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    expected = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) + ((samples,) if samples > 1 else ())
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    expected = (rows, columns) + ((samples,) if samples > 1 else ())
     if stored.shape != expected:
         raise PermanentError(f"{path}: decoded frame has shape {stored.shape}, the header says {expected}")
 
@@ -504,7 +505,7 @@ def map_to_source(heatmap: np.ndarray, box: Letterbox) -> np.ndarray:
     out_h, out_w = box.output_shape
     grid = np.asarray(heatmap, dtype=np.float32)
     if grid.shape != (out_h, out_w):
-        grid = cv2.resize(grid, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        grid = np.asarray(cv2.resize(grid, (out_w, out_h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
     top, left, height, width = box.crop
     content_w = round(width * box.scale)
     content_h = round(height * (box.scale if box.scale_y is None else box.scale_y))

@@ -33,6 +33,7 @@ from plugins.types import ModelSpec
 
 __all__ = ["CBAM", "MODEL_CFGS", "AsgMammoNet", "AsgMammoNetPlugin", "ChannelAttention", "SpatialAttention"]
 
+
 class ChannelAttention(nn.Module):
     """CBAM channel stage: ``Mc = sigmoid(MLP(avgpool(F)) + MLP(maxpool(F)))``, shape ``[B, C, 1, 1]``."""
 
@@ -94,6 +95,8 @@ class AsgMammoNet(nn.Module):
         backbone: str = "efficientnet_b0",
     ) -> None:
         super().__init__()
+        # A timm model: its feature_info and forward_features are not part of nn.Module's type.
+        self.backbone: Any
         if cbam_after == "blocks":
             self.backbone = timm.create_model(
                 backbone, pretrained=False, features_only=True, out_indices=(4,)

@@ -18,7 +18,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import timm
 import torch
@@ -244,6 +244,9 @@ class CLGBNet(nn.Module):
         self.fpn_grad_scales = tuple(float(g) for g in fpn_grad_scales)
 
         # Out index 0 of a timm ResNet is the stride-2 stem, so the four stages are indices 1..4.
+        # timm models: feature_info, patch_embed, layers and norm are not part of nn.Module's type.
+        self.cnn: Any
+        self.swin: Any
         self.cnn = timm.create_model(cnn_name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
         cnn_channels = list(self.cnn.feature_info.channels())
         if list(self.cnn.feature_info.reduction()) != [4, 8, 16, 32]:
@@ -465,7 +468,7 @@ class CLGBNetPlugin(TorchModelPlugin):
 
     # Full-field image stretched to 224x224 (the paper's eval transform keeps no aspect ratio); no crop, no
     # laterality flip, no CLAHE.
-    default_options = {**BASE_OPTIONS, "keep_aspect": False, **MODEL_OPTIONS}
+    default_options: ClassVar[Mapping[str, Any]] = {**BASE_OPTIONS, "keep_aspect": False, **MODEL_OPTIONS}
 
     def build_model(self, options: Mapping[str, Any]) -> nn.Module:
         height, width = self.spec.input_size

@@ -28,7 +28,7 @@ import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import timm
@@ -179,6 +179,8 @@ class HybridBiradsNet(nn.Module):
         if not backbone.startswith("resnet"):
             # The stage-2 unfreezing, Grad-CAM's layer4 and the scale names assume ResNet stage names.
             raise ValueError(f"backbone must be a timm ResNet (resnet18, resnet50, ...), got {backbone!r}")
+        # A timm feature extractor: feature_info and its stages are not part of nn.Module's type.
+        self.backbone: Any
         self.backbone = timm.create_model(
             backbone,
             pretrained=False,
@@ -539,7 +541,12 @@ class HybridBiradsPlugin(TorchModelPlugin):
 
     # Full-field image, stretched to 224 with CLAHE after the resize (the paper's order); no crop, no
     # laterality flip.
-    default_options = {**BASE_OPTIONS, "clahe": True, "keep_aspect": False, **_MODEL_OPTIONS}
+    default_options: ClassVar[Mapping[str, Any]] = {
+        **BASE_OPTIONS,
+        "clahe": True,
+        "keep_aspect": False,
+        **_MODEL_OPTIONS,
+    }
     cam_layer = "backbone.layer4"
 
     def build_model(self, options: Mapping[str, Any]) -> nn.Module:

@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
@@ -52,12 +52,12 @@ __all__ = [
     "LEM",
     "MODEL_CFGS",
     "MODEL_OPTIONS",
-    "LEMImageOutput",
-    "LEMModelOutput",
-    "LEMPlugin",
     "ExcitationBackpropMode",
     "Extremum",
+    "LEMImageOutput",
     "LEMLocalisation",
+    "LEMModelOutput",
+    "LEMPlugin",
     "aggregate_extrema",
     "checkpoint_metadata",
     "excitation_backprop",
@@ -467,10 +467,7 @@ def extremum_list(
     stride_y, stride_x = input_size[0] / height, input_size[1] / width
     result: list[list[Extremum]] = []
     for b in range(score.shape[0]):
-        if isinstance(kinds, str):
-            kind = kinds
-        else:
-            kind = "max" if bool(kinds[b]) else "min"
+        kind = kinds if isinstance(kinds, str) else ("max" if bool(kinds[b]) else "min")
         cells = mask[b, 0].nonzero().tolist()
         points = [
             Extremum(
@@ -579,10 +576,13 @@ class LEM(nn.Module):
         self.decision_threshold = decision_threshold
         self.location_threshold = location_threshold
         self.top_k = top_k
+        # A timm model: forward_features and num_features are not part of nn.Module's type.
+        self.backbone: Any
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="")
         self.num_features = int(self.backbone.num_features)
         self.score = nn.Conv2d(self.num_features, 1, kernel_size=1, bias=score_bias)
         floor = (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1)
+        self.image_floor: Tensor
         self.register_buffer("image_floor", floor, persistent=False)
 
     def config_dict(self) -> dict[str, Any]:
@@ -799,7 +799,7 @@ class LEMPlugin(TorchModelPlugin):
     heat map, the score map as a second map, the chosen extrema as points and the lesion boxes as regions."""
 
     # Spec 2: crop to the breast, resize (stretched) to the standard size, no laterality flip.
-    default_options = {
+    default_options: ClassVar[Mapping[str, Any]] = {
         **BASE_OPTIONS,
         "crop": "breast",
         "keep_aspect": False,

@@ -30,7 +30,7 @@ import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import timm
@@ -175,6 +175,9 @@ class UsFusionNet(nn.Module):
         self.num_classes = num_classes
         self.cam_layer = cam_layer
         uses_a, uses_b = fusion != "b_only", fusion != "a_only"
+        # timm models: forward_features and their stages are not part of nn.Module's type.
+        self.branch_a: Any
+        self.branch_b: Any
 
         a_channels = b_channels = 0
         if uses_a:
@@ -366,7 +369,7 @@ def select_frames(n_frames: int, policy: FramePolicy = "first", max_frames: int 
     if policy == "middle":
         return [n_frames // 2]
     if policy == "mean_prob_over_frames":
-        return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, min(n_frames, max_frames))})
+        return sorted({int(i) for i in np.rint(np.linspace(0, n_frames - 1, min(n_frames, max_frames)))})
     raise ValueError(f"unknown frame policy {policy!r}")
 
 
@@ -540,7 +543,7 @@ class UsFusionPlugin(TorchModelPlugin):
     """The host's view of US-Fusion: the US region, stretched to 224; Grad-CAM, saliency and SHAP maps."""
 
     # Spec §2: crop to the ultrasound region (else the content box), grey, stretch (no letterbox), frame 0.
-    default_options = {
+    default_options: ClassVar[Mapping[str, Any]] = {
         **BASE_OPTIONS,
         "frames": "first",
         "crop": "ultrasound",
