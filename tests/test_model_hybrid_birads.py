@@ -1,4 +1,4 @@
-"""Spec oracles (hybrid-birads.md §8) and training parts of the hybrid ResNet-50 + MHSA BI-RADS model."""
+"""The oracles of docs/models/hybrid-birads.md and the training parts of the hybrid BI-RADS model."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import plugins.builtin.hybrid_birads as hybrid_module
 import plugins.builtin.us_fusion as us_module
 from gateway.settings import Settings
 from plugins import hookspecs
-
 from plugins.builtin.hybrid_birads import (
     CLASS_NAMES,
     HybridBiradsNet,
@@ -29,17 +28,6 @@ from plugins.builtin.hybrid_birads import (
     preprocess,
     summarise_probabilities,
 )
-from plugins.builtin.hybrid_birads_training import (
-    EarlyStopping,
-    augment,
-    dal_loss,
-    make_optimizer,
-    make_scheduler,
-    ordinal_distance_matrix,
-    oversample_indices,
-    set_training_stage,
-    stratified_split,
-)
 from plugins.explain import grad_cam, normalise_minmax, upsample
 from plugins.host import ModelHost
 from plugins.preprocess import apply_clahe, decode_frames, read_image_ref
@@ -47,6 +35,16 @@ from plugins.synthetic import make_mg_image
 from plugins.types import Prediction, SkippedImage
 from plugins.weights import save_checkpoint
 from tests.plugin_fixtures.dicom import write_ultrasound
+from training.models.hybrid_birads import (
+    HybridBiradsRecipe,
+    augment,
+    dal_loss,
+    make_scheduler,
+    ordinal_distance_matrix,
+    oversample_indices,
+    set_training_stage,
+)
+from training.recipes import adam
 
 
 def _count(params: object) -> int:
@@ -70,7 +68,7 @@ def intermediates(model: HybridBiradsNet, batch: torch.Tensor) -> dict[str, torc
         return model.forward_intermediates(batch)
 
 
-# --- §8.1, 8.2, 8.11: shapes and determinism ----------------------------------------------------------------
+# --- shapes and determinism ---------------------------------------------------------------------------------
 
 
 def test_logits_shape_and_softmax(intermediates: dict[str, torch.Tensor]) -> None:
@@ -143,7 +141,7 @@ def test_smaller_resnet_backbone_option() -> None:
         hybrid_birads_resnet50(backbone="efficientnet_b0")
 
 
-# --- §8.3: parameter counts and staged unfreezing -----------------------------------------------------------
+# --- parameter counts and staged unfreezing -----------------------------------------------------------------
 
 
 def test_parameter_counts(model: HybridBiradsNet) -> None:
@@ -184,8 +182,8 @@ def test_training_stages() -> None:
 
 def test_optimizer_and_scheduler_factories(model: HybridBiradsNet) -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
-    adam1, adam2 = make_optimizer(params, 1), make_optimizer(params, 2)
-    assert adam1 is not adam2
+    hp = {k: h.default for k, h in HybridBiradsRecipe.HYPERPARAMETERS.items()}
+    adam1, adam2 = adam(params, hp["stage1_lr"]), adam(params, hp["lr"])
     assert adam1.param_groups[0]["lr"] == 1e-4 and adam2.param_groups[0]["lr"] == 1e-5
     assert adam1.param_groups[0]["weight_decay"] == 0.0
     sched = make_scheduler(adam1)
@@ -194,23 +192,9 @@ def test_optimizer_and_scheduler_factories(model: HybridBiradsNet) -> None:
     assert adam1.param_groups[0]["lr"] == pytest.approx(5e-5)
 
 
-def test_early_stopping_restores_best() -> None:
-    net = torch.nn.Linear(2, 1)
-    stopper = EarlyStopping(patience=5)
-    losses = [1.0, 0.5, 0.7, 0.8, 0.9, 0.6, 0.55]
-    stopped_at = None
-    for epoch, loss in enumerate(losses):
-        with torch.no_grad():
-            net.weight.fill_(float(epoch))
-        if stopper.step(loss, net):
-            stopped_at = epoch
-            break
-    assert stopped_at == 6 and stopper.best == 0.5
-    stopper.restore(net)
-    assert torch.all(net.weight == 1.0)
 
 
-# --- §8.4, 8.5: DAL -----------------------------------------------------------------------------------------
+# --- DAL ----------------------------------------------------------------------------------------------------
 
 
 def test_distance_matrix() -> None:
@@ -284,7 +268,7 @@ def test_dal_trains_model_head() -> None:
     assert (net(x).argmax(1) == y).float().mean() > 0.95
 
 
-# --- §8.6, 8.7: preprocessing -------------------------------------------------------------------------------
+# --- preprocessing ------------------------------------------------------------------------------------------
 
 
 def test_caffe_normalisation() -> None:
@@ -336,7 +320,7 @@ def test_augment_flips_rotates_and_keeps_shape() -> None:
     assert all(np.all(augment(const, no_flip_rng) == 77) for _ in range(5))
 
 
-# --- §8.8: token-order wiring -------------------------------------------------------------------------------
+# --- token-order wiring -------------------------------------------------------------------------------------
 
 
 def test_positional_embedding_breaks_permutation_invariance(model: HybridBiradsNet) -> None:
@@ -353,7 +337,7 @@ def test_positional_embedding_breaks_permutation_invariance(model: HybridBiradsN
     assert torch.allclose(plain, plain_shuffled, atol=1e-5)
 
 
-# --- §8.9: oversampling and split ---------------------------------------------------------------------------
+# --- oversampling and split ---------------------------------------------------------------------------------
 
 
 def test_oversampler_balances_and_keeps_every_sample() -> None:
@@ -365,18 +349,9 @@ def test_oversampler_balances_and_keeps_every_sample() -> None:
     assert not np.all(np.diff(idx) >= 0)  # shuffled
 
 
-def test_stratified_split_keeps_class_shares() -> None:
-    labels = np.array([0] * 67 + [1] * 220 + [2] * 23 + [3] * 44 + [4] * 57)
-    train, val, test = stratified_split(labels)
-    assert len(train) + len(val) + len(test) == 411
-    assert not (set(train) & set(val)) and not (set(train) & set(test)) and not (set(val) & set(test))
-    for cls, total in enumerate((67, 220, 23, 44, 57)):
-        assert abs((labels[train] == cls).sum() - 0.7 * total) <= 1
-        assert (labels[test] == cls).sum() >= 1
-    assert np.array_equal(stratified_split(labels)[2], test)  # seeded
 
 
-# --- §8.10 and §6: Grad-CAM and outputs ---------------------------------------------------------------------
+# --- Grad-CAM and outputs -----------------------------------------------------------------------------------
 
 
 def test_grad_cam_shapes(model: HybridBiradsNet, batch: torch.Tensor) -> None:
@@ -406,7 +381,7 @@ def test_summarise_probabilities() -> None:
     assert CLASS_NAMES[3] == "BI-RADS 4"
 
 
-# --- §5: weights and metadata -------------------------------------------------------------------------------
+# --- weights and metadata -----------------------------------------------------------------------------------
 
 
 def test_load_imagenet_backbone(tmp_path: Path) -> None:

@@ -1,28 +1,21 @@
-"""Spec oracles (us-fusion.md §8), training parts and host wiring of the US-Fusion model."""
+"""The oracles of docs/models/us-fusion.md, training parts and host wiring of the US-Fusion model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pluggy
 import pytest
 import timm
 import torch
-import pluggy
 from safetensors.torch import save_file
 
 import plugins.builtin.hybrid_birads as hybrid_module
 import plugins.builtin.us_fusion as us_module
 from gateway.settings import Settings
 from plugins import hookspecs
-from plugins.host import ModelHost
-from plugins.manager import get_plugin_manager
-from plugins.preprocess import decode_frames, read_image_ref
-from plugins.synthetic import make_us_image
-from plugins.types import Prediction, SkippedImage
-from plugins.weights import save_checkpoint
-from tests.plugin_fixtures.dicom import write_mammogram, write_ultrasound
-
+from plugins.builtin.asg_mammonet import CBAM
 from plugins.builtin.us_fusion import (
     MODEL_CFGS,
     UsFusionNet,
@@ -36,22 +29,21 @@ from plugins.builtin.us_fusion import (
     signed_map,
     us_fusion_mnv2_dn121,
 )
-from plugins.builtin.asg_mammonet import CBAM
-from plugins.builtin.us_fusion_training import (
-    busi_label,
-    class_weights,
-    eval_transform,
-    make_early_stopping,
-    make_loss,
-    make_optimizer,
-    make_scheduler,
-    patient_split,
-    stratified_kfold,
-    train_transform,
-    youden_threshold,
-)
 from plugins.explain import grad_cam
-from plugins.preprocess import to_grey
+from plugins.host import ModelHost
+from plugins.manager import get_plugin_manager
+from plugins.preprocess import decode_frames, read_image_ref, to_grey
+from plugins.synthetic import make_us_image
+from plugins.types import Prediction, SkippedImage
+from plugins.weights import save_checkpoint
+from tests.plugin_fixtures.dicom import write_mammogram, write_ultrasound
+from training.models.us_fusion import (
+    UsFusionRecipe,
+    class_weights,
+    make_scheduler,
+    train_transform,
+)
+from training.recipes import adam
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 
@@ -77,7 +69,7 @@ def _small(batch: int = 2, size: int = 64, seed: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-# --- §8.1-8.4: shapes and size ------------------------------------------------------------------------------
+# --- shapes and size ----------------------------------------------------------------------------------------
 
 
 def test_logits_shape_and_softmax(intermediates: dict[str, torch.Tensor]) -> None:
@@ -145,7 +137,7 @@ def test_invalid_options_raise() -> None:
         UsFusionNet(fusion="sum")  # type: ignore[arg-type]
 
 
-# --- §8.5-8.7: both branches used, CBAM oracle, determinism -------------------------------------------------
+# --- both branches used, CBAM oracle, determinism -----------------------------------------------------------
 
 
 def test_both_branches_receive_gradients() -> None:
@@ -187,7 +179,7 @@ def test_eval_deterministic_and_batch_independent(model: UsFusionNet) -> None:
     assert torch.allclose(batched, single, atol=1e-5)
 
 
-# --- §8.8: explanations -------------------------------------------------------------------------------------
+# --- explanations -------------------------------------------------------------------------------------------
 
 
 def test_grad_cam_and_saliency_at_224(model: UsFusionNet) -> None:
@@ -240,7 +232,7 @@ def test_gradient_shap_noise_and_shared_background() -> None:
         gradient_shap(linear, x, torch.randn(5, 3, 4, 4))
 
 
-# --- §8.9 and §2: preprocessing -----------------------------------------------------------------------------
+# --- preprocessing ------------------------------------------------------------------------------------------
 
 
 def test_rgb_with_identical_channels_keeps_grey_values() -> None:
@@ -264,7 +256,7 @@ def test_signed_map_range() -> None:
     assert torch.equal(signed_map(torch.zeros(1, 3, 4, 4)), torch.zeros(1, 4, 4))
 
 
-# --- §8.10: ImageNet weights --------------------------------------------------------------------------------
+# --- ImageNet weights ---------------------------------------------------------------------------------------
 
 
 def test_load_imagenet_backbones(tmp_path: Path) -> None:
@@ -300,7 +292,7 @@ def test_config_dict_round_trips(model: UsFusionNet) -> None:
     assert meta.options["fusion"] == "spatial" and meta.options["frames"] == "first"
 
 
-# --- §2 and §4: training parts ------------------------------------------------------------------------------
+# --- training parts -----------------------------------------------------------------------------------------
 
 
 def test_class_weights_and_loss() -> None:
@@ -308,7 +300,6 @@ def test_class_weights_and_loss() -> None:
     w = class_weights(labels)
     assert torch.allclose(w, torch.tensor([647 / (2 * 437), 647 / (2 * 210)]))
     assert torch.allclose(class_weights([0, 1, 0, 1]), torch.ones(2))
-    assert torch.equal(make_loss(labels).weight, w)
     with pytest.raises(ValueError, match="at least one"):
         class_weights([0, 0])
 
@@ -320,15 +311,14 @@ def test_transforms() -> None:
     a, b = train(image), train(image)
     assert a.shape == (3, 224, 224) and a.dtype == torch.float32
     assert not torch.equal(a, b)
-    ev = eval_transform()
-    assert torch.equal(ev(image), ev(image)) and ev(image).shape == (3, 224, 224)
     names = [type(t).__name__ for t in train.transforms]
     assert "RandomVerticalFlip" not in names and "RandomHorizontalFlip" in names
 
 
-def test_optimizer_scheduler_and_early_stopping() -> None:
+def test_optimizer_and_scheduler() -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = make_optimizer(params)
+    hp = {k: h.default for k, h in UsFusionRecipe.HYPERPARAMETERS.items()}
+    opt = adam(params, hp["lr"], hp["weight_decay"])
     assert opt.param_groups[0]["lr"] == 1e-4 and opt.param_groups[0]["weight_decay"] == 1e-4
     sched = make_scheduler(opt, steps_per_epoch=10)
     lrs = []
@@ -340,46 +330,28 @@ def test_optimizer_scheduler_and_early_stopping() -> None:
     assert all(x <= y for x, y in zip(lrs[:20], lrs[1:20], strict=False))
     assert all(x >= y for x, y in zip(lrs[20:], lrs[21:], strict=False))
     assert lrs[-1] < 1e-7
-    stopper = make_early_stopping()
-    assert stopper.mode == "max" and stopper.patience == 10
+    assert (hp["monitor"], hp["patience"]) == ("val_auc", 10)
 
 
-def test_busi_labels_and_splits() -> None:
-    assert busi_label("benign") == 0 and busi_label("malignant") == 1
-    assert busi_label("normal") is None and busi_label("normal", normal_as_benign=True) == 0
-    rng = np.random.default_rng(0)
-    patients = [f"p{i // 2}" for i in range(200)]
-    labels = [int(i // 2 % 3 == 0) for i in range(200)]
-    train, val, test = patient_split(patients, labels)
-    assert len(train) + len(val) + len(test) == 200
-    groups = [{patients[i] for i in part} for part in (train, val, test)]
-    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
-    folds = stratified_kfold(rng.integers(0, 2, 100).tolist(), k=5)
-    tests = np.concatenate([f[2] for f in folds])
-    assert sorted(tests.tolist()) == list(range(100))
-    for tr, va, te in folds:
-        assert not set(tr) & set(va) and not set(tr) & set(te) and len(va) > 0
 
 
-def test_youden_threshold() -> None:
-    scores = [0.1, 0.2, 0.3, 0.6, 0.7, 0.9]
-    labels = [0, 0, 0, 1, 1, 1]
-    assert youden_threshold(scores, labels) == 0.6
+
+
 
 
 def test_weighted_training_learns_generated_lesions() -> None:
-    """A few Adam steps on bright-blob (malignant) vs dark (benign) images reduce the weighted loss."""
+    """A few Adam steps on bright-blob (malignant) vs dark (benign) images reduce the recipe's weighted loss."""
     torch.manual_seed(0)
     m = us_fusion_mnv2_dn121(fusion="a_only").train()
     x = torch.randn(8, 3, 32, 32) * 0.1
     y = torch.tensor([0, 1] * 4)
     x[y == 1, :, 8:24, 8:24] += 2.0
-    loss_fn = make_loss(y.tolist())
+    recipe = UsFusionRecipe(UsFusionPlugin(MODEL_CFGS["us_fusion.v1"]), options={"fusion": "a_only"})
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
         opt.zero_grad()
-        loss = loss_fn(m(x), y)
+        loss, _parts = recipe.loss(m(x), y, 0, y.tolist())
         loss.backward()
         opt.step()
         losses.append(loss.item())
