@@ -1,4 +1,4 @@
-"""CLGB-Net training (docs/models/clgb-net.md §2, §3.3, §5): the auxiliary CAM loss, the schedule, staged
+"""CLGB-Net training (docs/models/clgb-net.md §2, §4): the auxiliary CAM loss, the schedule, staged
 unfreezing, the augmentation and the recipe.
 
 Inference never imports this module; the model is :mod:`plugins.builtin.clgb_net`.
@@ -158,7 +158,7 @@ class ClgbNetRecipe(Recipe):
 
     name = "clgb_net"
     modality = "MG"
-    summary = "CLGB-Net (docs/models/clgb-net.md §2, §5): SGD 1e-3, cosine restarts, batch 64, 100 epochs"
+    summary = "CLGB-Net (docs/models/clgb-net.md §2, §4): SGD 1e-3, cosine restarts, batch 64, 100 epochs"
     HYPERPARAMETERS: ClassVar[dict[str, Hyper]] = {
         "epochs": Hyper(100, "default", "epochs (all stages together with train_schedule=staged)"),
         "batch_size": Hyper(64, "paper", "images per batch"),

@@ -1,4 +1,4 @@
-"""LEM training (docs/models/lem.md §2, §3.2, §5): the pooled and sparse losses, the alpha schedule, the
+"""LEM training (docs/models/lem.md §2, §4): the pooled and sparse losses, the alpha schedule, the
 step decay, the augmentation and the recipe.
 
 Inference never imports this module; the model is :mod:`plugins.builtin.lem`.
@@ -209,7 +209,7 @@ class LemRecipe(Recipe):
 
     name = "lem"
     modality = "MG"
-    summary = "LEM (docs/models/lem.md §2, §5): SGD 1e-3, StepLR(8, 0.9), batch 32, 400 epochs, alpha 0 -> 1 over 100"
+    summary = "LEM (docs/models/lem.md §2, §4): SGD 1e-3, StepLR(8, 0.9), batch 32, 400 epochs, alpha 0 -> 1 over 100"
     HYPERPARAMETERS: ClassVar[dict[str, Hyper]] = {
         "epochs": Hyper(400, "paper", "fixed number of epochs (no early stopping)"),
         "batch_size": Hyper(32, "paper", "images per batch"),
@@ -249,7 +249,7 @@ class LemRecipe(Recipe):
             raise ValueError(f"LEM needs input sides that are multiples of 32, got {self.input_size}")
 
     def label_index(self, record: Record) -> int | None:
-        # Spec §1: 0 = "not malignant", normal images included.
+        # docs/models/lem.md §2: 0 = "not malignant", normal images included.
         return 1 if record.label.strip().lower() == "malignant" else 0
 
     def augmented_input(self, prepared: np.ndarray, seed: int) -> torch.Tensor:
