@@ -152,7 +152,10 @@ def test_our_own_outputs_sent_back_start_no_analysis(harness: Harness) -> None:
     row = harness.run(second)
     assert "not_analysed" in harness.timeline(second)
     assert harness.store.analyses(second.job_id) == []
-    assert (row["job_id"], row["state"]) == (first.job_id, "done")
+    # The new version takes the earlier one's final state and findings: finished, nothing delivered again.
+    assert (row["job_id"], row["version"], row["state"]) == (second.job_id, 2, "done")
+    assert json.loads(row["findings"]) == json.loads(harness.store.study(study_uid)["findings"])
+    assert len(json.loads(row["findings"])) == 2
 
 
 def test_a_version_of_only_our_outputs_is_skipped_when_nothing_else_is_known(harness: Harness) -> None:
@@ -176,11 +179,32 @@ def test_a_version_with_a_replaced_source_is_analysed_again_and_one_without_is_n
     first = harness.job([source])
     harness.run(first)
     unchanged = harness.job([source], version=2, versions={str(source.SOPInstanceUID): 1})
-    harness.run(unchanged)
+    assert harness.run(unchanged)["state"] == "done"
     assert "not_analysed" in harness.timeline(unchanged)
+    assert harness.store.analyses(unchanged.job_id) == []
     source.PixelData = bright_mammogram(study_uid, seed=9).PixelData  # same UIDs, new bytes
     replaced = harness.job([source], version=3)
     row = harness.run(replaced)
     assert (row["job_id"], row["state"]) == (replaced.job_id, "done")
     assert {Path(p).name for p in _outputs(harness, replaced.job_id)}.isdisjoint(
         Path(p).name for p in _outputs(harness, first.job_id))
+
+
+def test_a_version_without_new_sources_waits_for_the_earlier_version_to_finish(harness: Harness) -> None:
+    import workers.tasks as tasks
+
+    study_uid = new_study_uid()
+    source = bright_mammogram(study_uid)
+    first = harness.job([source])
+    harness.store.upsert_study(study_uid=study_uid, job_id=first.job_id, version=1, priority=6, state="analysing")
+    second = harness.job([source], version=2, versions={str(source.SOPInstanceUID): 1})
+    tasks.analyse.apply(kwargs={"job": second.to_json_dict()}, throw=True)
+    assert "waiting" in harness.timeline(second)
+    assert [name for name, _ in harness.queued] == ["workers.tasks.analyse"]  # it looks again later
+    assert harness.store.study(study_uid)["version"] == 1  # the earlier version's row is left to it
+
+    harness.store.upsert_study(study_uid=study_uid, job_id=first.job_id, version=1, priority=6, state="delivered",
+                               risk=0.4, findings=[{"model": "triage_probe", "risk": 0.4}])
+    harness.queued.clear()  # run it again now instead of after the poll delay
+    row = harness.run(second)
+    assert (row["version"], row["state"], row["risk"]) == (2, "delivered", 0.4)

@@ -23,7 +23,7 @@ from typing import Any
 from gateway.journal import connect_existing
 
 #: Worker states after which nothing more happens to a study without a person acting.
-FINISHED_STATES: tuple[str, ...] = ("delivered", "done", "dead-lettered", "failed")
+FINISHED_STATES: tuple[str, ...] = ("delivered", "done", "skipped", "dead-lettered", "failed")
 #: Timeline events the metrics count: ``model_done:<model>`` carries the inference time as JSON.
 MODEL_DONE_PREFIX = "model_done:"
 DELIVERY_RETRY = "delivery_retry"

@@ -23,9 +23,9 @@ from gateway.errors import PermanentError, TransientError
 from gateway.messages import Priority, StudyJob
 from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
+from plugins.types import failure_reason
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
 from workers.pacs import deliver as deliver_to_pacs
-from plugins.types import failure_reason
 from workers.pipeline import (
     ModelRun,
     StudyTimings,
@@ -39,7 +39,7 @@ from workers.pipeline import (
     skip_reasons,
     study_budget_refusals,
 )
-from workers.results import DELIVERY_RETRY, MODEL_DONE_PREFIX, ResultsStore
+from workers.results import DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
 
 log = structlog.get_logger(__name__)
 
@@ -131,11 +131,7 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
     timings = StudyTimings()
     sources = read_sources(study, timings)
     if stage == "first" and not adds_new_source(study, sources):
-        # Our own SR and SCs sent back by the PACS, or nothing an earlier version lacked: the earlier
-        # version's findings and final state stand, and no model runs or delivers again.
-        store.event(study.job_id, "not_analysed", "this study version adds no new source image (only our own "
-                                                  "outputs or instances an earlier version already had)")
-        store.reset_attempts(key)
+        _inherit_earlier_version(study, job, store, key)
         return
     store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
                        priority=int(study.priority), state="analysing")
@@ -225,6 +221,39 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "rest"},
                       queue=ANALYSIS_QUEUE, priority=int(priority), retry=True,
                       retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+    store.reset_attempts(key)
+
+
+#: How long a version that adds no new source waits before it looks again at the earlier one.
+_EARLIER_VERSION_POLL_SECONDS = 30
+
+
+def _inherit_earlier_version(study: StudyJob, job: dict[str, Any], store: ResultsStore, key: str) -> None:
+    """A version that adds no new source image (our own SR and SCs sent back by the PACS, or only
+    instances an earlier version had) runs no model and delivers nothing: it takes the earlier
+    version's final state, risk and findings once that version has one."""
+    earlier = store.study(study.study_instance_uid)
+    if earlier is not None and int(earlier["version"]) >= study.study_version:
+        store.event(study.job_id, "not_analysed", "a newer version of the study is already on the worklist")
+        store.reset_attempts(key)
+        return
+    if earlier is not None and earlier["state"] not in FINISHED_STATES:
+        # Taking its row now would refuse the earlier version's own updates (they are older): wait.
+        store.event(study.job_id, "waiting", f"for version {earlier['version']} to finish")
+        store.reset_attempts(key)
+        app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "first"}, queue=ANALYSIS_QUEUE,
+                      priority=int(study.priority), countdown=_EARLIER_VERSION_POLL_SECONDS, retry=True,
+                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+        return
+    detail = ("this study version adds no new source image (only our own outputs or instances an earlier "
+              "version already had)")
+    store.event(study.job_id, "not_analysed", detail)
+    if earlier is None:  # nothing on the worklist to take over (a fresh results journal): say why, finished
+        _finish_skipped(store, study, {"all": {"all": detail}}, key)
+        return
+    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
+                       priority=int(earlier["priority"]), state=str(earlier["state"]), risk=earlier["risk"],
+                       findings=json.loads(earlier["findings"]), demo_weights=bool(earlier["demo_weights"]))
     store.reset_attempts(key)
 
 
