@@ -28,6 +28,11 @@ upstream pynetdicom issue that would make it unnecessary:
     the message is served, so the C-STORE reaches our handler, which answers 0x0122.
     *Upstream: "answer 0x0122 (SOP class not supported) instead of aborting".*
 
+:class:`EarlyWriteback`
+    Starts the disk writes of a data set while it still arrives (``sync_file_range``), so the
+    fsync before the acknowledgement waits for its tail only.  *Upstream: "STORE_RECV_CHUNKED_DATASET:
+    a hook on the open file (or its descriptor) while the data set is written".*
+
 :func:`association_spool_dirs`
     pynetdicom writes a received data set to a ``NamedTemporaryFile`` in the default temporary
     directory and forgets it when the association aborts mid-transfer.  Each association's
@@ -49,6 +54,7 @@ import socket
 import socketserver
 import ssl
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -60,6 +66,7 @@ import structlog
 from pynetdicom import AE, register_uid
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
@@ -475,6 +482,91 @@ def association_spool_dirs(incoming: Path) -> tuple[Any, Any]:
         shutil.rmtree(tempdir.folder_for(event.assoc), ignore_errors=True)
 
     return tempdir, on_close
+
+
+def _load_sync_file_range() -> Any:
+    """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`` from libc (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range, do not wait
+#: Start writing a data set being received to disk every this many bytes.
+WRITEBACK_STEP = 1 << 20
+
+
+@dataclass
+class _Writing:
+    path: str
+    fd: int
+    flushed: int = 0
+
+
+class EarlyWriteback:
+    """``EVT_PDU_RECV``: start the disk writes of a data set while the rest of it still arrives.
+
+    The handler fsyncs each data set before acknowledging it; for a 17 MB mammogram that fsync
+    waited for all of it to reach the disk.  Here, every P-DATA-TF PDU starts the writeback
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux) of what the association's spool file has
+    gained since, so the fsync waits for the tail only.  The file is found in the association's
+    own folder (:func:`association_spool_dirs`); the fsync stays what makes the data durable.
+
+    :param tempdir: The tempdir from :func:`association_spool_dirs`.
+    """
+
+    def __init__(self, tempdir: Any) -> None:
+        self.tempdir = tempdir
+        self.writing: dict[int, _Writing] = {}
+
+    def on_pdu(self, event: Any) -> None:
+        if _sync_file_range is None or not isinstance(event.pdu, P_DATA_TF):
+            return
+        current = self.writing.get(id(event.assoc))
+        if current is not None:
+            try:
+                size = os.fstat(current.fd).st_size
+            except OSError:
+                size = current.flushed
+            if size > current.flushed:  # still the data set being received
+                if size - current.flushed >= WRITEBACK_STEP:
+                    _sync_file_range(
+                        current.fd, current.flushed, size - current.flushed, _SYNC_FILE_RANGE_WRITE
+                    )
+                    current.flushed = size
+                return
+        # No file yet, or it stopped growing: a new data set may have begun (one listdir per data set).
+        folder = self.tempdir.folder_for(event.assoc)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return
+        if len(names) != 1:
+            return
+        path = os.path.join(folder, names[0])
+        if current is not None and current.path == path:
+            return
+        self.forget(event)
+        try:
+            self.writing[id(event.assoc)] = _Writing(path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return
+
+    def forget(self, event: Any) -> None:
+        """``EVT_CONN_CLOSE``: close the file this association was writing, if any."""
+        current = self.writing.pop(id(event.assoc), None)
+        if current is not None:
+            with contextlib.suppress(OSError):
+                os.close(current.fd)
 
 
 def install_tempdir(tempdir: Any) -> None:

@@ -21,6 +21,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from gateway.edge import (
+    EarlyWriteback,
     EdgeAE,
     EdgeServer,
     PduLimits,
@@ -158,6 +159,7 @@ def start_scp(
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     tempdir, remove_association_folder = association_spool_dirs(spool.incoming)
     install_tempdir(tempdir)
+    writeback = EarlyWriteback(tempdir)
     ae = build_ae(settings)
     limits = PduLimits(
         max_pdu_size=settings.max_pdu_size,
@@ -177,6 +179,8 @@ def start_scp(
         (evt.EVT_CONN_OPEN, bound_pdus(limits)),
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_DIMSE_RECV, route_unrecognised_store),
+        (evt.EVT_PDU_RECV, writeback.on_pdu),
+        (evt.EVT_CONN_CLOSE, writeback.forget),
         (evt.EVT_REJECTED, log_rejection),
         (evt.EVT_ABORTED, remove_association_folder),
         (evt.EVT_CONN_CLOSE, remove_association_folder),
