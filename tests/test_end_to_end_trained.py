@@ -158,7 +158,6 @@ def test_trained_checkpoints_serve_in_the_pipeline(tmp_path: Path, one_thread: N
             if worker is not None:
                 stop(worker)
             stop(gateway)
-            client.flushdb()
         assert isinstance(found, dict)
 
         # What the deployed checkpoints give on the very files that were sent, computed here, not remembered.
