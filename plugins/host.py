@@ -195,7 +195,7 @@ class ModelHost:
 
     def skip_reason(self, plugin: ModelPlugin, ref: ImageRef) -> str | None:
         """Why *plugin* declines *ref* (modality, For Processing, tomosynthesis, SOP class, view,
-        laterality), or ``None`` when it accepts it."""
+        laterality, then the site's ``routing`` rules for it), or ``None`` when it accepts it."""
         rule = plugin.spec.accepts
         options = self._options[plugin.name]
         accept_for_processing = (
@@ -299,8 +299,12 @@ class ModelHost:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run(self, plugin_name: str, refs: Sequence[ImageRef]) -> list[Result]:
+    def run(self, plugin_name: str, refs: Sequence[ImageRef], timings: RunTimings | None = None) -> list[Result]:
         """Decode, preprocess, run (batched), explain and postprocess *refs* with one model.
+
+        Images whose header declares more pixels than ``worker.max_image_pixel_bytes`` fail
+        without being decoded.  :mod:`workers.pipeline` decodes once for every model instead and
+        calls :meth:`run_images`.
 
         :returns: One result per image, in order; a multi-frame image run with ``frames: all``
             gives one per frame.  Nothing raises for a bad image or a failing model.
@@ -315,7 +319,7 @@ class ModelHost:
                 for i, image in decode_frames(ref.path, frames)
             ]
 
-        return self._run(self.plugin(plugin_name), [(ref, decode) for ref in refs])
+        return self._run(self.plugin(plugin_name), [(ref, decode) for ref in refs], timings)
 
     def run_images(
         self,

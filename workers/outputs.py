@@ -530,12 +530,19 @@ def render_heatmap_overlay(
         shrinking = factor < 1.0
         display = cv2.resize(display, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         rows, columns = display.shape
-    heat = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
+    # Resized first: a full-field map is shrunk to the image part before any per-pixel arithmetic.
+    heat = heatmap.astype(np.float32, copy=False)
     if heat.shape != display.shape:
         heat = cv2.resize(heat, (columns, rows), interpolation=cv2.INTER_LINEAR)
-    grey = np.repeat(display[..., None], 3, axis=2).astype(np.float32)
+    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+    grey = display.astype(np.float32)[..., None]
     alpha = (opacity * heat)[..., None]
-    blended = np.rint(grey * (1.0 - alpha) + _jet(heat).astype(np.float32) * alpha).astype(np.uint8)
+    # grey * (1 - alpha) + jet * alpha, with one temporary the size of the image instead of four.
+    blended = _jet(heat).astype(np.float32)
+    blended -= grey
+    blended *= alpha
+    blended += grey
+    blended = np.rint(blended, out=blended).astype(np.uint8)
 
     line_height = int(np.clip(round(rows * 0.035), 22, 90))
     margin = max(3, line_height // 5)

@@ -15,6 +15,10 @@ storage SCP on loopback (pynetdicom, in this process), and reports per study:
 
 and the share of the study's time spent outside the models' forward and explanation passes.
 
+``--per-model`` runs the path the worker had before the study pipeline, for comparison on the same
+machine and images: each model decodes its images itself (``ModelHost.run``), and each output is
+built from its source read and decoded again, its digest taken again per model.
+
 Usage: .venv/bin/python benchmarks/pipeline/bench_study.py [--size 3328x2560] [--repeats 2] [--device cpu]
 """
 
@@ -39,8 +43,9 @@ sys.path.insert(0, str(REPO))
 
 from gateway.messages import InstanceRef, Priority, StudyJob  # noqa: E402
 from gateway.settings import DestinationSettings, ModelSettings, PluginSettings, Settings  # noqa: E402
-from plugins.host import ModelHost  # noqa: E402
+from plugins.host import ModelHost, RunTimings  # noqa: E402
 from plugins.synthetic import make_mg_study  # noqa: E402
+from plugins.types import Prediction  # noqa: E402
 from workers import pipeline  # noqa: E402
 from workers.pacs import deliver  # noqa: E402
 
@@ -110,6 +115,58 @@ def run_study(host: ModelHost, models: list[str], job: StudyJob, settings: Setti
     return {"timings": timings, "delivery": delivery, "total": total, "outputs": len(paths), "sources": sources}
 
 
+def run_study_per_model(host: ModelHost, models: list[str], job: StudyJob, settings: Settings, out: Path,
+                        destination: DestinationSettings) -> dict[str, Any]:
+    """The worker's path before the study pipeline: a decode per model and per output, a digest per model."""
+    import plugins.host
+    from workers.outputs import ReportedModel, build_heatmap_sc, build_sr
+
+    timings = pipeline.StudyTimings()
+    real_decode = plugins.host.decode_frames
+
+    def counted(path: Any, policy: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return real_decode(path, policy)
+        finally:
+            timings.decode += time.perf_counter() - started
+            timings.decodes += 1
+
+    plugins.host.decode_frames = counted  # type: ignore[assignment]
+    try:
+        started = time.perf_counter()
+        refs = [s.ref for s in pipeline.read_sources(job, timings) if s.ref is not None]
+        paths: list[Path] = []
+        for model in models:
+            run_timings = timings.models.setdefault(model, RunTimings())
+            predictions = [r for r in host.run(model, refs, run_timings) if isinstance(r, Prediction)]
+            outputs_started = time.perf_counter()
+            sources = {p.image.sop_instance_uid: pydicom.dcmread(p.image.path) for p in predictions}
+            digests = {p.image.sop_instance_uid: pipeline.file_digest(p.image.path) for p in predictions}
+            spec = host.load(model).plugin.spec
+            directory = out / model
+            directory.mkdir(parents=True, exist_ok=True)
+            sr = build_sr(list(sources.values()), predictions, model=ReportedModel.from_spec(spec, predictions[0].parameters),
+                          source_digests=digests)
+            paths.append(pipeline._save(sr, directory))
+            for index, prediction in enumerate(predictions):
+                uid = prediction.image.sop_instance_uid
+                sc = build_heatmap_sc(sources[uid], None, prediction, instance_number=index + 1,
+                                      display_name=spec.display_name, source_digest=digests[uid])
+                paths.append(pipeline._save(sc, directory))
+            timings.outputs[model] = time.perf_counter() - outputs_started
+        delivery_started = time.perf_counter()
+        results = deliver([pydicom.dcmread(p) for p in paths], destination)
+        delivery = time.perf_counter() - delivery_started
+        total = time.perf_counter() - started
+    finally:
+        plugins.host.decode_frames = real_decode  # type: ignore[assignment]
+    if not all(r.ok for r in results):
+        raise RuntimeError("the study did not go through")
+    return {"timings": timings, "delivery": delivery, "total": total, "outputs": len(paths),
+            "sources": pipeline.read_sources(job)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="3328x2560", help="rows x columns of each view")
@@ -118,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--per-model", action="store_true", help="the path before the study pipeline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -135,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             job = write_study(Path(tmp), (rows, columns))
-            run_study(host, args.models, job, settings, Path(tmp) / "warm-up", destination)
-            studies = [run_study(host, args.models, job, settings, Path(tmp) / f"run{i}", destination)
+            run = run_study_per_model if args.per_model else run_study
+            run(host, args.models, job, settings, Path(tmp) / "warm-up", destination)
+            studies = [run(host, args.models, job, settings, Path(tmp) / f"run{i}", destination)
                        for i in range(args.repeats)]
             bare = {m: statistics.median(bare_forward_seconds(host, m, studies[0]["sources"]) for _ in range(3))
                     for m in args.models}
@@ -172,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     report["outside_forward_and_explanation_s"] = report["total_s"] - in_models
     report["outside_share"] = report["outside_forward_and_explanation_s"] / report["total_s"]
 
-    print(f"study: 4 views {args.size}, {args.device}, {report['threads']} torch threads, median of {args.repeats}")
+    path = "per-model path (before)" if args.per_model else "study pipeline"
+    report["path"] = path
+    print(f"{path}: 4 views {args.size}, {args.device}, {report['threads']} torch threads, median of {args.repeats}")
     print("| model | forward + explanation s | bare forward s | explanation s | preprocess s | postprocess s "
           "| outputs s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
