@@ -31,6 +31,48 @@ class AcceptRule:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScoreMeaning:
+    """What a model's risk number means, so that outputs code it for what it is.
+
+    Only a calibrated probability of malignancy may be reported as DCM 111047 "Probability of
+    cancer"; anything else is a suspicion score on a stated scale with a stated reference.
+    """
+
+    #: ``probability_of_malignancy`` (calibrated) or ``suspicion_score``.
+    kind: str
+    #: Human-readable definition, e.g. ``p(BI-RADS >= 4)`` or ``calibrated p(malignant)``.
+    description: str
+    #: The coded concept for the SR: (code value, coding scheme designator, code meaning).
+    concept: tuple[str, str, str]
+    #: The range of the score, e.g. (0.0, 1.0).
+    scale: tuple[float, float] = (0.0, 1.0)
+
+    KINDS = ("probability_of_malignancy", "suspicion_score")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"score kind must be one of {self.KINDS}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperatingPoint:
+    """A decision threshold on a model's risk with the performance it was chosen for.
+
+    Stored in the checkpoint by the training CLI (measured on a held-out split at the stated
+    prevalence), or taken from the plugin's defaults for untrained demo weights.
+    """
+
+    #: Stable name, e.g. ``high_sensitivity``, ``balanced``, ``high_specificity``.
+    name: str
+    threshold: float
+    #: Sensitivity and specificity measured when the point was chosen; None when not measured.
+    sensitivity: float | None = None
+    specificity: float | None = None
+    #: The prevalence the point was chosen at; None when not stated.
+    prevalence: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """What a model plugin is, modelled on timm's ``PretrainedCfg``."""
 
