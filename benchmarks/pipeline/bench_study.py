@@ -2,7 +2,7 @@
 
 Runs :func:`workers.pipeline.analyse_study` (what the analysis task runs) on a synthetic 4-view
 full-field mammogram through the mammography models, then C-STOREs the outputs to a throw-away
-storage SCP on loopback (pynetdicom, in this process), and reports per study:
+storage SCP on loopback (DCMTK ``storescp --ignore``), and reports per study:
 
     header read   every source's header, once (read_sources)
     decode        every source decoded into its display image (and how many decodes there were)
@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,37 @@ def write_study(directory: Path, size: tuple[int, int]) -> StudyJob:
                     instances=tuple(instances))
 
 
-def start_storage_scp() -> tuple[Any, int]:
-    """A storage SCP on loopback that accepts every storage class and keeps nothing."""
+def start_storage_scp() -> tuple[Callable[[], None], int]:
+    """A storage SCP on loopback that accepts the outputs and keeps nothing: DCMTK ``storescp --ignore`` (a
+    separate process, as a PACS is) when installed, else pynetdicom in this process.  Returns (stop, port)."""
+    import shutil
+    import socket
+    import subprocess
+
+    if shutil.which("storescp"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        process = subprocess.Popen(["storescp", "--ignore", "--aetitle", "BENCH_PACS", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+
+        def stop() -> None:
+            process.terminate()
+            process.wait(timeout=10)
+
+        return stop, port
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     ae = AE(ae_title="BENCH_PACS")
     ae.supported_contexts = AllStoragePresentationContexts
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
-    return server, int(server.socket.getsockname()[1])
+    return server.shutdown, int(server.socket.getsockname()[1])
 
 
 def bare_forward_seconds(host: ModelHost, model: str, sources: list[pipeline.Source]) -> float:
@@ -188,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         disabled=tuple(m for m in [*MG_MODELS, "us_fusion"] if m not in args.models),
         models={m: ModelSettings(batch_size=4) for m in args.models}))
     host = ModelHost(settings, device=args.device)
-    server, port = start_storage_scp()
+    stop_scp, port = start_storage_scp()
     destination = DestinationSettings(ae_title="BENCH_PACS", host="127.0.0.1", port=port)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             bare = {m: statistics.median(bare_forward_seconds(host, m, studies[0]["sources"]) for _ in range(3))
                     for m in args.models}
     finally:
-        server.shutdown()
+        stop_scp()
 
     def median(get: Any) -> float:
         return statistics.median(get(s) for s in studies)
