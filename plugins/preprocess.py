@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 
 from gateway.errors import PermanentError
+from gateway.inflate import read_header
 from plugins.types import ImageRef, Letterbox
 
 FramePolicy = Literal["first", "middle", "max_variance", "all"]
@@ -85,7 +86,8 @@ def read_image_ref(path: str | os.PathLike[str]) -> ImageRef:
 
 
 def _image_ref(path: Path) -> ImageRef:
-    return image_ref_from_header(pydicom.dcmread(path, stop_before_pixels=True), path)
+    # gateway.inflate's reader: pydicom inflates a deflated data set whole even for its header.
+    return image_ref_from_header(read_header(path), path)
 
 
 def image_ref_from_header(ds: Dataset, path: Path) -> ImageRef:

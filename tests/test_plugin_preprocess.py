@@ -353,3 +353,20 @@ def test_letterbox_dataclass_default_inverse() -> None:
         source_shape=(10, 20), crop=(0, 0, 10, 20), scale=2.0, pad_top=5, pad_left=0, output_shape=(30, 40)
     )
     assert box.to_source(0, 5) == (0, 0) and box.to_source(40, 25) == (20, 10)
+
+
+def test_read_image_ref_of_a_deflated_bomb_holds_only_its_header(tmp_path: Path) -> None:
+    """The worker learns an image's header without inflating the whole data set (pydicom would)."""
+    import tracemalloc
+
+    from tests.test_edge_receive import deflated_bomb
+
+    bomb = deflated_bomb(tmp_path / "bomb.dcm", 256 * 2**20)
+    tracemalloc.start()
+    try:
+        ref = pre.read_image_ref(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ref.modality == "CT" and ref.sop_instance_uid
+    assert peak < 32 * 2**20, f"reading the header held {peak / 2**20:.0f} MiB"
