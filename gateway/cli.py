@@ -181,13 +181,14 @@ def run_send(args: argparse.Namespace, settings: Settings) -> int:
     Exit status: 0 when every file was stored, 1 when some were not (each is named on stderr, then
     a summary), 2 when nothing could be sent at all (no DICOM file, no association).
     """
-    from pydicom import dcmread
     from tqdm import tqdm
+
+    from gateway.inflate import read_header
 
     files, contexts, problems = [], set(), 0
     for path in _dicom_files(args.paths):
         try:
-            header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            header = read_header(path)  # a deflated file is never inflated whole to learn its class
             contexts.add((str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)))
             files.append(path)
         except Exception as exc:  # any unreadable file is reported and skipped, never a traceback
