@@ -38,8 +38,11 @@ from plugins.types import (
     ImageRef,
     InvalidPredictionError,
     Letterbox,
+    OperatingPoint,
     Prediction,
+    RiskCalibrator,
     SkippedImage,
+    default_operating_points,
     failure_reason,
 )
 from plugins.weights import checkpoint_options, checkpoint_spec, load_checkpoint, resolve_weights
@@ -104,6 +107,10 @@ class LoadedModel:
     demo_weights: bool
     weights_path: Path | None
     weights_sha256: str
+    #: The checkpoint's calibrator, applied to every prediction's risk; None for weights without one.
+    calibrator: RiskCalibrator | None = None
+    #: The checkpoint's measured operating points, else the plugin's thresholds (not measured).
+    operating_points: tuple[OperatingPoint, ...] = ()
 
 
 class ModelHost:
@@ -254,12 +261,15 @@ class ModelHost:
         try:
             source = resolve_weights(name, self.settings)
             spec, options, state, sha256, demo = plugin.spec, dict(self._options[name]), None, "", source.demo
+            calibrator, points = None, ()
             if source.path is not None:
                 state, meta = load_checkpoint(source.path)
                 spec = checkpoint_spec(spec, meta, source.path)
                 options = checkpoint_options(plugin.default_options, meta, config.options)
                 sha256, demo = meta.sha256, demo or meta.demo
+                calibrator, points = meta.calibrator, meta.operating_points
             spec = dataclasses.replace(spec, thresholds={**spec.thresholds, **config.thresholds})
+            points = points or default_operating_points(spec)
             if options["cam_target_class"] and options["cam_target_class"] not in spec.classes:
                 raise PermanentError(
                     f"cam_target_class {options['cam_target_class']!r} is not one of {spec.classes}"
@@ -295,6 +305,8 @@ class ModelHost:
             demo_weights=demo,
             weights_path=source.path,
             weights_sha256=sha256,
+            calibrator=calibrator,
+            operating_points=tuple(points),
         )
 
     # -- running ----------------------------------------------------------------------------
@@ -471,6 +483,7 @@ class ModelHost:
                     prediction = dataclasses.replace(
                         prediction, demo_weights=weights[0], weights_sha256=weights[1]
                     )
+                prediction = _calibrated(prediction, loaded)
             except Exception as exc:  # includes Prediction's own validation (NaN maps, bad risk)
                 results.append(
                     ImageFailure(model_name=plugin.name, image=ref, error=failure_reason("postprocessing failed", exc))
@@ -483,6 +496,20 @@ class ModelHost:
     def _fail(name: str, batch: list[tuple[ImageRef, torch.Tensor, Letterbox]], error: str) -> list[Result]:
         log.error("model.failed", model=name, images=len(batch), error=error)
         return [ImageFailure(model_name=name, image=ref, error=error) for ref, _, _ in batch]
+
+
+def _calibrated(prediction: Prediction, loaded: LoadedModel) -> Prediction:
+    """*prediction* with the checkpoint's calibrator applied to its risk, the meaning of that risk and the
+    model's operating points: done by the host, so that a plugin's own postprocess cannot skip it."""
+    raw = prediction.risk
+    calibrated = raw if loaded.calibrator is None else float(loaded.calibrator.apply(raw))
+    return dataclasses.replace(
+        prediction,
+        risk=calibrated,
+        uncalibrated_risk=None if loaded.calibrator is None else raw,
+        score=loaded.plugin.spec.score,
+        operating_points=loaded.operating_points,
+    )
 
 
 def _check_output(output: object, batch_size: int, num_classes: int) -> str | None:

@@ -52,6 +52,87 @@ class ScoreMeaning:
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise ValueError(f"score kind must be one of {self.KINDS}")
+        if (self.kind == "probability_of_malignancy") != (self.concept[:2] == PROBABILITY_OF_CANCER[:2]):
+            raise ValueError("DCM 111047 codes a calibrated probability of malignancy and nothing else")
+
+    @property
+    def is_probability_of_malignancy(self) -> bool:
+        return self.kind == "probability_of_malignancy"
+
+
+#: PS3.16 DCM 111047 (CID 6048): only for a risk calibrated as the probability of malignancy.
+PROBABILITY_OF_CANCER = ("111047", "DCM", "Probability of cancer")
+#: PS3.16 DCM 111012 (CID 6048), "the likelihood that the feature analysed is in fact the type of
+#: feature identified": a model's certainty in its own finding, on the model's own scale.
+CERTAINTY_OF_FINDING = ("111012", "DCM", "Certainty of Finding")
+
+#: What a model's risk means when its plugin does not say: the summed probability of its positive
+#: classes, as the network gives it (not calibrated, so not a probability of malignancy).
+UNCALIBRATED_SUSPICION = ScoreMeaning(
+    kind="suspicion_score",
+    description="p(positive classes), uncalibrated",
+    concept=CERTAINTY_OF_FINDING,
+)
+
+
+def calibrated_probability(description: str = "calibrated p(malignant)") -> ScoreMeaning:
+    """The meaning of a binary benign/malignant risk once a prior-shift-correcting calibrator maps it."""
+    return ScoreMeaning(
+        kind="probability_of_malignancy", description=description, concept=PROBABILITY_OF_CANCER
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RiskCalibrator:
+    """Maps a model's raw risk to a calibrated one, fitted by the training CLI on a held-out split at a
+    stated deployment prevalence (so it corrects the class-prior shift of balanced sampling and class
+    weights, which temperature scaling cannot).
+
+    ``platt``: ``sigmoid(slope * logit(risk) + intercept)``; ``isotonic``: a non-decreasing step
+    function, linearly interpolated between the fitted ``(xs, ys)`` knots.  numpy only, so the
+    workers apply it without scikit-learn.
+    """
+
+    method: str
+    #: The deployment prevalence the calibrator was fitted at.
+    prevalence: float
+    slope: float = 1.0
+    intercept: float = 0.0
+    xs: tuple[float, ...] = ()
+    ys: tuple[float, ...] = ()
+
+    METHODS = ("platt", "isotonic")
+
+    def __post_init__(self) -> None:
+        if self.method not in self.METHODS:
+            raise ValueError(f"calibration method must be one of {self.METHODS}")
+        if not 0.0 < self.prevalence < 1.0:
+            raise ValueError("calibration prevalence must be in (0, 1)")
+        if self.method == "isotonic" and (len(self.xs) != len(self.ys) or len(self.xs) < 1):
+            raise ValueError("an isotonic calibrator needs as many knots xs as values ys, at least one")
+
+    def apply(self, risk: Any) -> Any:
+        """The calibrated risk of *risk* (a float or an array), in [0, 1]."""
+        raw = np.asarray(risk, dtype=np.float64)
+        if self.method == "platt":
+            clipped = np.clip(raw, 1e-7, 1 - 1e-7)
+            z = self.slope * np.log(clipped / (1 - clipped)) + self.intercept
+            out = 1.0 / (1.0 + np.exp(-z))
+        else:
+            out = np.interp(raw, np.asarray(self.xs), np.asarray(self.ys))
+        out = np.clip(out, 0.0, 1.0)
+        return float(out) if out.ndim == 0 else out
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "prevalence": self.prevalence, "slope": self.slope,
+                "intercept": self.intercept, "xs": list(self.xs), "ys": list(self.ys)}
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> RiskCalibrator:
+        return cls(method=str(data["method"]), prevalence=float(data["prevalence"]),
+                   slope=float(data.get("slope", 1.0)), intercept=float(data.get("intercept", 0.0)),
+                   xs=tuple(float(x) for x in data.get("xs") or ()),
+                   ys=tuple(float(y) for y in data.get("ys") or ()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +151,43 @@ class OperatingPoint:
     specificity: float | None = None
     #: The prevalence the point was chosen at; None when not stated.
     prevalence: float | None = None
+
+    @property
+    def measured(self) -> bool:
+        """False for a default point taken from a plugin's thresholds (nothing was measured)."""
+        return self.sensitivity is not None or self.specificity is not None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "threshold": self.threshold, "sensitivity": self.sensitivity,
+                "specificity": self.specificity, "prevalence": self.prevalence}
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> OperatingPoint:
+        def number(key: str) -> float | None:
+            return None if data.get(key) is None else float(data[key])
+
+        return cls(name=str(data["name"]), threshold=float(data["threshold"]),
+                   sensitivity=number("sensitivity"), specificity=number("specificity"),
+                   prevalence=number("prevalence"))
+
+
+#: The operating point names the triage policy reads, most sensitive first.
+HIGH_SENSITIVITY = "high_sensitivity"
+HIGH_SPECIFICITY = "high_specificity"
+
+
+def default_operating_points(spec: ModelSpec) -> tuple[OperatingPoint, ...]:
+    """Operating points for weights without measured ones: the plugin's thresholds on its positive
+    classes, none measured (sensitivity and specificity None).  Empty when the spec sets no threshold."""
+    thresholds = [spec.thresholds[c] for c in spec.positive_classes if c in spec.thresholds]
+    if "risk" in spec.thresholds:
+        thresholds.append(spec.thresholds["risk"])
+    if not thresholds:
+        return ()
+    threshold = min(thresholds)
+    # One unmeasured threshold serves both names: nothing distinguishes them without a held-out split.
+    return (OperatingPoint(name=HIGH_SENSITIVITY, threshold=threshold),
+            OperatingPoint(name=HIGH_SPECIFICITY, threshold=threshold))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +214,11 @@ class ModelSpec:
     license: str = "Apache-2.0"
     #: True for BI-RADS-output models.
     gives_birads: bool = False
+    #: What the risk (summed probability of ``positive_classes``) means as the network gives it.
+    score: ScoreMeaning = UNCALIBRATED_SUSPICION
+    #: What the risk means once a checkpoint's prior-shift-correcting calibrator maps it; ``None``
+    #: keeps ``score`` (a calibrated BI-RADS score is still a suspicion score, not p(malignant)).
+    calibrated_score: ScoreMeaning | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -218,6 +341,12 @@ class Prediction:
     demo_weights: bool = False
     weights_sha256: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: What ``risk`` means (the spec's score, or its calibrated score once a calibrator applied).
+    score: ScoreMeaning = UNCALIBRATED_SUSPICION
+    #: The risk before the checkpoint's calibrator; ``None`` when no calibrator applied.
+    uncalibrated_risk: float | None = None
+    #: The model's operating points on ``risk``, as the host loaded them.
+    operating_points: tuple[OperatingPoint, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.classes) != len(self.probabilities):

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from gateway.errors import PermanentError
 from gateway.settings import Settings
-from plugins.types import ModelSpec
+from plugins.types import ModelSpec, OperatingPoint, RiskCalibrator
 
 if TYPE_CHECKING:
     from plugins.base import TorchModelPlugin
@@ -135,6 +135,10 @@ class CheckpointMetadata:
     training_data: str = ""
     #: True for untrained demo weights; every prediction made with them says so.
     demo: bool = False
+    #: Maps the risk to a calibrated one at a stated prevalence (fitted on a held-out split).
+    calibrator: RiskCalibrator | None = None
+    #: Thresholds on the (calibrated) risk at a stated sensitivity or specificity, from a held-out split.
+    operating_points: tuple[OperatingPoint, ...] = ()
     #: sha256 of the weights file, filled in when it is saved or loaded.
     sha256: str = ""
 
@@ -142,6 +146,8 @@ class CheckpointMetadata:
         data = asdict(self)
         for key in ("class_names", "norm_mean", "norm_std", "input_size"):
             data[key] = list(data[key])
+        data["calibrator"] = None if self.calibrator is None else self.calibrator.to_json_dict()
+        data["operating_points"] = [point.to_json_dict() for point in self.operating_points]
         return data
 
     @classmethod
@@ -183,7 +189,29 @@ class CheckpointMetadata:
             training_data=str(data.get("training_data", "")),
             demo=bool(data.get("demo", False)),
             sha256=str(data.get("sha256", "")),
+            calibrator=_calibrator(data.get("calibrator"), source),
+            operating_points=_operating_points(data.get("operating_points"), source),
         )
+
+
+def _calibrator(data: Any, source: str) -> RiskCalibrator | None:
+    if data is None:
+        return None
+    try:
+        return RiskCalibrator.from_json_dict(dict(data))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PermanentError(
+            f"checkpoint metadata in {source}: calibrator is invalid ({type(exc).__name__})"
+        ) from exc
+
+
+def _operating_points(data: Any, source: str) -> tuple[OperatingPoint, ...]:
+    try:
+        return tuple(OperatingPoint.from_json_dict(dict(point)) for point in data or ())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PermanentError(
+            f"checkpoint metadata in {source}: operating_points are invalid ({type(exc).__name__})"
+        ) from exc
 
 
 def sidecar_path(path: Path) -> Path:
@@ -313,6 +341,9 @@ def checkpoint_spec(spec: ModelSpec, metadata: CheckpointMetadata, source: str |
         mean=metadata.norm_mean,
         std=metadata.norm_std,
         thresholds={**spec.thresholds, **metadata.thresholds},
+        # A calibrator fitted at a stated prevalence makes a binary benign/malignant risk a probability of
+        # malignancy; the plugin says which meaning its calibrated risk has (calibrated_score).
+        score=(spec.calibrated_score or spec.score) if metadata.calibrator is not None else spec.score,
         # Outputs carry this version (SR, device UID, output UIDs): retrained weights must give new
         # objects, or a PACS keeps the report of the old ones under the same UIDs.
         version=reported_version(spec.version, metadata.version, metadata.sha256),

@@ -29,7 +29,7 @@ from torch import nn
 
 from plugins import hookimpl
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ModelPlugin, TorchModelPlugin
-from plugins.types import ModelSpec
+from plugins.types import CERTAINTY_OF_FINDING, ModelSpec, ScoreMeaning, calibrated_probability
 
 __all__ = ["CBAM", "MODEL_CFGS", "AsgMammoNet", "AsgMammoNetPlugin", "ChannelAttention", "SpatialAttention"]
 
@@ -144,6 +144,10 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
+        # Trained with balanced sampling: p(malignant) is a probability only once calibrated at a prevalence.
+        "score": ScoreMeaning(kind="suspicion_score", description="p(malignant), uncalibrated",
+                              concept=CERTAINTY_OF_FINDING),
+        "calibrated_score": calibrated_probability(),
         "paper": "ASG-MammoNet (Ahmed & Nandi group); docs/models/asg-mammonet.md",
         "license": "Apache-2.0",
     }

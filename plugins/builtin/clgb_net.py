@@ -29,7 +29,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from plugins import hookimpl, weights
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ModelOutput, ModelPlugin, TorchModelPlugin
-from plugins.types import ModelSpec
+from plugins.types import CERTAINTY_OF_FINDING, ModelSpec, ScoreMeaning, calibrated_probability
 from plugins.weights import CheckpointMetadata
 
 __all__ = [
@@ -449,6 +449,10 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
+        # Labels are pathology (malignant vs benign or normal), so calibrated p(malignant) is a probability.
+        "score": ScoreMeaning(kind="suspicion_score", description="p(malignant) of normal/benign/malignant, "
+                              "uncalibrated", concept=CERTAINTY_OF_FINDING),
+        "calibrated_score": calibrated_probability("calibrated p(malignant) of normal/benign/malignant"),
         "paper": (
             "CLGB-Net: ResNet-50 + Swin Transformer + FPN + CAM for mammography; docs/models/clgb-net.md"
         ),

@@ -40,7 +40,7 @@ from plugins import hookimpl, weights
 from plugins import preprocess as pre
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.explain import grad_cam, normalise_minmax
-from plugins.types import ImageRef, Letterbox, ModelSpec, Prediction
+from plugins.types import CERTAINTY_OF_FINDING, ImageRef, Letterbox, ModelSpec, Prediction, ScoreMeaning
 from plugins.weights import CheckpointMetadata
 
 __all__ = [
@@ -521,6 +521,9 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "std": IMAGENET_DEFAULT_STD,
         # The reported prediction is the argmax, as in the paper; the risk is p(BI-RADS 4) + p(BI-RADS 5).
         "thresholds": {},
+        # A BI-RADS suspicion, not a malignancy probability, calibrated or not (its labels are BI-RADS).
+        "score": ScoreMeaning(kind="suspicion_score", description="p(BI-RADS 4) + p(BI-RADS 5)",
+                              concept=CERTAINTY_OF_FINDING),
         "paper": (
             "Singh et al., Sci Rep 16 (2026), doi:10.1038/s41598-026-40906-8; docs/models/hybrid-birads.md"
         ),

@@ -37,12 +37,14 @@ from torch.overrides import TorchFunctionMode
 from plugins import hookimpl, weights
 from plugins.base import BASE_OPTIONS, MAMMOGRAPHY_2D, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.types import (
+    CERTAINTY_OF_FINDING,
     ImageRef,
     Letterbox,
     LocalisationPoint,
     LocalisationRegion,
     ModelSpec,
     Prediction,
+    ScoreMeaning,
 )
 from plugins.weights import CheckpointMetadata
 
@@ -738,6 +740,9 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
+        # Trained on BI-RADS >= 4 labels (INbreast): a suspicion score even once calibrated.
+        "score": ScoreMeaning(kind="suspicion_score", description="sigmoid of the LEM score for BI-RADS >= 4",
+                              concept=CERTAINTY_OF_FINDING),
         "paper": (
             "Zhu et al., Bioengineering 12(4) 325 (2025), doi:10.3390/bioengineering12040325; "
             "docs/models/lem.md"

@@ -44,7 +44,16 @@ from plugins import hookimpl, weights
 from plugins.base import BASE_OPTIONS, ImageOutput, ModelOutput, ModelPlugin, TorchModelPlugin
 from plugins.builtin.asg_mammonet import CBAM
 from plugins.explain import grad_cam, normalise_minmax
-from plugins.types import AcceptRule, ImageRef, Letterbox, ModelSpec, Prediction
+from plugins.types import (
+    CERTAINTY_OF_FINDING,
+    AcceptRule,
+    ImageRef,
+    Letterbox,
+    ModelSpec,
+    Prediction,
+    ScoreMeaning,
+    calibrated_probability,
+)
 from plugins.weights import CheckpointMetadata
 
 __all__ = [
@@ -526,6 +535,9 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
+        "score": ScoreMeaning(kind="suspicion_score", description="p(malignant), uncalibrated",
+                              concept=CERTAINTY_OF_FINDING),
+        "calibrated_score": calibrated_probability(),
         "paper": (
             "Asif et al., Acad Radiol 32(9) 2025, doi:10.1016/j.acra.2025.05.007; docs/models/us-fusion.md"
         ),
