@@ -253,6 +253,54 @@ class TriageSettings(_Section):
     stat_keywords: tuple[str, ...] = ("STAT", "URGENT")
 
 
+#: HL7 v2 ORC-7/TQ1-9/OBR-5 priority codes (table 0027) a triage category may map to.
+Hl7Priority = Literal["S", "A", "R", "P", "C", "T"]
+
+
+class Hl7Endpoint(_Section):
+    """One RIS that takes the triage flag as HL7 v2 over MLLP."""
+
+    #: Names the endpoint in dead letters, the timeline and the worklist.
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: ``ORU^R01`` (a result), or an order update for sites whose RIS takes AI flags as orders.
+    message: Literal["ORU^R01", "ORM^O01", "OMI^O23"] = "ORU^R01"
+    #: How long to wait for the connection and then for the ACK; past it the try counts as failed.
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    sending_application: str = "PACS_TRIAGE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    #: MSH-11: ``P`` production, ``T`` training, ``D`` debugging.
+    processing_id: Literal["P", "T", "D"] = "P"
+
+
+class NotificationsSettings(_Section):
+    """The triage flag where the radiologist reads: HL7 v2 messages to the RIS, sent per study."""
+
+    hl7: tuple[Hl7Endpoint, ...] = ()
+    #: ``high-risk`` notifies only studies whose triage category is high; ``all`` every analysed study.
+    notify: Literal["high-risk", "all"] = "high-risk"
+    #: The HL7 priority each triage category is sent with (S stat, A ASAP, R routine).
+    priorities: dict[Literal["high", "intermediate", "routine"], Hl7Priority] = {
+        "high": "S", "intermediate": "A", "routine": "R"}
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> NotificationsSettings:
+        names = [endpoint.name for endpoint in self.hl7]
+        if len(set(names)) != len(names):
+            raise ValueError("notifications.hl7 names must be unique: a dead letter names its endpoint")
+        return self
+
+    def priority_for(self, category: str) -> str:
+        """The HL7 priority of *category*; routine (``R``) for a category the map leaves out."""
+        return next((code for name, code in self.priorities.items() if name == category), "R")
+
+    def hl7_endpoint(self, name: str) -> Hl7Endpoint | None:
+        return next((endpoint for endpoint in self.hl7 if endpoint.name == name), None)
+
+
 class HttpSettings(_Section):
     """The operations web service (``pacs-triage serve-http``): worklist page, JSON API and /metrics."""
 
@@ -293,6 +341,7 @@ class Settings(_Section):
     routing: RoutingSettings = RoutingSettings()
     triage: TriageSettings = TriageSettings()
     http: HttpSettings = HttpSettings()
+    notifications: NotificationsSettings = NotificationsSettings()
 
     #: The file this was loaded from, for messages; not a config key.
     source: str = Field(default="<defaults>", exclude=True)

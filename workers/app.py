@@ -94,7 +94,8 @@ def configure_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue=ANALYSIS_QUEUE,
         task_routes={"workers.tasks.analyse": {"queue": ANALYSIS_QUEUE},
-                     "workers.tasks.deliver": {"queue": DELIVERY_QUEUE}},
+                     "workers.tasks.deliver": {"queue": DELIVERY_QUEUE},
+                     "workers.tasks.notify": {"queue": DELIVERY_QUEUE}},
         task_queue_max_priority=9,
         task_default_priority=6,
     )

@@ -72,8 +72,10 @@ def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
     from workers.tasks import results_store
 
     rows = results_store(settings).worklist()
+    notified = results_store(settings).notified_endpoints()
     if args.json:
-        print(json.dumps([{**dict(r), "findings": json.loads(r["findings"])} for r in rows], indent=2))
+        print(json.dumps([{**dict(r), "findings": json.loads(r["findings"]),
+                           "notified": notified.get(r["job_id"], [])} for r in rows], indent=2))
         return 0
     if not rows:
         print("no studies yet")
@@ -126,7 +128,7 @@ def replay_dead_letter(store: ResultsStore, app: Celery, letter_id: int) -> sqli
     if letter is None:
         return None
     kwargs = json.loads(letter["kwargs"])
-    queue = "delivery" if letter["task"] == "deliver" else "analysis"
+    queue = "delivery" if letter["task"] in ("deliver", "notify") else "analysis"
     store.reset_attempts(f"analyse:{letter['job_id']}:{kwargs.get('stage', 'first')}")
     app.send_task(f"workers.tasks.{letter['task']}", kwargs=kwargs, queue=queue, priority=0)
     store.mark_replayed(letter_id)

@@ -71,6 +71,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated_at   REAL NOT NULL,
     PRIMARY KEY (sop_uid, destination)
 );
+CREATE TABLE IF NOT EXISTS notifications (
+    job_id       TEXT NOT NULL,
+    endpoint     TEXT NOT NULL,         -- notifications.hl7[].name
+    study_uid    TEXT NOT NULL,
+    status       TEXT NOT NULL,         -- notified | retrying | dead-lettered
+    error        TEXT NOT NULL DEFAULT '',
+    attempts     INTEGER NOT NULL,
+    updated_at   REAL NOT NULL,
+    PRIMARY KEY (job_id, endpoint)
+);
 CREATE TABLE IF NOT EXISTS deadletters (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     task        TEXT NOT NULL,
@@ -212,6 +222,30 @@ class ResultsStore:
             return self._query("SELECT * FROM deliveries ORDER BY updated_at")
         return self._query("SELECT * FROM deliveries WHERE job_id = ? ORDER BY updated_at", (job_id,))
 
+    # ------------------------------------------------------------------ notifications
+
+    def record_notification(self, *, job_id: str, endpoint: str, study_uid: str, status: str,
+                            error: str = "") -> None:
+        """The latest try to notify *endpoint* of a study version: notified, retrying or dead-lettered."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO notifications (job_id, endpoint, study_uid, status, error, attempts, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(job_id, endpoint) DO UPDATE SET"
+                " status = excluded.status, error = excluded.error, attempts = attempts + 1,"
+                " updated_at = excluded.updated_at",
+                (job_id, endpoint, study_uid, status, error, time.time()))
+
+    def notifications(self, job_id: str) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM notifications WHERE job_id = ? ORDER BY endpoint", (job_id,))
+
+    def notified_endpoints(self) -> dict[str, list[str]]:
+        """Per job id, the endpoints that acknowledged its notification: the worklist's "notified"."""
+        notified: dict[str, list[str]] = {}
+        for row in self._query("SELECT job_id, endpoint FROM notifications WHERE status = 'notified'"
+                               " ORDER BY endpoint"):
+            notified.setdefault(str(row["job_id"]), []).append(str(row["endpoint"]))
+        return notified
+
     # ------------------------------------------------------------------ dead letters
 
     def dead_letter(self, task: str, job_id: str, kwargs: dict[str, Any], error: str) -> int:
@@ -299,6 +333,18 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class Notification:
+    """The latest try to send one study version's triage flag to one RIS endpoint."""
+
+    endpoint: str
+    #: ``notified`` (acknowledged), ``retrying`` or ``dead-lettered``.
+    status: str
+    error: str
+    attempts: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetterSummary:
     """A dead letter as the web service lists it: its task arguments (which hold UIDs) stay inside."""
 
@@ -349,7 +395,7 @@ class ResultsReader:
     :param path: The workers' ``results.sqlite``.
     """
 
-    _TABLES = ("worklist", "timeline", "attempts", "analyses", "deliveries", "deadletters")
+    _TABLES = ("worklist", "timeline", "attempts", "analyses", "deliveries", "notifications", "deadletters")
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -421,6 +467,13 @@ class ResultsReader:
                          float(r["updated_at"])) for r in self._rows(
             "SELECT destination, status, error, attempts, updated_at FROM deliveries WHERE job_id = ?"
             " ORDER BY updated_at", (job_id,))]
+
+    def notifications(self, job_id: str) -> list[Notification]:
+        """Where one job's triage flag went (one row per RIS endpoint)."""
+        return [Notification(str(r["endpoint"]), str(r["status"]), str(r["error"]), int(r["attempts"]),
+                             float(r["updated_at"])) for r in self._rows(
+            "SELECT endpoint, status, error, attempts, updated_at FROM notifications WHERE job_id = ?"
+            " ORDER BY endpoint", (job_id,))]
 
     # ------------------------------------------------------------------ dead letters
 

@@ -25,6 +25,14 @@ from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
 from plugins.types import failure_reason
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
+from workers.notify import (
+    NotificationRefused,
+    StudyNotice,
+    build_message,
+    interim_decision,
+    send,
+    wants_notification,
+)
 from workers.pacs import deliver as deliver_to_pacs
 from workers.pipeline import (
     ModelRun,
@@ -221,7 +229,29 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "rest"},
                       queue=ANALYSIS_QUEUE, priority=int(priority), retry=True,
                       retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+    else:
+        _queue_notifications(study, sources, settings, store, priority)
     store.reset_attempts(key)
+
+
+def _queue_notifications(study: StudyJob, sources: list[Any], settings: Settings, store: ResultsStore,
+                         priority: Priority) -> None:
+    """Queue the study's triage flag for each RIS endpoint, on the delivery queue at the study's priority
+    and after its delivery, so the RIS hears of studies in triage order too."""
+    risks = {str(a["model"]): a["risk"] for a in store.analyses(study.job_id)}
+    decision = interim_decision(risks, settings.triage.high_risk_threshold)
+    if not wants_notification(settings.notifications, decision.category):
+        return
+    header = next((s.header for s in sources if s.header is not None and not s.own_output), None)
+    notice = StudyNotice.from_decision(
+        job_id=study.job_id, study_uid=study.study_instance_uid, decision=decision,
+        accession_number=str(header.get("AccessionNumber", "") or "") if header is not None else "",
+        patient_id=str(header.get("PatientID", "") or "") if header is not None else "")
+    for endpoint in settings.notifications.hl7:
+        app.send_task("workers.tasks.notify",
+                      kwargs={"notice": notice.to_json_dict(), "endpoint": endpoint.name}, queue=DELIVERY_QUEUE,
+                      priority=int(priority), retry=True,
+                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
 
 
 #: How long a version that adds no new source waits before it looks again at the earlier one.
@@ -340,6 +370,55 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
         raise self.retry(countdown=delay, exc=pending_error)
     store.event(job_id, "delivered", f"{len(datasets)} objects")
     _mark_delivered(store, study_uid, job_id)
+    store.reset_attempts(key)
+
+
+@app.task(name="workers.tasks.notify", bind=True, acks_late=True, max_retries=None)
+def notify(self: Task, notice: dict[str, Any], endpoint: str) -> None:
+    """Send one study version's triage flag to one RIS endpoint (``notifications.hl7``) and wait for its ACK.
+
+    An AE/AR answer, a silence past ``timeout_seconds`` or an unreachable RIS is retried with the
+    delivery backoff (``delivery.max_retries``, ``delivery.backoff_*``), then dead-lettered.
+    """
+    settings = current_settings()
+    store = results_store(settings)
+    study = StudyNotice.from_json_dict(notice)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job_id=study.job_id, endpoint=endpoint)
+    kwargs = {"notice": notice, "endpoint": endpoint}
+    key = f"notify:{study.job_id}:{endpoint}"
+    if _too_many_attempts(store, settings, key, "notify", study.job_id, kwargs):
+        return
+    target = settings.notifications.hl7_endpoint(endpoint)
+    if target is None:
+        store.event(study.job_id, "notification_dropped", f"{endpoint}: not in notifications.hl7 now")
+        store.reset_attempts(key)
+        return
+    message = build_message(study, target, settings.notifications.priority_for(study.category))
+    try:
+        send(target, message)
+    except NotificationRefused as exc:
+        retries = self.request.retries
+        policy = delivery_policy(settings.delivery)
+        if policy.exhausted(retries):
+            reason = f"gave up after {retries + 1} tries: {exc}"
+            letter = store.dead_letter("notify", study.job_id, kwargs, reason)
+            store.record_notification(job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid,
+                                      status="dead-lettered", error=str(exc))
+            store.event(study.job_id, "dead-lettered", f"letter {letter}")
+            log.error("notification.dead_lettered", letter=letter, error=str(exc))
+            store.reset_attempts(key)
+            return
+        delay = policy.delay(retries)
+        store.record_notification(job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid,
+                                  status="retrying", error=str(exc))
+        store.event(study.job_id, "notification_retry", f"{endpoint} in {delay:.1f}s: {exc}")
+        store.reset_attempts(key)
+        raise self.retry(countdown=delay, exc=exc) from exc
+    store.record_notification(job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid,
+                              status="notified")
+    store.event(study.job_id, "notified", f"{endpoint} ({target.message})")
+    log.info("notification.acknowledged", message=target.message)
     store.reset_attempts(key)
 
 
