@@ -12,7 +12,7 @@ but the configured ones).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pynetdicom
@@ -30,7 +30,9 @@ from gateway.handlers import STORE_STATUSES
 from gateway.retry import delivery_policy
 from gateway.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from gateway.settings import Settings, TLSSettings
+from workers.notify import HL7_VERSION, MESSAGE_PROFILE
 from workers.pacs import DEFAULT_CALLING_AE_TITLE, DELIVERY_STATUSES
+from workers.triage import CATEGORIES
 
 PRODUCT = "pacs-triage"
 
@@ -60,6 +62,33 @@ def _tls_text(tls: TLSSettings, *, server: bool) -> str:
         if tls.certificate is not None:
             parts.append("our certificate is presented (mutual TLS)")
     return "; ".join(parts)
+
+
+def _hl7_notifications(settings: Settings, add: Callable[[str], None]) -> None:
+    """Section 6.1: the HL7 v2 messages that carry the triage flag to the RIS (HL7, not DICOM)."""
+    notifications = settings.notifications
+    add("### 6.1 HL7 v2 triage notifications (MLLP client)\n")
+    if notifications.hl7:
+        add(_table(("Endpoint", "Host", "Port", "Message", "ACK timeout"), [
+            (f"`{e.name}`", e.host, e.port, e.message, f"{e.timeout_seconds:g} s")
+            for e in notifications.hl7]) + "\n")
+    else:
+        add("No RIS endpoint is configured (`notifications.hl7`): no HL7 message is sent.\n")
+    high_only = notifications.notify == "high-risk"
+    which = "only for studies triaged high" if high_only else "for every analysed study"
+    add(f"- Sent {which} (`notifications.notify: {notifications.notify}`), one message per study version "
+        "and endpoint, after the study's analysis, on the delivery queue at the study's priority, so the RIS "
+        "hears of high-risk studies first.")
+    add(f"- HL7 v{HL7_VERSION} over MLLP (plain TCP, one connection per message), built and parsed with "
+        "python-hl7. The message waits for the original-mode ACK: MSA-1 AA (or CA) whose MSA-2 is our MSH-10 "
+        f"counts as received; AE, AR, another control ID, no answer within the timeout or no connection is "
+        f"retried ({delivery_policy(settings.delivery).describe()}) and then dead-lettered; dead letters can "
+        "be replayed like the others.")
+    add("- Priority of each triage category: "
+        + ", ".join(f"{category} {notifications.priority_for(category)}" for category in CATEGORIES) + ".\n")
+    add(_table(("Message", "Segment", "Fields sent"), [
+        (kind if kind != "common" else "all", segment, fields)
+        for kind, rows in MESSAGE_PROFILE.items() for segment, fields in rows]) + "\n")
 
 
 def conformance_statement(settings: Settings) -> str:
@@ -198,6 +227,8 @@ def conformance_statement(settings: Settings) -> str:
         + (" and, where configured, source host." if callers is not None else " (no allow-list configured)."))
     add("- No patient name, ID or birth date is written to the logs; the web service's URLs carry job ids "
         "(hashes), never UIDs or patient attributes, and need a bearer token.\n")
+
+    _hl7_notifications(settings, add)
 
     add("## 7. Character sets\n")
     add("Received objects are stored as received, in whatever Specific Character Set they declare. Produced "

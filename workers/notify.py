@@ -53,10 +53,11 @@ MESSAGE_PROFILE: dict[str, tuple[tuple[str, str], ...]] = {
         ("ZDS", "ZDS-1 Study Instance UID^PACS_TRIAGE^Application^DICOM (IHE Radiology's Z segment)"),
         (
             "OBX",
-            "one per item, OBX-11 P: 1 TRIAGE_CATEGORY (ST, high/intermediate/routine; OBX-8 A when high), "
-            "2 RISK (NM, 0..1, absent without a model result), 3 MODEL (ST, the deciding plugin), "
-            "4 OPERATING_POINT (ST, the crossed point's name, when one was crossed), "
-            "5 PRIORITY (ST, the mapped HL7 priority), 6 STUDY_UID (ST), 7 EXPLANATION (TX)",
+            "one per item in this order (OBX-1 counts the items sent), OBX-11 P: "
+            "TRIAGE_CATEGORY (ST, high/intermediate/routine; OBX-8 A when high), "
+            "RISK (NM, 0..1, absent without a model result), MODEL (ST, the deciding plugin), "
+            "OPERATING_POINT (ST, the crossed point's name, when one was crossed), "
+            "PRIORITY (ST, the mapped HL7 priority), STUDY_UID (ST), EXPLANATION (TX)",
         ),
     ),
     "ORM^O01": (
