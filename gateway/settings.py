@@ -179,6 +179,11 @@ class DestinationSettings(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: TLSSettings = TLSSettings()
+    #: After each delivery, ask for Storage Commitment (N-ACTION) and wait for the PACS's
+    #: N-EVENT-REPORT; the delivery counts as committed only once every instance is confirmed.
+    storage_commitment: bool = False
+    #: Seconds to wait for the N-EVENT-REPORT; past it the delivery is retried with its backoff.
+    commitment_timeout_seconds: float = Field(default=60.0, gt=0)
 
     @field_validator("ae_title")
     @classmethod
@@ -188,10 +193,22 @@ class DestinationSettings(_Section):
 
 class DeliverySettings(_Section):
     destinations: tuple[DestinationSettings, ...] = ()
+    #: Our AE title on delivery associations, and the one a PACS reports Storage Commitment to.
+    ae_title: str = "PACS_TRIAGE"
+    #: The port the delivery worker listens on for Storage Commitment reports (N-EVENT-REPORT),
+    #: opened only while it waits for one; the PACS must know this AE title, host and port.
+    commitment_port: int = Field(default=11113, ge=1, le=65535)
+    #: When a study's results change, send an IHE IOCM rejection KOS for our earlier SR and SCs.
+    supersede: bool = False
     #: 16 tries with the default backoff span about 45 minutes of PACS outage on average.
     max_retries: int = Field(default=16, ge=0)
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     backoff_max_seconds: float = Field(default=600.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
 
 
 class WorkerSettings(_Section):

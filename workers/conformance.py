@@ -31,7 +31,9 @@ from gateway.retry import delivery_policy
 from gateway.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from gateway.settings import Settings, TLSSettings
 from workers.notify import HL7_VERSION, MESSAGE_PROFILE
-from workers.pacs import DEFAULT_CALLING_AE_TITLE, DELIVERY_STATUSES
+from workers.commitment import STORAGE_COMMITMENT_PUSH_MODEL
+from workers.pacs import DELIVERY_STATUSES
+from workers.supersede import KOS_SOP_CLASS_UID, REJECTED_FOR_QUALITY_REASONS
 from workers.triage import CATEGORIES
 
 PRODUCT = "pacs-triage"
@@ -91,6 +93,38 @@ def _hl7_notifications(settings: Settings, add: Callable[[str], None]) -> None:
         for kind, rows in MESSAGE_PROFILE.items() for segment, fields in rows]) + "\n")
 
 
+def _commitment_and_supersede(settings: Settings, add: Callable[[str], None]) -> None:
+    """Sections 4.1 and 4.2: Storage Commitment SCU and the IOCM rejection KOS."""
+    delivery = settings.delivery
+    committing = [d for d in delivery.destinations if d.storage_commitment]
+    asked = ", ".join(f"`{d.ae_title}` (report awaited {d.commitment_timeout_seconds:g} s)"
+                      for d in committing)
+    syntaxes = ", ".join(_name(ts) for ts in pynetdicom.DEFAULT_TRANSFER_SYNTAXES)
+    add("### 4.1 Storage Commitment SCU\n")
+    add(f"- SOP class: Storage Commitment Push Model (`{STORAGE_COMMITMENT_PUSH_MODEL}`), role SCU, "
+        f"{syntaxes}; asked of {asked or 'no destination (set `storage_commitment: true` on one)'}.")
+    add("- After the C-STOREs, one N-ACTION (Action Type ID 1) on a new association, with a new "
+        "Transaction UID and the Referenced SOP Sequence of every instance just stored.")
+    add(f"- The report (N-EVENT-REPORT, Event Type ID 1 or 2) is accepted on a new association to AE "
+        f"`{delivery.ae_title}` on port {delivery.commitment_port} (the PACS must know this AE title, host "
+        "and port), or on the requesting association. A report for another Transaction UID is "
+        "acknowledged and ignored.")
+    add("- The study is shown as committed once every output is in a report's Referenced SOP Sequence. A "
+        "Failed SOP Sequence entry, or no report within the timeout, retries the whole delivery (same SOP "
+        "Instance UIDs, new Transaction UID) with the delivery backoff, then dead-letters it; a PACS that "
+        "does not accept the SOP class dead-letters it at once.\n")
+    note = REJECTED_FOR_QUALITY_REASONS
+    add("### 4.2 Superseding earlier results (IHE IOCM)\n")
+    add(f"- {'On' if delivery.supersede else 'Off'} (`delivery.supersede`). When a newer version of a study "
+        "is delivered and earlier outputs of ours in the PACS are not among its outputs (new images, another "
+        f"model version or weights), one Key Object Selection Document (`{KOS_SOP_CLASS_UID}`, role SCU, "
+        f"{_name(ExplicitVRLittleEndian)}) is C-STOREd into the study.")
+    add(f"- Document Title (CID 7011): ({note.value}, {note.scheme_designator}, \"{note.meaning}\"); its "
+        "content and Current Requested Procedure Evidence Sequence list every rejected SR and Secondary "
+        "Capture instance. Its UIDs depend only on the study and the rejected instances, so a retry "
+        "resends the same document.\n")
+
+
 def conformance_statement(settings: Settings) -> str:
     """The conformance statement of *settings* as Markdown.
 
@@ -117,13 +151,21 @@ def conformance_statement(settings: Settings) -> str:
         ("Verification", "Yes (`pacs-triage echo`)", "Yes"),
         (f"Storage ({len(sop_classes)} SOP classes)", "No", "Yes"),
         ("Storage: Comprehensive SR, Secondary Capture (results)", "Yes", "No"),
-        ("Query/Retrieve, Worklist, Storage Commitment, MPPS", "No", "No"),
+        ("Storage Commitment Push Model (results)",
+         "Yes, per destination with `storage_commitment: true` (receives N-EVENT-REPORT)", "No"),
+        ("Storage: Key Object Selection, IHE IOCM rejection of superseded results",
+         "Yes, with `delivery.supersede`", "No"),
+        ("Query/Retrieve, Worklist, MPPS", "No", "No"),
     ]) + "\n")
 
     add("## 2. Application entities\n")
     add(_table(("AE", "AE title", "Role", "Port"), [
         ("Receiving gateway", f"`{gw.ae_title}`", "Storage SCP, Verification SCP", f"{gw.port} ({gw.host})"),
-        ("Result delivery (workers)", f"`{DEFAULT_CALLING_AE_TITLE}`", "Storage SCU", "ephemeral"),
+        ("Result delivery (workers)", f"`{settings.delivery.ae_title}`",
+         "Storage SCU, Storage Commitment SCU", "ephemeral"),
+        ("Storage Commitment reports (workers)", f"`{settings.delivery.ae_title}`",
+         "accepts N-EVENT-REPORT (Storage Commitment Push Model, SCU role)",
+         f"{settings.delivery.commitment_port}, open only while a report is awaited"),
     ]) + "\n")
     add(_table(("Implementation", "Value"), [
         ("Implementation Class UID", pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
@@ -202,6 +244,8 @@ def conformance_statement(settings: Settings) -> str:
     add(_table(("C-STORE response", "Behaviour"), DELIVERY_STATUSES) + "\n")
     add(f"- Retries: {delivery_policy(settings.delivery).describe()}. Dead letters can be replayed "
         "(`pacs-triage deadletters --replay ID` or the web service).\n")
+
+    _commitment_and_supersede(settings, add)
 
     add("## 5. Objects produced\n")
     add(_table(("Object", "SOP class UID", "Content"), [

@@ -215,11 +215,14 @@ class OpsData:
 
     def worklist(self, limit: int = 200) -> list[dict[str, Any]]:
         """The worklist in ResultsStore.worklist's order: highest risk first, unanalysed last."""
-        return [self._worklist_item(entry) for entry in self.results.worklist(limit)]
+        committed = self.results.committed_jobs()
+        return [self._worklist_item(entry, committed) for entry in self.results.worklist(limit)]
 
-    def _worklist_item(self, entry: WorklistEntry) -> dict[str, Any]:
+    def _worklist_item(self, entry: WorklistEntry, committed: set[str]) -> dict[str, Any]:
         return {
             "job_id": entry.job_id, "version": entry.version, "risk": entry.risk,
+            # Every output confirmed by Storage Commitment at each destination configured for it.
+            "committed": entry.job_id in committed,
             "band": _risk_band(entry.risk, self.threshold), "state": entry.state,
             "priority": entry.priority, "priority_name": _priority_name(entry.priority),
             "demo_weights": entry.demo_weights, "updated_at": entry.updated_at,

@@ -27,6 +27,8 @@ FINISHED_STATES: tuple[str, ...] = ("delivered", "done", "skipped", "dead-letter
 #: Timeline events the metrics count: ``model_done:<model>`` carries the inference time as JSON.
 MODEL_DONE_PREFIX = "model_done:"
 DELIVERY_RETRY = "delivery_retry"
+#: Timeline event: every output of the job is confirmed by each destination that does Storage Commitment.
+COMMITTED = "committed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS worklist (
@@ -81,6 +83,27 @@ CREATE TABLE IF NOT EXISTS notifications (
     updated_at   REAL NOT NULL,
     PRIMARY KEY (job_id, endpoint)
 );
+CREATE TABLE IF NOT EXISTS commitments (
+    sop_uid         TEXT NOT NULL,
+    destination     TEXT NOT NULL,
+    job_id          TEXT NOT NULL,
+    status          TEXT NOT NULL,      -- committed | failed
+    transaction_uid TEXT NOT NULL,
+    updated_at      REAL NOT NULL,
+    PRIMARY KEY (sop_uid, destination)
+);
+CREATE TABLE IF NOT EXISTS sent_outputs (
+    sop_uid       TEXT NOT NULL,
+    destination   TEXT NOT NULL,
+    study_uid     TEXT NOT NULL,
+    version       INTEGER NOT NULL,
+    job_id        TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    series_uid    TEXT NOT NULL,
+    rejected_by   TEXT,                 -- the SOP Instance UID of the IOCM rejection KOS
+    PRIMARY KEY (sop_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS sent_outputs_study ON sent_outputs (study_uid, destination);
 CREATE TABLE IF NOT EXISTS deadletters (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     task        TEXT NOT NULL,
@@ -245,6 +268,63 @@ class ResultsStore:
                                " ORDER BY endpoint"):
             notified.setdefault(str(row["job_id"]), []).append(str(row["endpoint"]))
         return notified
+
+    # ------------------------------------------------------------------ storage commitment
+
+    def record_commitment(self, *, job_id: str, destination: str, transaction_uid: str, committed: list[str],
+                          failed: list[str]) -> None:
+        """Journal a Storage Commitment report: which instances the PACS committed, which it did not."""
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO commitments (sop_uid, destination, job_id, status, transaction_uid,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(uid, destination, job_id, "committed", transaction_uid, now) for uid in committed]
+                + [(uid, destination, job_id, "failed", transaction_uid, now) for uid in failed])
+
+    def committed_at(self, sop_uids: list[str]) -> set[tuple[str, str]]:
+        """(SOP UID, destination) pairs the PACS committed to keep, whichever job sent them."""
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(sop_uids), 500):  # SQLite's limit on bound parameters
+            chunk = sop_uids[start:start + 500]
+            rows = self._query("SELECT sop_uid, destination FROM commitments WHERE status = 'committed'"
+                               f" AND sop_uid IN ({','.join('?' * len(chunk))})", tuple(chunk))
+            found.update((r["sop_uid"], r["destination"]) for r in rows)
+        return found
+
+    def commitments(self, job_id: str) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM commitments WHERE job_id = ? ORDER BY updated_at", (job_id,))
+
+    # ------------------------------------------------------------------ outputs sent per study version
+
+    def record_sent(self, *, study_uid: str, version: int, job_id: str, destination: str,
+                    instances: list[tuple[str, str, str]]) -> None:
+        """Journal outputs stored at *destination* for one study version.
+
+        :param instances: ``(SOP Instance UID, SOP Class UID, Series Instance UID)`` of each.
+        """
+        with self._transaction() as db:
+            # An output a later version shares with an earlier one keeps its first version: it was
+            # never replaced, so it must never be rejected.
+            db.executemany(
+                "INSERT OR IGNORE INTO sent_outputs (sop_uid, destination, study_uid, version, job_id,"
+                " sop_class_uid, series_uid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(uid, destination, study_uid, version, job_id, cls, series) for uid, cls, series in instances])
+
+    def superseded_outputs(self, *, study_uid: str, version: int, destination: str,
+                           current: set[str]) -> list[sqlite3.Row]:
+        """Outputs of earlier versions of a study stored at *destination*, not among *current* and not
+        rejected yet: the results a newer version replaces."""
+        rows = self._query(
+            "SELECT * FROM sent_outputs WHERE study_uid = ? AND destination = ? AND version < ?"
+            " AND rejected_by IS NULL ORDER BY version, sop_uid", (study_uid, destination, version))
+        return [r for r in rows if r["sop_uid"] not in current]
+
+    def mark_rejected(self, *, destination: str, sop_uids: list[str], rejected_by: str) -> None:
+        """Record that a rejection KOS stored at *destination* names these outputs."""
+        with self._transaction() as db:
+            db.executemany("UPDATE sent_outputs SET rejected_by = ? WHERE sop_uid = ? AND destination = ?",
+                           [(rejected_by, uid, destination) for uid in sop_uids])
 
     # ------------------------------------------------------------------ dead letters
 
@@ -474,6 +554,11 @@ class ResultsReader:
                              float(r["updated_at"])) for r in self._rows(
             "SELECT endpoint, status, error, attempts, updated_at FROM notifications WHERE job_id = ?"
             " ORDER BY endpoint", (job_id,))]
+
+    def committed_jobs(self) -> set[str]:
+        """Job ids whose every output the PACS confirmed by Storage Commitment (the ``committed`` event)."""
+        return {str(r["job_id"]) for r in self._rows(
+            "SELECT DISTINCT job_id FROM timeline WHERE event = ?", (COMMITTED,))}
 
     # ------------------------------------------------------------------ dead letters
 

@@ -25,6 +25,7 @@ from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
 from plugins.types import failure_reason
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
+from workers.commitment import request_commitment
 from workers.notify import (
     NotificationRefused,
     StudyNotice,
@@ -47,7 +48,8 @@ from workers.pipeline import (
     skip_reasons,
     study_budget_refusals,
 )
-from workers.results import DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
+from workers.results import COMMITTED, DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
+from workers.supersede import SupersededOutput, rejection_kos
 
 log = structlog.get_logger(__name__)
 
@@ -222,7 +224,8 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         _mark_delivered(store, study.study_instance_uid, study.job_id)
     if outputs:
         app.send_task("workers.tasks.deliver", kwargs={"job_id": study.job_id, "paths": outputs,
-                                                       "study_uid": study.study_instance_uid},
+                                                       "study_uid": study.study_instance_uid,
+                                                       "study_version": study.study_version},
                       queue=DELIVERY_QUEUE, priority=int(priority), retry=True,
                       retry_policy=WORKER_PUBLISH.kombu_retry_policy())
     if later:
@@ -301,7 +304,7 @@ def _destination_key(destination: DestinationSettings) -> str:
 
 
 @app.task(name="workers.tasks.deliver", bind=True, acks_late=True, max_retries=None)
-def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> None:
+def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "", study_version: int = 0) -> None:
     """C-STORE a study's outputs to every configured destination, retrying with capped backoff.
 
     Output UIDs are deterministic, so a retry or a redelivery re-sends the same instances and the
@@ -311,7 +314,7 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
     store = results_store(settings)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=job_id)
-    kwargs = {"job_id": job_id, "paths": paths, "study_uid": study_uid}
+    kwargs = {"job_id": job_id, "paths": paths, "study_uid": study_uid, "study_version": study_version}
     key = f"deliver:{job_id}:{hashlib.sha256('|'.join(paths).encode()).hexdigest()[:16]}"
     if _too_many_attempts(store, settings, key, "deliver", job_id, kwargs):
         return
@@ -331,7 +334,7 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
     for destination in settings.delivery.destinations:
         where = _destination_key(destination)
         try:
-            results = deliver_to_pacs(datasets, destination)
+            results = deliver_to_pacs(datasets, destination, calling_ae_title=settings.delivery.ae_title)
         except TransientError as exc:
             pending_error = exc
             for ds in datasets:
@@ -351,6 +354,23 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "") -> N
             store.event(job_id, "dead-lettered", where)
             return
         pending_error = next((r.error for r in results if not r.ok), pending_error)
+        _remember_sent(store, datasets, results, where, job_id, study_uid, study_version)
+        if destination.storage_commitment and all(r.ok for r in results):
+            try:
+                _commit(store, settings, destination, results, job_id)
+            except TransientError as exc:
+                pending_error = exc
+            except PermanentError as exc:
+                store.dead_letter("deliver", job_id, kwargs, f"{where}: {exc}")
+                store.event(job_id, "dead-lettered", where)
+                return
+    if pending_error is None:
+        try:
+            pending_error = _after_stored(store, settings, job_id, study_uid, datasets)
+        except PermanentError as exc:
+            store.dead_letter("deliver", job_id, kwargs, str(exc))
+            store.event(job_id, "dead-lettered", "rejection KOS refused")
+            return
     if pending_error is not None:
         retries = self.request.retries
         policy = delivery_policy(settings.delivery)
@@ -420,6 +440,81 @@ def notify(self: Task, notice: dict[str, Any], endpoint: str) -> None:
     store.event(study.job_id, "notified", f"{endpoint} ({target.message})")
     log.info("notification.acknowledged", message=target.message)
     store.reset_attempts(key)
+
+
+def _remember_sent(store: ResultsStore, datasets: list[pydicom.FileDataset], results: list[Any], where: str,
+                   job_id: str, study_uid: str, study_version: int) -> None:
+    """Journal which outputs of which study version are stored where, for superseding them later."""
+    row = store.study(study_uid) if study_uid else None
+    version = study_version or (int(row["version"]) if row is not None and row["job_id"] == job_id else 0)
+    if not version:
+        return  # a delivery queued before versions were passed along: nothing to supersede by
+    series = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for ds in datasets}
+    store.record_sent(study_uid=study_uid, version=version, job_id=job_id, destination=where,
+                      instances=[(r.sop_instance_uid, r.sop_class_uid, series[r.sop_instance_uid])
+                                 for r in results if r.ok])
+
+
+def _commit(store: ResultsStore, settings: Settings, destination: DestinationSettings, results: list[Any],
+            job_id: str) -> None:
+    """Storage Commitment for what was just stored at *destination*; a TransientError unless all committed."""
+    where = _destination_key(destination)
+    report = request_commitment([(r.sop_class_uid, r.sop_instance_uid) for r in results], destination,
+                                calling_ae_title=settings.delivery.ae_title,
+                                listen_port=settings.delivery.commitment_port)
+    store.record_commitment(job_id=job_id, destination=where, transaction_uid=report.transaction_uid,
+                            committed=sorted(report.committed), failed=sorted({*report.failed, *report.missing}))
+    if not report.complete:
+        reasons = ", ".join(sorted({f"0x{reason:04X}" for reason in report.failed.values()})) or "none given"
+        raise TransientError(f"{where} did not commit {len(report.failed) + len(report.missing)} of "
+                             f"{len(results)} instances (failure reasons: {reasons})")
+    store.event(job_id, "commitment", f"{len(report.committed)} objects at {where}")
+
+
+def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_uid: str,
+                  datasets: list[pydicom.FileDataset]) -> TransientError | None:
+    """Once the study version is delivered: mark it committed when every destination that does Storage
+    Commitment confirmed every output, and supersede earlier versions' outputs (``delivery.supersede``).
+
+    :returns: the error to retry with when a rejection KOS could not be stored.
+    :raises PermanentError: when a PACS refuses the rejection KOS.
+    """
+    _mark_delivered(store, study_uid, job_id)
+    row = store.study(study_uid) if study_uid else None
+    if row is None or row["job_id"] != job_id or row["state"] != "delivered":
+        return None
+    wanted = sorted({Path(p).stem for analysis in store.analyses(job_id) for p in json.loads(analysis["outputs"])})
+    committing = [_destination_key(d) for d in settings.delivery.destinations if d.storage_commitment]
+    if committing and not any(e["event"] == COMMITTED for e in store.timeline(job_id)):
+        committed = store.committed_at(wanted)
+        if all((uid, where) in committed for uid in wanted for where in committing):
+            store.event(job_id, COMMITTED, f"{len(wanted)} objects at {', '.join(committing)}")
+    if not settings.delivery.supersede or not datasets:
+        return None
+    error: TransientError | None = None
+    for destination in settings.delivery.destinations:
+        where = _destination_key(destination)
+        earlier = store.superseded_outputs(study_uid=study_uid, version=int(row["version"]), destination=where,
+                                           current=set(wanted))
+        if not earlier:
+            continue
+        kos = rejection_kos([SupersededOutput(sop_instance_uid=r["sop_uid"], sop_class_uid=r["sop_class_uid"],
+                                              series_instance_uid=r["series_uid"]) for r in earlier], datasets[0])
+        try:
+            (result,) = deliver_to_pacs([kos], destination, calling_ae_title=settings.delivery.ae_title)
+        except TransientError as exc:
+            error = exc
+            continue
+        if not result.ok:
+            if result.retryable:
+                error = TransientError(f"{where}: rejection KOS not stored: {result.error}")
+                continue
+            raise PermanentError(f"{where} refused the rejection KOS: {result.error}")
+        store.mark_rejected(destination=where, sop_uids=[r["sop_uid"] for r in earlier],
+                            rejected_by=str(kos.SOPInstanceUID))
+        store.event(job_id, "superseded", f"{len(earlier)} earlier outputs rejected at {where} by an IOCM KOS")
+        log.info("delivery.superseded", destination=where, rejected=len(earlier))
+    return error
 
 
 def _mark_delivered(store: ResultsStore, study_uid: str, job_id: str) -> None:
