@@ -63,8 +63,14 @@ def test_orthanc_commits_every_delivered_instance(orthanc: Orthanc, report_port:
     objects, _ = study_outputs()
     destination = destination_of(orthanc)
     assert all(r.ok for r in deliver(objects, destination, calling_ae_title=OUR_AE, timeout=20))
-    report = request_commitment(_refs(objects), destination, calling_ae_title=OUR_AE, listen_port=report_port,
-                                listen_host="127.0.0.1", timeout=30)
+    report = request_commitment(
+        _refs(objects),
+        destination,
+        calling_ae_title=OUR_AE,
+        listen_port=report_port,
+        listen_host="127.0.0.1",
+        timeout=30,
+    )
     assert report.complete
     assert report.committed == {str(ds.SOPInstanceUID) for ds in objects}
 
@@ -75,8 +81,14 @@ def test_an_instance_orthanc_does_not_hold_is_reported_failed(orthanc: Orthanc, 
     destination = destination_of(orthanc)
     assert all(r.ok for r in deliver(objects, destination, calling_ae_title=OUR_AE, timeout=20))
     never_sent = (SECONDARY_CAPTURE, generate_uid())
-    report = request_commitment([*_refs(objects), never_sent], destination, calling_ae_title=OUR_AE,
-                                listen_port=report_port, listen_host="127.0.0.1", timeout=30)
+    report = request_commitment(
+        [*_refs(objects), never_sent],
+        destination,
+        calling_ae_title=OUR_AE,
+        listen_port=report_port,
+        listen_host="127.0.0.1",
+        timeout=30,
+    )
     assert not report.complete
     assert report.committed == {str(ds.SOPInstanceUID) for ds in objects}
     assert report.failed == {never_sent[1]: 0x0112}  # No such object instance
@@ -93,16 +105,24 @@ class SilentCommitmentPeer:
         self.ae.add_supported_context(SECONDARY_CAPTURE)
         self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33")  # Comprehensive SR
         self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.59")  # KOS
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_N_ACTION, self._on_action), (evt.EVT_C_STORE, lambda event: 0x0000)])
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_N_ACTION, self._on_action), (evt.EVT_C_STORE, lambda event: 0x0000)],
+        )
 
     def _on_action(self, event: Event) -> tuple[int, None]:
         self.actions.append(event.action_information)
         return 0x0000, None
 
     def destination(self, timeout: float) -> DestinationSettings:
-        return DestinationSettings(ae_title="SILENT", host="127.0.0.1", port=self.port, storage_commitment=True,
-                                   commitment_timeout_seconds=timeout)
+        return DestinationSettings(
+            ae_title="SILENT",
+            host="127.0.0.1",
+            port=self.port,
+            storage_commitment=True,
+            commitment_timeout_seconds=timeout,
+        )
 
     def close(self) -> None:
         self.server.shutdown()
@@ -120,20 +140,31 @@ def silent_peer() -> Iterator[SilentCommitmentPeer]:
 def test_a_report_that_never_comes_is_a_transient_error(silent_peer: SilentCommitmentPeer) -> None:
     objects, _ = study_outputs()
     with pytest.raises(TransientError, match="no Storage Commitment report"):
-        request_commitment(_refs(objects), silent_peer.destination(0.5), calling_ae_title=OUR_AE,
-                           listen_port=get_free_port(), listen_host="127.0.0.1")
+        request_commitment(
+            _refs(objects),
+            silent_peer.destination(0.5),
+            calling_ae_title=OUR_AE,
+            listen_port=get_free_port(),
+            listen_host="127.0.0.1",
+        )
     (action,) = silent_peer.actions
     assert action.TransactionUID
-    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in action.ReferencedSOPSequence] \
-        == _refs(objects)
+    assert [
+        (i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in action.ReferencedSOPSequence
+    ] == _refs(objects)
 
 
 def test_each_request_has_its_own_transaction_uid(silent_peer: SilentCommitmentPeer) -> None:
     objects, _ = study_outputs()
     for _ in range(2):
         with pytest.raises(TransientError):
-            request_commitment(_refs(objects), silent_peer.destination(0.2), calling_ae_title=OUR_AE,
-                               listen_port=get_free_port(), listen_host="127.0.0.1")
+            request_commitment(
+                _refs(objects),
+                silent_peer.destination(0.2),
+                calling_ae_title=OUR_AE,
+                listen_port=get_free_port(),
+                listen_host="127.0.0.1",
+            )
     assert len({a.TransactionUID for a in silent_peer.actions}) == 2
 
 
@@ -142,8 +173,14 @@ def test_a_peer_without_storage_commitment_is_refused(tmp_path: Path) -> None:
     with running_storescp(tmp_path) as storescp:
         destination = DestinationSettings(ae_title=storescp.aet, host="127.0.0.1", port=storescp.port)
         with pytest.raises((PermanentError, TransientError)) as caught:
-            request_commitment([(SECONDARY_CAPTURE, "1.2.3.4")], destination, calling_ae_title=OUR_AE,
-                               listen_port=get_free_port(), listen_host="127.0.0.1", timeout=1)
+            request_commitment(
+                [(SECONDARY_CAPTURE, "1.2.3.4")],
+                destination,
+                calling_ae_title=OUR_AE,
+                listen_port=get_free_port(),
+                listen_host="127.0.0.1",
+                timeout=1,
+            )
     assert "Storage Commitment" in str(caught.value)
 
 
@@ -153,8 +190,13 @@ def test_a_busy_report_port_is_a_transient_error(silent_peer: SilentCommitmentPe
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(TransientError, match="cannot listen"):
-            request_commitment([(SECONDARY_CAPTURE, "1.2.3.4")], silent_peer.destination(0.2),
-                               calling_ae_title=OUR_AE, listen_port=port, listen_host="127.0.0.1")
+            request_commitment(
+                [(SECONDARY_CAPTURE, "1.2.3.4")],
+                silent_peer.destination(0.2),
+                calling_ae_title=OUR_AE,
+                listen_port=port,
+                listen_host="127.0.0.1",
+            )
     assert silent_peer.actions == []  # nothing asked before we could hear the answer
 
 
@@ -164,21 +206,38 @@ def test_a_busy_report_port_is_a_transient_error(silent_peer: SilentCommitmentPe
 @pytest.mark.redis
 @pytest.mark.peers
 @pytest.mark.slow
-def test_a_committed_delivery_shows_committed_on_the_worklist(tmp_path: Path, redis_url: str,
-                                                              orthanc: Orthanc) -> None:
+def test_a_committed_delivery_shows_committed_on_the_worklist(
+    tmp_path: Path, redis_url: str, orthanc: Orthanc
+) -> None:
     from workers.http import OpsData
     from workers.results import ResultsStore
 
     report_port = get_free_port()
     register_modality(orthanc, OUR_AE, report_port)
-    config = _config(tmp_path, redis_url, plugins={"drop_in_dir": str(Path(__file__).parent / "triage_plugins"),
-                                                   "load_entrypoints": False, "disabled": BUILTIN_MODELS,
-                                                   "allow_demo_weights": True},
-                     triage={"first_stage_model": "triage_probe"},
-                     delivery={"destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1",
-                                                 "port": orthanc.dicom_port, "storage_commitment": True,
-                                                 "commitment_timeout_seconds": 30}],
-                               "ae_title": OUR_AE, "commitment_port": report_port})
+    config = _config(
+        tmp_path,
+        redis_url,
+        plugins={
+            "drop_in_dir": str(Path(__file__).parent / "triage_plugins"),
+            "load_entrypoints": False,
+            "disabled": BUILTIN_MODELS,
+            "allow_demo_weights": True,
+        },
+        triage={"first_stage_model": "triage_probe"},
+        delivery={
+            "destinations": [
+                {
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                    "storage_commitment": True,
+                    "commitment_timeout_seconds": 30,
+                }
+            ],
+            "ae_title": OUR_AE,
+            "commitment_port": report_port,
+        },
+    )
     settings = load_settings(config, environ={})
     from workers.app import configure_app
     from workers.dispatch import CeleryDispatcher
@@ -187,8 +246,11 @@ def test_a_committed_delivery_shows_committed_on_the_worklist(tmp_path: Path, re
     results = ResultsStore(tmp_path / "data" / "results.sqlite")
     worker = start_worker(config, "analysis,delivery", tmp_path / "worker.log")
     try:
-        wait_for(lambda: any(e["event"] == "committed" for e in results.timeline("committed-study")), timeout=180,
-                 interval=0.5)
+        wait_for(
+            lambda: any(e["event"] == "committed" for e in results.timeline("committed-study")),
+            timeout=180,
+            interval=0.5,
+        )
     finally:
         stop(worker)
     outputs = {Path(p).stem for a in results.analyses("committed-study") for p in json.loads(a["outputs"])}
@@ -202,22 +264,41 @@ def test_a_committed_delivery_shows_committed_on_the_worklist(tmp_path: Path, re
 
 @pytest.mark.redis
 @pytest.mark.slow
-def test_a_commitment_that_never_comes_is_retried_then_dead_lettered(tmp_path: Path, redis_url: str,
-                                                                     silent_peer: SilentCommitmentPeer) -> None:
+def test_a_commitment_that_never_comes_is_retried_then_dead_lettered(
+    tmp_path: Path, redis_url: str, silent_peer: SilentCommitmentPeer
+) -> None:
     from workers.app import configure_app
     from workers.dispatch import CeleryDispatcher
     from workers.http import OpsData
     from workers.results import ResultsStore
 
-    config = _config(tmp_path, redis_url, plugins={"drop_in_dir": str(Path(__file__).parent / "triage_plugins"),
-                                                   "load_entrypoints": False, "disabled": BUILTIN_MODELS,
-                                                   "allow_demo_weights": True,
-                                                   "models": {"triage_probe_heavy": {"enabled": False}}},
-                     triage={"first_stage_model": "triage_probe"},
-                     delivery={"destinations": [{"ae_title": "SILENT", "host": "127.0.0.1", "port": silent_peer.port,
-                                                 "storage_commitment": True, "commitment_timeout_seconds": 0.5}],
-                               "commitment_port": get_free_port(), "max_retries": 2, "backoff_base_seconds": 0.2,
-                               "backoff_max_seconds": 0.5})
+    config = _config(
+        tmp_path,
+        redis_url,
+        plugins={
+            "drop_in_dir": str(Path(__file__).parent / "triage_plugins"),
+            "load_entrypoints": False,
+            "disabled": BUILTIN_MODELS,
+            "allow_demo_weights": True,
+            "models": {"triage_probe_heavy": {"enabled": False}},
+        },
+        triage={"first_stage_model": "triage_probe"},
+        delivery={
+            "destinations": [
+                {
+                    "ae_title": "SILENT",
+                    "host": "127.0.0.1",
+                    "port": silent_peer.port,
+                    "storage_commitment": True,
+                    "commitment_timeout_seconds": 0.5,
+                }
+            ],
+            "commitment_port": get_free_port(),
+            "max_retries": 2,
+            "backoff_base_seconds": 0.2,
+            "backoff_max_seconds": 0.5,
+        },
+    )
     settings = load_settings(config, environ={})
     CeleryDispatcher(configure_app(settings)).dispatch(_job(tmp_path, bright=False, name="never-committed"))
     results = ResultsStore(tmp_path / "data" / "results.sqlite")
@@ -236,4 +317,3 @@ def test_a_commitment_that_never_comes_is_retried_then_dead_lettered(tmp_path: P
     assert row["state"] == "dead-lettered" and row["committed"] is False
     listing = _cli(config, "deadletters")
     assert listing.returncode == 0 and f"{letter['id']:>5}" in listing.stdout
-

@@ -27,13 +27,22 @@ from workers.supersede import KOS_SOP_CLASS_UID, SupersededOutput, rejection_kos
 
 
 def _superseded(datasets: list[Dataset]) -> list[SupersededOutput]:
-    return [SupersededOutput(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                             series_instance_uid=str(ds.SeriesInstanceUID)) for ds in datasets]
+    return [
+        SupersededOutput(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+        )
+        for ds in datasets
+    ]
 
 
 def _rejected_uids(kos: Dataset) -> set[str]:
-    return {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-            for item in kos.ContentSequence if "ReferencedSOPSequence" in item}
+    return {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in kos.ContentSequence
+        if "ReferencedSOPSequence" in item
+    }
 
 
 def test_the_kos_is_an_iocm_rejection_of_exactly_the_superseded_outputs(tmp_path: Path) -> None:
@@ -46,7 +55,8 @@ def test_the_kos_is_an_iocm_rejection_of_exactly_the_superseded_outputs(tmp_path
     (evidence,) = kos.CurrentRequestedProcedureEvidenceSequence
     assert evidence.StudyInstanceUID == objects[0].StudyInstanceUID
     assert {s.SeriesInstanceUID for s in evidence.ReferencedSeriesSequence} == {
-        ds.SeriesInstanceUID for ds in objects}
+        ds.SeriesInstanceUID for ds in objects
+    }
     for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber"):
         assert kos.get(keyword) == objects[0].get(keyword)
     path = tmp_path / "kos.dcm"
@@ -107,35 +117,65 @@ def _version(tmp_path: Path, images: list[Dataset], version: int) -> StudyJob:
     refs = []
     for ds in images:
         path = write(ds, tmp_path / "store")
-        refs.append(InstanceRef(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                                series_instance_uid=str(ds.SeriesInstanceUID), modality="MG", path=path.name,
-                                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID)))
-    return StudyJob(job_id=f"study-v{version}", study_instance_uid=str(images[0].StudyInstanceUID),
-                    study_version=version, calling_ae="MODALITY", priority=Priority.ROUTINE,
-                    storage_root=str(tmp_path / "store"), instances=tuple(refs))
+        refs.append(
+            InstanceRef(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                modality="MG",
+                path=path.name,
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            )
+        )
+    return StudyJob(
+        job_id=f"study-v{version}",
+        study_instance_uid=str(images[0].StudyInstanceUID),
+        study_version=version,
+        calling_ae="MODALITY",
+        priority=Priority.ROUTINE,
+        storage_root=str(tmp_path / "store"),
+        instances=tuple(refs),
+    )
 
 
 @pytest.mark.redis
 @pytest.mark.peers
 @pytest.mark.slow
-def test_a_second_study_version_supersedes_the_first_results(tmp_path: Path, redis_url: str,
-                                                              orthanc: Orthanc) -> None:
+def test_a_second_study_version_supersedes_the_first_results(
+    tmp_path: Path, redis_url: str, orthanc: Orthanc
+) -> None:
     from workers.app import configure_app
     from workers.dispatch import CeleryDispatcher
     from workers.results import ResultsStore
 
-    config = _config(tmp_path, redis_url, plugins={"drop_in_dir": str(Path(__file__).parent / "triage_plugins"),
-                                                   "load_entrypoints": False, "disabled": BUILTIN_MODELS,
-                                                   "allow_demo_weights": True,
-                                                   "models": {"triage_probe_heavy": {"enabled": False}}},
-                     triage={"first_stage_model": "triage_probe"},
-                     delivery={"destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1",
-                                                 "port": orthanc.dicom_port}], "supersede": True})
+    config = _config(
+        tmp_path,
+        redis_url,
+        plugins={
+            "drop_in_dir": str(Path(__file__).parent / "triage_plugins"),
+            "load_entrypoints": False,
+            "disabled": BUILTIN_MODELS,
+            "allow_demo_weights": True,
+            "models": {"triage_probe_heavy": {"enabled": False}},
+        },
+        triage={"first_stage_model": "triage_probe"},
+        delivery={
+            "destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}],
+            "supersede": True,
+        },
+    )
     settings = load_settings(config, environ={})
     dispatcher = CeleryDispatcher(configure_app(settings))
     first = brightness_instance(bright=False, seed=11)
     second = brightness_instance(bright=True, seed=12)
-    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate", "StudyTime"):
+    for keyword in (
+        "StudyInstanceUID",
+        "PatientID",
+        "PatientName",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyTime",
+    ):
         if keyword in first:
             setattr(second, keyword, first.data_element(keyword).value)
     results = ResultsStore(tmp_path / "data" / "results.sqlite")
@@ -146,20 +186,29 @@ def test_a_second_study_version_supersedes_the_first_results(tmp_path: Path, red
 
     try:
         dispatcher.dispatch(_version(tmp_path, [first], 1))
-        wait_for(lambda: (results.study(str(first.StudyInstanceUID)) or {"state": ""})["state"] == "delivered",
-                 timeout=180, interval=0.5)
+        wait_for(
+            lambda: (results.study(str(first.StudyInstanceUID)) or {"state": ""})["state"] == "delivered",
+            timeout=180,
+            interval=0.5,
+        )
         dispatcher.dispatch(_version(tmp_path, [first, second], 2))
-        wait_for(lambda: any(e["event"] == "superseded" for e in results.timeline("study-v2")), timeout=180,
-                 interval=0.5)
+        wait_for(
+            lambda: any(e["event"] == "superseded" for e in results.timeline("study-v2")),
+            timeout=180,
+            interval=0.5,
+        )
     finally:
         stop(worker)
     old, new = outputs_of("study-v1"), outputs_of("study-v2")
     replaced = old - new
     assert replaced and old & new  # the SR is new; the first image's heatmap is the same instance
-    kos_ids = [i for i in orthanc.instances()
-               if orthanc.get_json(f"/instances/{i}/simplified-tags").get("SOPClassUID") == KOS_SOP_CLASS_UID
-               and orthanc.get_json(f"/instances/{i}/simplified-tags").get("StudyInstanceUID")
-               == str(first.StudyInstanceUID)]
+    kos_ids = [
+        i
+        for i in orthanc.instances()
+        if orthanc.get_json(f"/instances/{i}/simplified-tags").get("SOPClassUID") == KOS_SOP_CLASS_UID
+        and orthanc.get_json(f"/instances/{i}/simplified-tags").get("StudyInstanceUID")
+        == str(first.StudyInstanceUID)
+    ]
     (kos_id,) = kos_ids
     kos = pydicom.dcmread(io.BytesIO(orthanc.instance_file(kos_id)))
     assert _rejected_uids(kos) == replaced

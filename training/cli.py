@@ -69,6 +69,49 @@ def _add_data_arguments(parser: argparse.ArgumentParser, *, required: bool) -> N
     )
 
 
+def _prevalence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a prevalence strictly between 0 and 1")
+    return value
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration and operating points (docs/training.md)")
+    group.add_argument(
+        "--prevalence",
+        type=_prevalence,
+        metavar="P",
+        help="the share of positive (malignant) images where the model will be used, e.g. 0.01 for "
+        "screening: the risk is calibrated at it on the validation split, which corrects the class-prior "
+        "shift of balanced sampling and class weights; without it the risk stays an uncalibrated "
+        "suspicion score",
+    )
+    group.add_argument(
+        "--calibration",
+        choices=("platt", "isotonic"),
+        default="platt",
+        help="Platt scaling with an intercept, or isotonic regression (default platt)",
+    )
+    group.add_argument(
+        "--target-sensitivity",
+        type=_prevalence,
+        default=0.95,
+        metavar="S",
+        help="the sensitivity of the high_sensitivity operating point (default 0.95)",
+    )
+    group.add_argument(
+        "--target-specificity",
+        type=_prevalence,
+        default=0.90,
+        metavar="S",
+        help="the specificity of the high_specificity operating point (default 0.90)",
+    )
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -87,7 +130,9 @@ def _register_train(subparsers: Any, parents: list[argparse.ArgumentParser]) -> 
         description=(
             "Split by patient; train with the architecture's recipe (the paper's preprocessing, "
             "augmentation, sampler, loss, optimiser, schedule, staged unfreezing and early stopping); "
-            "fit the temperature on the validation split; export a checkpoint the plugin loads; evaluate "
+            "fit the temperature on the validation split; with --prevalence, calibrate the risk at that "
+            "prevalence (Platt or isotonic on the validation split reweighted to it); choose the operating "
+            "points there; export a checkpoint the plugin loads; evaluate "
             "the test split through the plugin. --show-recipe lists every hyperparameter and where its "
             "default comes from."
         ),
@@ -195,6 +240,7 @@ def _register_train(subparsers: Any, parents: list[argparse.ArgumentParser]) -> 
     run.add_argument(
         "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of the AUC CI"
     )
+    _add_calibration_arguments(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--compare-paper", action="store_true", help="print the paper's table beside ours")
     output.add_argument(
@@ -277,6 +323,12 @@ def _register_demo(subparsers: Any, parents: list[argparse.ArgumentParser]) -> N
         action=argparse.BooleanOptionalAction,
         default=None,
         help="progress bars (default: when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--prevalence",
+        type=_prevalence,
+        metavar="P",
+        help="calibrate each risk at this prevalence of positive phantoms (default: not calibrated)",
     )
     parser.set_defaults(func=run_demo_weights)
 
@@ -428,6 +480,10 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
             resume=args.resume,
             cache=args.cache,
             imagenet=imagenet,
+            prevalence=args.prevalence,
+            calibration_method=args.calibration,
+            target_sensitivity=args.target_sensitivity,
+            target_specificity=args.target_specificity,
         )
         result = train(
             args.arch,
@@ -542,6 +598,7 @@ def run_demo_weights(args: argparse.Namespace, settings: Settings) -> int:
                 device=args.device,
                 progress=args.progress,
                 log_line=_say,
+                prevalence=args.prevalence,
             )
             written.append(result)
             auc = result.test.report.auc if result.test is not None else None

@@ -208,6 +208,8 @@ class ImagePrediction:
     target: int | None
     probabilities: np.ndarray | None = None
     risk: float | None = None
+    #: The risk before the checkpoint's calibrator (equal to ``risk`` without one).
+    raw_risk: float | None = None
     heatmap: np.ndarray | None = None
     error: str = ""
     demo_weights: bool = False
@@ -276,6 +278,14 @@ def predict(
                     target=target,
                     probabilities=probabilities,
                     risk=float(np.mean([p.risk for p in predictions])),
+                    raw_risk=float(
+                        np.mean(
+                            [
+                                p.risk if p.uncalibrated_risk is None else p.uncalibrated_risk
+                                for p in predictions
+                            ]
+                        )
+                    ),
                     heatmap=predictions[0].heatmap,
                     demo_weights=any(p.demo_weights for p in predictions),
                 )
@@ -314,9 +324,9 @@ class Evaluation:
             values["mask_recall"] = self.mask_recall
         return values
 
-    def risk_targets(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per scored image: 1 when its label is a positive class, and the model's risk; None without
-        positive classes or when the labels hold one outcome only."""
+    def risk_targets(self, *, raw: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per scored image: 1 when its label is a positive class, and the model's risk (*raw*: before the
+        checkpoint's calibrator); None without positive classes or when the labels hold one outcome only."""
         positive = [self.classes.index(c) for c in self.positive_classes if c in self.classes]
         scored = [p for p in self.predictions if p.probabilities is not None and p.target is not None]
         if not positive or not scored:
@@ -324,7 +334,8 @@ class Evaluation:
         target = np.isin([p.target for p in scored], positive).astype(np.int64)
         if target.all() or not target.any():
             return None
-        return target, np.asarray([p.risk for p in scored], dtype=np.float64)
+        risks = [p.raw_risk if raw and p.raw_risk is not None else p.risk for p in scored]
+        return target, np.asarray(risks, dtype=np.float64)
 
     def logits(self) -> tuple[np.ndarray, np.ndarray]:
         """Log-probabilities (logits up to a per-row constant) and targets of the scored images."""

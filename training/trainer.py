@@ -48,8 +48,9 @@ from gateway.settings import Settings
 from plugins.host import ModelHost
 from plugins.preprocess import decode_frames, read_image_ref
 from plugins.synthetic import write_dataset_dir
-from plugins.types import ImageRef
+from plugins.types import ImageRef, OperatingPoint, RiskCalibrator
 from plugins.weights import CheckpointMetadata, save_checkpoint
+from training.calibration import CalibrationReport, choose_operating_points, reliability_at_prevalence
 from training.datasets import (
     Record,
     assert_no_patient_leak,
@@ -273,6 +274,14 @@ class TrainConfig:
     imagenet: Mapping[str, str] = field(default_factory=dict)
     #: Stop (saving the state) after this many epochs of this invocation; None = run to the end.
     stop_after_epochs: int | None = None
+    #: The deployment prevalence of positives: the risk is calibrated at it on the validation split
+    #: (training.calibration); None = no calibrator, the risk stays the model's suspicion score.
+    prevalence: float | None = None
+    #: ``platt`` (with an intercept) or ``isotonic``.
+    calibration_method: str = "platt"
+    #: The sensitivity of the ``high_sensitivity`` and the specificity of the ``high_specificity`` point.
+    target_sensitivity: float = 0.95
+    target_specificity: float = 0.90
 
     def torch_device(self) -> torch.device:
         """The torch device ``device`` names ("auto": CUDA when available)."""
@@ -785,6 +794,8 @@ def export_checkpoint(
     thresholds: Mapping[str, float] | None = None,
     version: str = "1.0",
     demo: bool = False,
+    calibrator: RiskCalibrator | None = None,
+    operating_points: Sequence[OperatingPoint] = (),
 ) -> CheckpointMetadata:
     """Write *model* as the checkpoint its plugin loads: architecture, version, classes, normalisation,
     input size, thresholds, temperature, options and the training data (description and sha256).
@@ -797,6 +808,8 @@ def export_checkpoint(
     :param thresholds: decision thresholds over the spec's.
     :param version: the weights' version.
     :param demo: label the weights as demo (every prediction made with them says so).
+    :param calibrator: the prior-shift calibrator of the risk, if fitted.
+    :param operating_points: thresholds on the served risk measured on a held-out split.
     """
     spec = recipe.spec
     metadata = CheckpointMetadata(
@@ -812,6 +825,8 @@ def export_checkpoint(
         options=json.loads(json.dumps(recipe.checkpoint_options(), default=list)),
         training_data=json.dumps(training_data, sort_keys=True, default=str),
         demo=demo,
+        calibrator=calibrator,
+        operating_points=tuple(operating_points),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(model.cpu(), path, metadata)
@@ -1178,6 +1193,24 @@ def _train_one(
         version=version,
         demo=demo,
     )
+    risk_calibration = None
+    if val_records:
+        # The risk as served (temperature included) is what the calibrator maps and the points threshold.
+        served = evaluate_checkpoint(checkpoint, val_records, localise=False, **evaluate_kwargs)
+        risk_calibration = _calibrate_risk(served, config, say)
+    if risk_calibration is not None:
+        metadata = export_checkpoint(
+            recipe,
+            fit.model,
+            checkpoint,
+            training_data=description,
+            temperature=calibration.temperature if calibration else None,
+            thresholds=thresholds,
+            version=version,
+            demo=demo,
+            calibrator=risk_calibration.calibrator,
+            operating_points=risk_calibration.operating_points,
+        )
     say(f"checkpoint {checkpoint} sha256 {metadata.sha256}" + (" (DEMO WEIGHTS)" if demo else ""))
     test = None
     test_records = list(parts.get("test", []))
@@ -1207,6 +1240,8 @@ def _train_one(
         "sha256": metadata.sha256,
         "demo": demo,
         "calibration": calibration.to_dict() if calibration else None,
+        "risk_calibration": risk_calibration.to_dict() if risk_calibration else None,
+        "test_reliability": _test_reliability(test, config.prevalence, metadata) if test else None,
         "best_validation": fit.best_monitor,
         "monitor": trainer.monitor,
         "epochs": fit.epochs,
@@ -1223,6 +1258,74 @@ def _train_one(
         history=fit.history,
         summary_path=summary_path,
     )
+
+
+def _calibrate_risk(served: Any, config: TrainConfig, say: Callable[[str], None]) -> CalibrationReport | None:
+    """The prior-shift calibrator (with ``--prevalence``) and the operating points, fitted on the
+    validation split's served risk; None when the split lacks positives or negatives."""
+    pairs = served.risk_targets()
+    if pairs is None:
+        say("the validation split lacks positives or negatives: no calibrator, no measured operating points")
+        return None
+    labels, risk = pairs
+    if config.prevalence is None:
+        # Operating points only, on the risk as served: sensitivity and specificity do not need a prevalence.
+        points = choose_operating_points(
+            risk, labels, sensitivity=config.target_sensitivity, specificity=config.target_specificity
+        )
+        report = CalibrationReport(
+            calibrator=None,
+            operating_points=points,
+            ece_before=None,
+            ece_after=None,
+            n_positive=int(labels.sum()),
+            n_negative=int((1 - labels).sum()),
+        )
+        say(
+            "no --prevalence: the risk is not calibrated (a suspicion score); "
+            "operating points on the served risk"
+        )
+        for point in points:
+            say(
+                f"operating point {point.name}: risk >= {point.threshold:.4f} (validation sensitivity "
+                f"{point.sensitivity:.3f}, specificity {point.specificity:.3f})"
+            )
+        return report
+    report = CalibrationReport.fit(
+        risk,
+        labels,
+        config.prevalence,
+        method=config.calibration_method,
+        sensitivity=config.target_sensitivity,
+        specificity=config.target_specificity,
+    )
+    for line in report.lines():
+        say(f"validation split: {line}")
+    return report
+
+
+def _test_reliability(
+    test: Any, prevalence: float | None, metadata: CheckpointMetadata
+) -> dict[str, Any] | None:
+    """ECE at the stated prevalence of the raw and the served (calibrated) risk on the test split, and the
+    sensitivity and specificity each stored operating point gives there."""
+    served, raw = test.risk_targets(), test.risk_targets(raw=True)
+    if served is None or raw is None:
+        return None
+    labels, risk = served
+    out: dict[str, Any] = {}
+    if prevalence is not None:
+        out["ece_raw_at_prevalence"] = reliability_at_prevalence(raw[1], labels, prevalence)
+        out["ece_calibrated_at_prevalence"] = reliability_at_prevalence(risk, labels, prevalence)
+    positive = labels.astype(bool)
+    out["operating_points"] = {
+        p.name: {
+            "sensitivity": float((risk[positive] >= p.threshold).mean()),
+            "specificity": float((risk[~positive] < p.threshold).mean()),
+        }
+        for p in metadata.operating_points
+    }
+    return out
 
 
 def _train_runs(
@@ -1349,6 +1452,7 @@ def train_demo(
     work_dir: Path | None = None,
     n_bootstrap: int = 200,
     log_line: Callable[[str], None] | None = None,
+    prevalence: float | None = None,
 ) -> TrainResult:
     """Train *name* on generated phantoms with its demo profile and write ``out_dir/<name>.safetensors``,
     labelled demo weights.
@@ -1364,6 +1468,7 @@ def train_demo(
     :param work_dir: keep the phantoms and the run's outputs here (default: a temporary folder).
     :param n_bootstrap: resamples of the AUC CI.
     :param log_line: where progress lines go.
+    :param prevalence: calibrate the risk at this prevalence of positives (None: no calibrator).
     :returns: the run, with ``checkpoint`` the file in *out_dir*.
     """
     profile = recipe_class(name, ModelHost(settings or Settings(), "cpu").plugin_manager).demo_profile
@@ -1383,7 +1488,9 @@ def train_demo(
         result = train(
             name,
             records,
-            TrainConfig(out_dir=work / "run", seed=seed, device=device, progress=progress),
+            TrainConfig(
+                out_dir=work / "run", seed=seed, device=device, progress=progress, prevalence=prevalence
+            ),
             settings=settings,
             hyperparameters=hyper,
             options=profile.options,

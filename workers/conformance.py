@@ -30,8 +30,8 @@ from gateway.handlers import STORE_STATUSES
 from gateway.retry import delivery_policy
 from gateway.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from gateway.settings import Settings, TLSSettings
-from workers.notify import HL7_VERSION, MESSAGE_PROFILE
 from workers.commitment import STORAGE_COMMITMENT_PUSH_MODEL
+from workers.notify import HL7_VERSION, MESSAGE_PROFILE
 from workers.pacs import DELIVERY_STATUSES
 from workers.supersede import KOS_SOP_CLASS_UID, REJECTED_FOR_QUALITY_REASONS
 from workers.triage import CATEGORIES

@@ -309,7 +309,8 @@ class ResultsStore:
             db.executemany(
                 "INSERT OR IGNORE INTO sent_outputs (sop_uid, destination, study_uid, version, job_id,"
                 " sop_class_uid, series_uid) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(uid, destination, study_uid, version, job_id, cls, series) for uid, cls, series in instances])
+                [(uid, destination, study_uid, version, job_id, sop_class, series)
+                 for uid, sop_class, series in instances])
 
     def superseded_outputs(self, *, study_uid: str, version: int, destination: str,
                            current: set[str]) -> list[sqlite3.Row]:

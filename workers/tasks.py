@@ -50,6 +50,7 @@ from workers.pipeline import (
 )
 from workers.results import COMMITTED, DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
 from workers.supersede import SupersededOutput, rejection_kos
+from workers.triage import TriageDecision
 
 log = structlog.get_logger(__name__)
 
@@ -238,11 +239,12 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
 
 
 def _queue_notifications(study: StudyJob, sources: list[Any], settings: Settings, store: ResultsStore,
-                         priority: Priority) -> None:
+                         priority: Priority, decision: TriageDecision | None = None) -> None:
     """Queue the study's triage flag for each RIS endpoint, on the delivery queue at the study's priority
     and after its delivery, so the RIS hears of studies in triage order too."""
-    risks = {str(a["model"]): a["risk"] for a in store.analyses(study.job_id)}
-    decision = interim_decision(risks, settings.triage.high_risk_threshold)
+    if decision is None:
+        risks = {str(a["model"]): a["risk"] for a in store.analyses(study.job_id)}
+        decision = interim_decision(risks, settings.triage.high_risk_threshold)
     if not wants_notification(settings.notifications, decision.category):
         return
     header = next((s.header for s in sources if s.header is not None and not s.own_output), None)
