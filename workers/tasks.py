@@ -19,10 +19,11 @@ import structlog
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from gateway.errors import PermanentError, TransientError
+from gateway.errors import PermanentError, PluginError, TransientError
 from gateway.messages import Priority, StudyJob
 from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
+from plugins.host import ModelHost
 from plugins.types import failure_reason
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
 from workers.commitment import request_commitment
@@ -41,16 +42,17 @@ from workers.pipeline import (
     accepting_models,
     adds_new_source,
     analyse_study,
-    combine_risk,
     model_host,
     prediction_summary,
     read_sources,
     skip_reasons,
     study_budget_refusals,
+    write_study_report,
 )
 from workers.results import COMMITTED, DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
 from workers.supersede import SupersededOutput, rejection_kos
-from workers.triage import TriageDecision
+from workers.triage import ModelRisk, TriageDecision, decide
+from workers.triage import priority as triage_priority
 
 log = structlog.get_logger(__name__)
 
@@ -165,11 +167,13 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
     else:
         this_stage, later = [m for m in models if m != first], []
 
-    def journal(run: ModelRun) -> None:
+    def journal(run: ModelRun, done: bool = True) -> None:
         # Unreadable instances are every model's failures: journalled and shown, not only logged.
         store.record_analysis(study.job_id, run.model, run.risk, [prediction_summary(p) for p in run.predictions],
                               [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
                                for f in run.failures] + unreadable, [str(p) for p in run.outputs])
+        if not done:
+            return
         store.event(study.job_id, f"{MODEL_DONE_PREFIX}{run.model}",
                     json.dumps({"inference_s": round(run.seconds_inference, 3),
                                 "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures),
@@ -185,21 +189,31 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         raise
     store.event(study.job_id, f"timings:{stage}", json.dumps(timings.as_dict()))
 
-    all_risks = [a["risk"] for a in store.analyses(study.job_id) if a["risk"] is not None]
-    risk = combine_risk(all_risks, settings.triage.policy)
+    decision = study_triage(host, store, study.job_id, settings)
+    if not later and runs and settings.outputs.report == "study":
+        # Every stage is done: one SR for the study, over every model's kept predictions.  Journalled with
+        # the last model's outputs before the study is "analysed", so its delivery is waited for.
+        try:
+            report = write_study_report(sources, output_root, decision, settings)
+        except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
+            raise PermanentError(failure_reason("building the study report failed", exc)) from exc
+        if report is not None:
+            runs[-1].outputs.append(report)
+            journal(runs[-1], done=False)
+    risk = decision.risk
     priority = study.priority
-    if risk is not None:
-        priority = min(study.priority, Priority.from_risk(risk, settings.triage.high_risk_threshold))
+    if decision.model is not None:
+        priority = min(study.priority, triage_priority(decision))
     previous = store.study(study.study_instance_uid)
     findings = json.loads(previous["findings"]) if previous and previous["job_id"] == study.job_id else []
     findings += _findings(runs)
     demo = any(f.get("demo_weights") for f in findings)
     store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
                        priority=int(priority), state="analysed" if not later else "analysing",
-                       risk=risk, findings=findings, demo_weights=demo)
-    store.event(study.job_id, f"analysis_end:{stage}", f"risk={risk}")
+                       risk=risk, findings=findings, demo_weights=demo, triage=decision)
+    store.event(study.job_id, f"analysis_end:{stage}", f"risk={risk}; triage {decision.explanation}")
 
-    if risk is not None and risk >= settings.triage.high_risk_threshold and stage == "first":
+    if risk is not None and decision.category == "high" and stage == "first":
         host.plugin_manager.hook.pacs_triage_high_risk_study(
             study_instance_uid=study.study_instance_uid, risk=risk,
             predictions=[p for run in runs for p in run.predictions])
@@ -257,6 +271,24 @@ def _queue_notifications(study: StudyJob, sources: list[Any], settings: Settings
                       kwargs={"notice": notice.to_json_dict(), "endpoint": endpoint.name}, queue=DELIVERY_QUEUE,
                       priority=int(priority), retry=True,
                       retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+
+
+def study_triage(host: ModelHost, store: ResultsStore, job_id: str, settings: Settings) -> TriageDecision:
+    """The study's triage so far: every model that analysed it (this stage's and earlier ones'), each read
+    against its own operating points (:func:`workers.triage.decide`)."""
+    models = []
+    for analysis in store.analyses(job_id):
+        if analysis["risk"] is None:
+            continue
+        name = str(analysis["model"])
+        try:
+            points = host.load(name).operating_points
+        except PluginError:  # disabled or unloadable since it ran: the site-wide threshold stands in
+            points = ()
+        models.append(ModelRisk(model=name, risk=float(analysis["risk"]), operating_points=points))
+    return decide(models, high_point=settings.triage.high_operating_point,
+                  intermediate_point=settings.triage.intermediate_operating_point,
+                  fallback_threshold=settings.triage.high_risk_threshold)
 
 
 #: How long a version that adds no new source waits before it looks again at the earlier one.
@@ -465,7 +497,8 @@ def _commit(store: ResultsStore, settings: Settings, destination: DestinationSet
                                 calling_ae_title=settings.delivery.ae_title,
                                 listen_port=settings.delivery.commitment_port)
     store.record_commitment(job_id=job_id, destination=where, transaction_uid=report.transaction_uid,
-                            committed=sorted(report.committed), failed=sorted({*report.failed, *report.missing}))
+                            committed=sorted(report.committed),
+                            failed=sorted({*report.failed, *report.missing}))
     if not report.complete:
         reasons = ", ".join(sorted({f"0x{reason:04X}" for reason in report.failed.values()})) or "none given"
         raise TransientError(f"{where} did not commit {len(report.failed) + len(report.missing)} of "
@@ -485,7 +518,8 @@ def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_ui
     row = store.study(study_uid) if study_uid else None
     if row is None or row["job_id"] != job_id or row["state"] != "delivered":
         return None
-    wanted = sorted({Path(p).stem for analysis in store.analyses(job_id) for p in json.loads(analysis["outputs"])})
+    wanted = sorted({Path(p).stem for analysis in store.analyses(job_id)
+                     for p in json.loads(analysis["outputs"])})
     committing = [_destination_key(d) for d in settings.delivery.destinations if d.storage_commitment]
     if committing and not any(e["event"] == COMMITTED for e in store.timeline(job_id)):
         committed = store.committed_at(wanted)
@@ -496,12 +530,13 @@ def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_ui
     error: TransientError | None = None
     for destination in settings.delivery.destinations:
         where = _destination_key(destination)
-        earlier = store.superseded_outputs(study_uid=study_uid, version=int(row["version"]), destination=where,
-                                           current=set(wanted))
+        earlier = store.superseded_outputs(study_uid=study_uid, version=int(row["version"]),
+                                           destination=where, current=set(wanted))
         if not earlier:
             continue
-        kos = rejection_kos([SupersededOutput(sop_instance_uid=r["sop_uid"], sop_class_uid=r["sop_class_uid"],
-                                              series_instance_uid=r["series_uid"]) for r in earlier], datasets[0])
+        superseded = [SupersededOutput(sop_instance_uid=r["sop_uid"], sop_class_uid=r["sop_class_uid"],
+                                       series_instance_uid=r["series_uid"]) for r in earlier]
+        kos = rejection_kos(superseded, datasets[0])
         try:
             (result,) = deliver_to_pacs([kos], destination, calling_ae_title=settings.delivery.ae_title)
         except TransientError as exc:
@@ -514,7 +549,8 @@ def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_ui
             raise PermanentError(f"{where} refused the rejection KOS: {result.error}")
         store.mark_rejected(destination=where, sop_uids=[r["sop_uid"] for r in earlier],
                             rejected_by=str(kos.SOPInstanceUID))
-        store.event(job_id, "superseded", f"{len(earlier)} earlier outputs rejected at {where} by an IOCM KOS")
+        store.event(job_id, "superseded",
+                    f"{len(earlier)} earlier outputs rejected at {where} by an IOCM KOS")
         log.info("delivery.superseded", destination=where, rejected=len(earlier))
     return error
 
