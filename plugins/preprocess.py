@@ -174,6 +174,22 @@ def _functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | 
 # -------------------------------------------------------------------------
 
 
+#: Single-frame image IODs of the modalities we read (CR, DX and MG for presentation and processing, US Image,
+#: Secondary Capture, VL Photographic): one frame, whatever Number of Frames an instance carries.
+SINGLE_FRAME_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.6.1",
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.77.1.4",
+    }
+)
+
+
 def decode_frames(
     path: str | os.PathLike[str], policy: FramePolicy = "middle"
 ) -> list[tuple[int, np.ndarray]]:
@@ -195,18 +211,14 @@ def decode_frames(
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise PermanentError(f"{path} has no pixel data")
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if policy in ("all", "max_variance") and frames > 1:
-            stack = pixel_array(ds)
-            for frame in stack:
-                _check_frame_shape(frame, ds, path)
-            decoded = [(i, to_display(stack[i], ds, i)) for i in range(frames)]
-            if policy == "all":
-                return decoded
-            return [max(decoded, key=lambda item: float(item[1].var()))]
-        index = frames // 2 if policy == "middle" else 0
-        stored = pixel_array(ds, index=index if frames > 1 else None)
-        _check_frame_shape(stored, ds, path)
-        return [(index, to_display(stored, ds, index))]
+        if frames > 1 and str(ds.get("SOPClassUID", "")) in SINGLE_FRAME_SOP_CLASSES:
+            try:
+                return _decode(ds, policy, path, frames)
+            except Exception:
+                # A single-frame IOD (a US Image) whose Number of Frames says more than its data holds, as
+                # some scanners write: the standard and highdicom treat it as one frame; so is it here.
+                ds.NumberOfFrames = frames = 1
+        return _decode(ds, policy, path, frames)
     except PermanentError:
         raise
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -215,6 +227,22 @@ def decode_frames(
         # The type only (a decoder's message may quote header values); out of memory by name.
         kind = "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
         raise PermanentError(f"cannot decode {path} ({transfer_syntax}): {kind}") from exc
+
+
+def _decode(ds: Dataset, policy: FramePolicy, path: Path, frames: int) -> list[tuple[int, np.ndarray]]:
+    """Decode the frames *policy* selects, *frames* being the count the IOD allows."""
+    if policy in ("all", "max_variance") and frames > 1:
+        stack = pixel_array(ds)
+        for frame in stack:
+            _check_frame_shape(frame, ds, path)
+        decoded = [(i, to_display(stack[i], ds, i)) for i in range(frames)]
+        if policy == "all":
+            return decoded
+        return [max(decoded, key=lambda item: float(item[1].var()))]
+    index = frames // 2 if policy == "middle" else 0
+    stored = pixel_array(ds, index=index if frames > 1 else None)
+    _check_frame_shape(stored, ds, path)
+    return [(index, to_display(stored, ds, index))]
 
 
 def _check_frame_shape(stored: np.ndarray, ds: Dataset, path: Path) -> None:

@@ -402,7 +402,7 @@ def test_plugin_runs_through_host_and_ignores_mg(tmp_path: Path) -> None:
     mammogram = write_mammogram(tmp_path / "mg.dcm", rows=96, cols=80)
     refs = [read_image_ref(p) for p in (multi, single, mammogram)]
     assert refs[1].sop_class_uid == US_IMAGE_STORAGE
-    host = _host(shap=True, shap_samples=2)
+    host = _host(saliency=True, shap=True, shap_samples=2)
     results = host.run("us_fusion", refs)
     assert [type(r) for r in results] == [Prediction, Prediction, SkippedImage]
     cine, still, skipped = results
@@ -442,6 +442,6 @@ def test_checkpoint_options_reach_the_host(tmp_path: Path) -> None:
     host = ModelHost(settings, plugin_manager=pm)
     (prediction,) = host.run("us_fusion", [read_image_ref(path)])
     assert isinstance(prediction, Prediction) and not prediction.demo_weights
-    assert set(prediction.extra_maps) == {"saliency"}  # SHAP only when asked for
+    assert prediction.extra_maps == {}  # saliency and SHAP only when asked for
     assert isinstance(host.load("us_fusion").model, UsFusionNet)
     assert host.load("us_fusion").model.fusion == "a_only"

@@ -29,6 +29,7 @@ from pydicom.sr.coding import Code
 
 from plugins.preprocess import to_display, to_grey
 from plugins.types import LocalisationPoint, LocalisationRegion, ModelSpec, Prediction
+from workers import identity as identity_module
 from workers import uids
 
 __all__ = [
@@ -36,9 +37,12 @@ __all__ = [
     "PRIVATE_SCHEME",
     "ReportedModel",
     "birads_concept",
+    "build_extra_map_scs",
     "build_heatmap_sc",
     "build_sr",
     "class_concept",
+    "heatmap_values",
+    "is_multiframe",
     "render_heatmap_overlay",
 ]
 
@@ -169,15 +173,46 @@ def _image_label(dataset: pydicom.Dataset) -> str:
     return label or f"image {dataset.get('InstanceNumber', '')}".strip()
 
 
+#: Single-frame IODs whose instances may still carry Number of Frames (some ultrasound scanners write 1 or
+#: even 2 on a US Image): highdicom only takes frame numbers for an IOD that has the Multi-frame module, and
+#: the frame count of a single-frame IOD is never used.  The multi-frame IODs of the modalities we read are
+#: listed here (PS3.3: US Multi-frame, Breast Tomosynthesis, Breast Projection, Multi-frame Secondary
+#: Capture, Enhanced US Volume, XA, RF, NM).
+MULTIFRAME_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+        "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+        "1.2.840.10008.5.1.4.1.1.6.3",  # Photoacoustic Image
+        "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis Image
+        "1.2.840.10008.5.1.4.1.1.13.1.4",  # Breast Projection X-Ray Image For Presentation
+        "1.2.840.10008.5.1.4.1.1.13.1.5",  # Breast Projection X-Ray Image For Processing
+        "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image
+        "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic Image
+        "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine Image
+        "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image
+    }
+)
+
+
+def is_multiframe(dataset: pydicom.Dataset) -> bool:
+    """Whether *dataset*'s frames are referenced by number: its IOD is a multi-frame one.  A single-frame
+    object (a US Image) is treated as single-frame whatever Number of Frames it carries."""
+    return str(dataset.get("SOPClassUID", "")) in MULTIFRAME_SOP_CLASSES
+
+
 def _frame_numbers(dataset: pydicom.Dataset, prediction: Prediction) -> list[int] | None:
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+    if is_multiframe(dataset):
         return [prediction.image.frame_index + 1]
     return None
 
 
-def _to_scoord(
-    points: Sequence[tuple[float, float]], dataset: pydicom.Dataset, what: str
-) -> np.ndarray:
+def _to_scoord(points: Sequence[tuple[float, float]], dataset: pydicom.Dataset, what: str) -> np.ndarray:
     """Check (column, row) points against the image and return them as SCOORD graphic data.
 
     Plugins give continuous image coordinates, as :meth:`plugins.types.Letterbox.to_source`
@@ -195,8 +230,7 @@ def _to_scoord(
     )
     if not inside:
         raise ValueError(
-            f"{what} has coordinates outside the {columns}x{rows} image "
-            f"{dataset.SOPInstanceUID}: {points}"
+            f"{what} has coordinates outside the {columns}x{rows} image {dataset.SOPInstanceUID}: {points}"
         )
     return data.astype(np.float32)
 
@@ -327,7 +361,10 @@ def build_sr(
 
     coding_schemes = None
     names = {c for p in predictions for c in p.classes}
-    names |= {item.label for p in predictions for item in (*p.points, *p.regions) if item.label}
+    localised: list[LocalisationPoint | LocalisationRegion] = []
+    for prediction in predictions:
+        localised += [*prediction.points, *prediction.regions]
+    names |= {item.label for item in localised if item.label}
     if any(class_concept(name).scheme_designator == PRIVATE_SCHEME for name in names):
         coding_schemes = [
             CodingSchemeIdentificationItem(
@@ -489,6 +526,16 @@ def _put_text(
     cv2.putText(canvas, text, origin, _FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
+def _resize_keeping_peaks(heat: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Resize a map to rows x columns; when it shrinks, each output pixel keeps the largest value it covers
+    (a grey dilation first), so a sparse map (LEM's extrema) still shows on an image smaller than it."""
+    step_y, step_x = heat.shape[0] / rows, heat.shape[1] / columns
+    if step_y > 1.0 or step_x > 1.0:
+        kernel = np.ones((max(1, int(np.ceil(step_y))), max(1, int(np.ceil(step_x)))), dtype=np.uint8)
+        heat = cv2.dilate(heat, kernel)
+    return np.asarray(cv2.resize(heat, (columns, rows), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+
+
 def render_heatmap_overlay(
     display: np.ndarray,
     heatmap: np.ndarray,
@@ -531,10 +578,10 @@ def render_heatmap_overlay(
         display = cv2.resize(display, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         rows, columns = display.shape
     # Resized first: a full-field map is shrunk to the image part before any per-pixel arithmetic.
-    heat = heatmap.astype(np.float32, copy=False)
+    heat = np.asarray(heatmap, dtype=np.float32)
     if heat.shape != display.shape:
-        heat = cv2.resize(heat, (columns, rows), interpolation=cv2.INTER_LINEAR)
-    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+        heat = _resize_keeping_peaks(heat, rows, columns)
+    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0).astype(np.float32, copy=False)
     grey = display.astype(np.float32)[..., None]
     alpha = (opacity * heat)[..., None]
     # grey * (1 - alpha) + jet * alpha, with one temporary the size of the image instead of four.
@@ -580,8 +627,74 @@ def _display_from_source(source: pydicom.Dataset, frame_index: int = 0) -> np.nd
     that frame.  The study pipeline passes the image it already decoded instead.
     """
     frames = int(source.get("NumberOfFrames", 1) or 1)
-    stored = pixel_array(source, index=frame_index if frames > 1 else None)
+    if frames <= 1:
+        stored = pixel_array(source)
+    elif is_multiframe(source):
+        stored = pixel_array(source, index=frame_index)
+    else:
+        try:
+            stored = pixel_array(source, index=frame_index)
+        except ValueError:  # a single-frame IOD whose Number of Frames says more than it holds: one frame
+            stored = pixel_array(source, number_of_frames=1)
     return to_grey(to_display(stored, source, frame_index))
+
+
+#: Series Instance UID part of the study-level heatmap series (every chosen model's SCs together).
+_STUDY_SERIES = "study"
+
+
+def heatmap_values(prediction: Prediction, heat: np.ndarray | None = None) -> np.ndarray:
+    """The values a heatmap SC shows: the model's risk times its map, on one absolute [0, 1] scale.
+
+    Most plugins scale each explanation map to its own maximum (Grad-CAM, CAM, saliency), so the map alone
+    says where the model looked, not how strongly; weighting it by the image's risk puts every image of a
+    model on the same scale, and an image the model calls benign (risk 0.01) stays cold everywhere.
+
+    :param prediction: The prediction whose risk weights the map.
+    :param heat: The map to show; ``prediction.heatmap`` by default.
+    """
+    heat = prediction.heatmap if heat is None else heat
+    if heat is None:
+        raise ValueError(f"prediction of {prediction.model_id} has no heatmap")
+    values = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
+    return values * np.float32(prediction.risk)
+
+
+def _view_label(source: pydicom.Dataset, prediction: Prediction) -> str:
+    laterality = str(
+        source.get("ImageLaterality", "") or source.get("Laterality", "") or prediction.image.laterality
+    )
+    view = str(source.get("ViewPosition", "") or prediction.image.view or "")
+    label = f"{laterality} {view}".strip() or str(source.get("Modality", "") or "image")
+    if is_multiframe(source):
+        label += f" frame {prediction.image.frame_index + 1}"
+    return label
+
+
+def _sc_laterality(source: pydicom.Dataset) -> str | None:
+    """Laterality for the SC: the source's L or R; otherwise None (highdicom leaves it out, see below)."""
+    value = str(source.get("ImageLaterality", "") or source.get("Laterality", "") or "")
+    return value if value in ("L", "R") else None
+
+
+def _keep_type2_elements(sc: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """Type 2 and 2C attributes the SC shares with its source stay present when the source has them, empty
+    included: leaving out a present-but-empty Laterality (Type 2C) is a dciodvfy error, sending it empty is
+    what the source's own modality did."""
+    for keyword in (
+        "Laterality",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    ):
+        if keyword in source and keyword not in sc:
+            setattr(sc, keyword, "")
 
 
 def build_heatmap_sc(
@@ -589,9 +702,12 @@ def build_heatmap_sc(
     source_pixels_display: np.ndarray | None,
     prediction: Prediction,
     *,
+    identity: identity_module.AlgorithmIdentity | None = None,
+    per_model_series: bool = False,
+    map_name: str = "",
     series_uid: str | None = None,
     instance_number: int = 1,
-    series_number: int = 9901,
+    series_number: int | None = None,
     display_name: str | None = None,
     manufacturer: str = MANUFACTURER,
     software_version: str = "",
@@ -600,55 +716,96 @@ def build_heatmap_sc(
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture that shows *prediction*'s heatmap over its source image.
 
-    The image carries burned-in text ("NOT FOR DIAGNOSTIC USE", plus "DEMO WEIGHTS" when the
-    model ran with them), so Burned In Annotation is YES.  It belongs to the source's study, in
-    the model's own SC series, and references the source image.
+    The underlay is the source frame as the model saw it (VOI window, MONOCHROME1 inverted, the whole
+    frame: a crop the model took is undone by the map being in source geometry); the colours are
+    :func:`heatmap_values` (risk x map), one absolute scale for every image.  The burned-in caption starts
+    with "NOT FOR DIAGNOSTIC USE", says what demo weights the model ran ("random" or "synthetic phantoms"),
+    and names the model, the view and the finding, so Burned In Annotation is YES.  The SC carries the
+    model's AIR Contributing Equipment item and references its source image.
+
+    By default it joins the study's one heatmap series (Series Number ``identity.series_number("heatmap")``);
+    *per_model_series* puts it in the model's own series instead.  With *map_name*, it shows that one of
+    ``prediction.extra_maps`` (saliency, SHAP, attention, score map) in the model's own extra-map series.
 
     :param source: The source instance (header; pixels only if *source_pixels_display* is None).
     :param source_pixels_display: The source frame as the model saw it (uint8, VOI applied; grey,
         or RGB shown grey); ``None`` decodes that frame of *source* again.
-    :param prediction: The prediction; its ``heatmap`` must be set.
-    :param series_uid: Series Instance UID; by default derived from study, model and version.
+    :param prediction: The prediction; its ``heatmap`` (or the extra map *map_name*) must be set.
+    :param identity: The model's identity (name of the network that ran, weights, Device UID); by default
+        what the prediction tells, with *display_name*.
+    :param per_model_series: Put the SC in the model's own heatmap series, not the study's.
+    :param map_name: Show this extra map of the prediction instead of its heatmap.
+    :param series_uid: Series Instance UID; by default derived from the study (and the model, for a
+        per-model series).
     :param instance_number: Instance Number of the SC.
-    :param series_number: Series Number of the SC series.
-    :param display_name: The model's human name in the caption; plugin name by default.
+    :param series_number: Series Number; by default :func:`workers.identity.series_number`.
+    :param display_name: The model's human name when *identity* is not given; plugin name by default.
     :param manufacturer: Manufacturer of this software.
     :param software_version: Our software version, recorded as Software Versions.
     :param max_dimension: Longest side of the image part of the SC, in pixels.
     :param source_digest: Digest of the source's content; when given, the SC's UID changes with it.
-    :raises ValueError: when the prediction has no heatmap or does not match *source*.
+    :raises ValueError: when the prediction has no such map or does not match *source*.
     """
-    if prediction.heatmap is None:
+    if map_name:
+        heat = prediction.extra_maps.get(map_name)
+        method = map_name
+    else:
+        heat, method = prediction.heatmap, prediction.heatmap_method or "heatmap"
+    if heat is None:
         raise ValueError(
-            f"prediction of {prediction.model_id} on {prediction.image.sop_instance_uid} has no heatmap"
+            f"prediction of {prediction.model_id} on {prediction.image.sop_instance_uid} has no "
+            f"{map_name or 'heatmap'}"
         )
     if prediction.image.sop_instance_uid != str(source.SOPInstanceUID):
         raise ValueError(
             f"prediction is on image {prediction.image.sop_instance_uid}, not {source.SOPInstanceUID}"
         )
+    if identity is None:
+        identity = identity_module.AlgorithmIdentity.from_prediction(prediction, display_name or "")
     if source_pixels_display is None:
         display = _display_from_source(source, prediction.image.frame_index)
     else:
         display = to_grey(source_pixels_display)  # an RGB display (ultrasound) is shown grey under the map
     study_uid = str(source.StudyInstanceUID)
-    name = display_name or prediction.model_name
-    caption = "NOT FOR DIAGNOSTIC USE" + (" - DEMO WEIGHTS" if prediction.demo_weights else "")
-    lines = ["NOT FOR DIAGNOSTIC USE"]
-    if prediction.demo_weights:
-        lines.append("UNTRAINED DEMO WEIGHTS")
-    lines.append(f"{name} {prediction.model_version} {prediction.heatmap_method}".strip())
-    lines.append(f"{prediction.predicted_class}  risk {prediction.risk:.2f}")
+    name = identity.short_name
+    view = _view_label(source, prediction)
+    lines = [identity_module.DISCLAIMER_LABEL]
+    weights_caption = identity_module.weights_caption(identity.weights)
+    if weights_caption:
+        lines.append(weights_caption)
+    lines.append(f"{name} {identity.version}")
+    lines.append(f"{view}: {prediction.predicted_class}, risk {prediction.risk:.2f}")
+    lines.append(f"colour = risk x {method}")
     pixels = render_heatmap_overlay(
         display,
-        prediction.heatmap,
+        heatmap_values(prediction, heat),
         caption_lines=lines,
-        warning_lines=2 if prediction.demo_weights else 1,
+        warning_lines=2 if weights_caption else 1,
         max_dimension=max_dimension,
     )
 
-    laterality = str(source.get("ImageLaterality", "") or source.get("Laterality", "") or "") or None
-    if laterality not in (None, "L", "R"):
-        laterality = None  # SC "Laterality" is L or R only; B/U are left out
+    kind = "extra_map" if map_name else "heatmap"
+    own_series = per_model_series or bool(map_name)
+    if series_uid is None:
+        if map_name:
+            series_uid = uids.derive_uid("extra-map-series", study_uid, identity.model_id, identity.version)
+        elif per_model_series:
+            series_uid = uids.sc_series_uid(study_uid, identity.model_id, identity.version)
+        else:
+            series_uid = uids.derive_uid("sc-series", study_uid, _STUDY_SERIES)
+    if series_number is None:
+        series_number = identity_module.series_number(kind, identity.model if own_series else None)
+    sop_uid = uids.sc_instance_uid(
+        study_uid,
+        str(source.SOPInstanceUID),
+        identity.model_id,
+        identity.version,
+        prediction.image.frame_index,
+        source_digest,
+    )
+    if map_name:
+        sop_uid = uids.derive_uid("extra-map-instance", sop_uid, map_name)
+    what = f"AI {map_name}" if map_name else "AI heatmap"
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
@@ -658,24 +815,17 @@ def build_heatmap_sc(
         # highdicom only takes single-letter orientations; mammograms use compound ones
         # ("P\\FL"), so a placeholder is replaced below by the source's own value.
         patient_orientation=("A", "F"),
-        series_instance_uid=series_uid
-        or uids.sc_series_uid(study_uid, prediction.model_id, prediction.model_version),
+        series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=uids.sc_instance_uid(
-            study_uid,
-            str(source.SOPInstanceUID),
-            prediction.model_id,
-            prediction.model_version,
-            prediction.image.frame_index,
-            source_digest,
-        ),
+        sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
-        laterality=laterality,
+        laterality=_sc_laterality(source),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
-        series_description=f"AI heatmap {name} - NOT FOR DIAGNOSTIC USE"[:64],
-        software_versions=software_version or None,
+        series_description=identity_module.series_description(what, name if own_series else ""),
+        software_versions=software_version or identity_module.software_version(),
     )
+    _keep_type2_elements(sc, source)
     # The image part keeps the source's orientation (it is only scaled), so its Patient
     # Orientation still holds; Type 2, so empty when the source has none.
     sc.PatientOrientation = list(source.get("PatientOrientation") or [])
@@ -683,14 +833,31 @@ def build_heatmap_sc(
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (
-        f"{prediction.heatmap_method or 'Heatmap'} of {name} {prediction.model_version} blended over the "
-        f"source image; {DISCLAIMER}"
+        f"{method} of {identity.display_name} {identity.version} on {view}, weighted by the risk "
+        f"({prediction.risk:.3f}) and blended over the source image as the model saw it; {DISCLAIMER}"
+        + (f" {identity.notice}" if identity.notice else "")
     )[:1024]
-    sc.ImageComments = caption
+    sc.ImageComments = " - ".join(lines[:2] if weights_caption else lines[:1])
     reference = pydicom.Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if int(source.get("NumberOfFrames", 1) or 1) > 1:
+    if is_multiframe(source):
         reference.ReferencedFrameNumber = prediction.image.frame_index + 1
     sc.SourceImageSequence = [reference]
+    identity_module.add_contributing_equipment(sc, identity)
     return sc
+
+
+def build_extra_map_scs(
+    source: pydicom.Dataset,
+    source_pixels_display: np.ndarray | None,
+    prediction: Prediction,
+    **kwargs: Any,
+) -> list[hd.sc.SCImage]:
+    """One SC per extra map of *prediction* (saliency, SHAP, attention, score map), in the model's extra-map
+    series; what ``outputs.extra_maps: secondary_capture`` delivers.  Keyword arguments go to
+    :func:`build_heatmap_sc`."""
+    return [
+        build_heatmap_sc(source, source_pixels_display, prediction, map_name=name, **kwargs)
+        for name in sorted(prediction.extra_maps)
+    ]

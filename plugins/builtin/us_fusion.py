@@ -14,7 +14,7 @@ Variants:
   (r = 16), global average pooling, Dropout-Linear(512, 256)-ReLU-Dropout-Linear(256, 2); 9,933,828
   parameters.  Input: the ultrasound image region (Sequence of Ultrasound Regions, else the content box),
   grey, stretched to 224x224, copied to 3 channels, ImageNet normalisation.  Output: p(benign),
-  p(malignant); risk = p(malignant); Grad-CAM at the CBAM output, saliency and (on request) SHAP maps.
+  p(malignant); risk = p(malignant); Grad-CAM at the CBAM output, saliency and SHAP maps on request.
 * Ablations (not registered): ``us_fusion_pooled.v1`` (pooled-vector fusion with SE gating), ``a_only`` and
   ``b_only`` single-branch builds.
 
@@ -514,7 +514,9 @@ _MODEL_OPTIONS = _model_option_defaults()
 
 #: Explanation options of this plugin, beside the base options and the model's.
 _EXPLAIN_OPTIONS: dict[str, Any] = {
-    "saliency": True,
+    # Extra maps are computed only when asked for: nothing delivers them unless the site configures it
+    # (docs/outputs.md, "Heatmaps"), and saliency costs a backward pass per image.
+    "saliency": False,
     # SHAP costs shap_samples backward passes per image, so it runs only when asked for.
     "shap": False,
     "shap_samples": 50,
@@ -552,7 +554,7 @@ MODEL_CFGS: dict[str, ModelSpec] = {
 
 
 class UsFusionPlugin(TorchModelPlugin):
-    """The host's view of US-Fusion: the US region, stretched to 224; Grad-CAM, saliency and SHAP maps."""
+    """The host's view of US-Fusion: the US region, stretched to 224; Grad-CAM (saliency, SHAP on request)."""
 
     # Spec §2: crop to the ultrasound region (else the content box), grey, stretch (no letterbox), frame 0.
     default_options: ClassVar[Mapping[str, Any]] = {
