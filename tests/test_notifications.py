@@ -57,7 +57,7 @@ class MllpListener:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the sender hung up
         finally:
-            writer.close()
+            writer.close()  # also when cancelled at shutdown: the loop is still running then
 
     async def _start(self) -> asyncio.Server:
         return await hl7.mllp.start_hl7_server(self._serve, "127.0.0.1", 0, encoding="utf-8")
@@ -68,27 +68,47 @@ class MllpListener:
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._loop.close()
 
     def texts(self) -> list[str]:
         return [str(m) for m in self.received]
 
 
-def notice(category: str = "high", accession: str = "ACC0001", study_uid: str = "1.2.826.0.1.3680043.10.1") \
-        -> StudyNotice:
+def notice(
+    category: str = "high", accession: str = "ACC0001", study_uid: str = "1.2.826.0.1.3680043.10.1"
+) -> StudyNotice:
     risk = {"high": 0.91, "intermediate": 0.4, "routine": 0.05}[category]
     decision = interim_decision({"asg_mammonet": risk, "lem": risk / 2}, high_risk_threshold=0.7)
-    return StudyNotice.from_decision(job_id=f"job-{accession}", study_uid=study_uid, accession_number=accession,
-                                     patient_id="PAT-1", decision=decision)
+    return StudyNotice.from_decision(
+        job_id=f"job-{accession}",
+        study_uid=study_uid,
+        accession_number=accession,
+        patient_id="PAT-1",
+        decision=decision,
+    )
 
 
 def endpoint(port: int, message: str = "ORU^R01", name: str = "ris", timeout: float = 5.0) -> Hl7Endpoint:
-    return Hl7Endpoint(name=name, host="127.0.0.1", port=port, message=message,  # type: ignore[arg-type]
-                       timeout_seconds=timeout)
+    return Hl7Endpoint(
+        name=name,
+        host="127.0.0.1",
+        port=port,
+        message=message,
+        timeout_seconds=timeout,
+    )
 
 
 # ------------------------------------------------------------------ messages
@@ -138,14 +158,18 @@ def test_the_interim_decision_follows_the_triage_thresholds() -> None:
     assert isinstance(empty, TriageDecision) and empty.category == "routine" and empty.model is None
 
 
-def test_settings_accept_the_notifications_section_and_refuse_a_duplicate_endpoint_name(tmp_path: Path) -> None:
+def test_settings_accept_the_notifications_section_and_refuse_a_duplicate_endpoint_name(
+    tmp_path: Path,
+) -> None:
     config = tmp_path / "n.yaml"
     config.write_text("notifications: {hl7: [{name: ris, host: 127.0.0.1, port: 2575}], notify: all}\n")
     settings = load_settings(config, environ={})
     assert settings.notifications.notify == "all"
     assert settings.notifications.hl7[0].message == "ORU^R01"
     assert load_settings(None, environ={}).notifications.notify == "high-risk"
-    config.write_text("notifications: {hl7: [{name: ris, host: a, port: 1}, {name: ris, host: b, port: 2}]}\n")
+    config.write_text(
+        "notifications: {hl7: [{name: ris, host: a, port: 1}, {name: ris, host: b, port: 2}]}\n"
+    )
     with pytest.raises(Exception, match="unique"):
         load_settings(config, environ={})
 
@@ -170,7 +194,8 @@ def test_the_ris_receives_the_oru_and_its_ack_is_read() -> None:
 def test_a_nak_or_a_silent_ris_is_refused_in_our_own_words(answer: str) -> None:
     study = notice("high")
     with MllpListener(answer) as ris:
-        target = endpoint(ris.port, timeout=0.5)
+        # Only the silent RIS waits out the timeout: a loaded machine must not turn an AE into a silence.
+        target = endpoint(ris.port, timeout=1.0 if answer == "silent" else 30.0)
         with pytest.raises(NotificationRefused) as refused:
             send(target, build_message(study, target, "S"))
         assert len(ris.received) == 1
@@ -190,30 +215,38 @@ def test_an_unreachable_ris_is_refused() -> None:
     with MllpListener("AA") as ris:
         port = ris.port
     target = endpoint(port, timeout=0.5)
-    with pytest.raises(NotificationRefused, match="connection failed|no ACK"):
+    with pytest.raises(NotificationRefused):  # refused, or (rarely) whatever took the port since
         send(target, build_message(notice(), target, "S"))
 
 
-# ------------------------------------------------------------------ Celery: order, retries, dead letters, replay
+# ------------------------------------------------------------ Celery: order, retries, dead letters, replay
 
 
 def write_config(tmp_path: Path, redis_url: str, endpoints: list[dict[str, Any]]) -> Path:
     config = tmp_path / "notify.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateway": {"data_dir": str(tmp_path / "data")},
-        "broker": {"url": redis_url},
-        "dispatch": {"kind": "celery"},
-        "logging": {"level": "INFO", "json_output": True},
-        "plugins": {"load_entrypoints": False, "allow_demo_weights": True},
-        "delivery": {"max_retries": 2, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.2},
-        "notifications": {"hl7": endpoints, "notify": "all"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"data_dir": str(tmp_path / "data")},
+                "broker": {"url": redis_url},
+                "dispatch": {"kind": "celery"},
+                "logging": {"level": "INFO", "json_output": True},
+                "plugins": {"load_entrypoints": False, "allow_demo_weights": True},
+                "delivery": {"max_retries": 2, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.2},
+                "notifications": {"hl7": endpoints, "notify": "all"},
+            }
+        )
+    )
     return config
 
 
 def queue_notice(app: Any, study: StudyNotice, endpoint_name: str, priority: int) -> None:
-    app.send_task("workers.tasks.notify", kwargs={"notice": study.to_json_dict(), "endpoint": endpoint_name},
-                  queue="delivery", priority=priority)
+    app.send_task(
+        "workers.tasks.notify",
+        kwargs={"notice": study.to_json_dict(), "endpoint": endpoint_name},
+        queue="delivery",
+        priority=priority,
+    )
 
 
 @pytest.mark.redis
@@ -246,8 +279,9 @@ def test_the_high_risk_studys_oru_overtakes_routine_ones_waiting(tmp_path: Path,
 
 
 @pytest.mark.redis
-def test_a_nak_and_a_silent_ris_are_retried_then_dead_lettered_and_replay_works(tmp_path: Path,
-                                                                              redis_url: str) -> None:
+def test_a_nak_and_a_silent_ris_are_retried_then_dead_lettered_and_replay_works(
+    tmp_path: Path, redis_url: str
+) -> None:
     from tests.test_triage_order import start_worker, stop
     from tests.utils import wait_for
     from workers.app import configure_app
@@ -255,10 +289,14 @@ def test_a_nak_and_a_silent_ris_are_retried_then_dead_lettered_and_replay_works(
     from workers.results import ResultsStore
 
     with MllpListener("AE") as nak, MllpListener("silent") as silent:
-        config = write_config(tmp_path, redis_url, [
-            {"name": "nak", "host": "127.0.0.1", "port": nak.port, "timeout_seconds": 2},
-            {"name": "silent", "host": "127.0.0.1", "port": silent.port, "timeout_seconds": 0.5},
-        ])
+        config = write_config(
+            tmp_path,
+            redis_url,
+            [
+                {"name": "nak", "host": "127.0.0.1", "port": nak.port, "timeout_seconds": 30},
+                {"name": "silent", "host": "127.0.0.1", "port": silent.port, "timeout_seconds": 0.5},
+            ],
+        )
         app = configure_app(load_settings(config, environ={}))
         study = notice("high")
         queue_notice(app, study, "nak", 0)
@@ -266,26 +304,35 @@ def test_a_nak_and_a_silent_ris_are_retried_then_dead_lettered_and_replay_works(
         store = ResultsStore(tmp_path / "data" / "results.sqlite")
         worker = start_worker(config, "delivery", tmp_path / "worker.log")
         try:
-            letters = wait_for(lambda: (lambda d: d if len(d) == 2 else None)(store.dead_letters()), timeout=120,
-                               interval=0.1)
-            # max_retries 2: the first try and two retries reached each RIS, then the message was dead-lettered.
+            wait_for(lambda: len(store.dead_letters()) == 2, timeout=120, interval=0.1)
+            letters = store.dead_letters()
+            # max_retries 2: the first try and two retries reached each RIS, then it was dead-lettered.
             assert len(nak.received) == 3 and len(silent.received) == 3
             assert {json.loads(letter["kwargs"])["endpoint"] for letter in letters} == {"nak", "silent"}
             assert all(letter["task"] == "notify" for letter in letters)
             assert {r["endpoint"]: r["status"] for r in store.notifications(study.job_id)} == {
-                "nak": "dead-lettered", "silent": "dead-lettered"}
+                "nak": "dead-lettered",
+                "silent": "dead-lettered",
+            }
             assert all(study.accession_number not in letter["error"] for letter in letters)
             assert sum(e["event"] == "notification_retry" for e in store.timeline(study.job_id)) == 4
 
             nak.answer = "AA"  # the RIS is fixed; the operator replays its letter
             letter = next(letter for letter in letters if json.loads(letter["kwargs"])["endpoint"] == "nak")
             replay_dead_letter(store, app, int(letter["id"]))
-            wait_for(lambda: {r["endpoint"]: r["status"] for r in store.notifications(study.job_id)}["nak"]
-                     == "notified", timeout=60, interval=0.1)
+            wait_for(
+                lambda: (
+                    {r["endpoint"]: r["status"] for r in store.notifications(study.job_id)}["nak"]
+                    == "notified"
+                ),
+                timeout=60,
+                interval=0.1,
+            )
         finally:
             stop(worker)
         assert len(nak.received) == 4
         assert str(nak.received[-1].segment("MSH")(10)) == str(nak.received[0].segment("MSH")(10))
         assert store.notified_endpoints() == {study.job_id: ["nak"]}
         assert [d["id"] for d in store.dead_letters()] == [
-            d["id"] for d in letters if json.loads(d["kwargs"])["endpoint"] == "silent"]
+            d["id"] for d in letters if json.loads(d["kwargs"])["endpoint"] == "silent"
+        ]
