@@ -346,6 +346,19 @@ class HttpSettings(_Section):
         return value
 
 
+class OutputsSettings(_Section):
+    """What the worker sends back to the PACS for each study."""
+
+    #: ``study``: one SR per study holding every model's results, built once every stage is done;
+    #: ``per-model``: one SR per model (and each model's heatmaps in a series of its own).
+    report: Literal["study", "per-model"] = "study"
+    #: The model whose heatmap SCs make the study's heatmap series; empty: the first-stage model when it
+    #: reads the study, else the first model that does.  Ignored with ``report: per-model`` (every model's).
+    heatmap_model: str = ""
+    #: At most this many localisation points per image and model in the SR (highest score first).
+    max_points: int = Field(default=5, ge=0, le=100)
+
+
 class Settings(_Section):
     gateway: GatewaySettings = GatewaySettings()
     assembly: AssemblySettings = AssemblySettings()
@@ -358,6 +371,7 @@ class Settings(_Section):
     routing: RoutingSettings = RoutingSettings()
     triage: TriageSettings = TriageSettings()
     http: HttpSettings = HttpSettings()
+    outputs: OutputsSettings = OutputsSettings()
     notifications: NotificationsSettings = NotificationsSettings()
 
     #: The file this was loaded from, for messages; not a config key.

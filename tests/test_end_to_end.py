@@ -27,7 +27,9 @@ from tests.test_triage_order import BUILTIN_MODELS, start_worker, stop
 from tests.utils import get_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-PROBABILITY_OF_CANCER = "111047"
+#: The risk's concept: DCM 111047 only for a calibrated probability of malignancy, else the score meaning's
+#: (DCM 111012 "Certainty of Finding" for the demo weights' uncalibrated scores).
+SCORE_CONCEPTS = {"111047", "111012"}
 
 
 def write_site_config(
@@ -89,7 +91,7 @@ def test_storescu_to_gateway_to_worker_to_orthanc(tmp_path: Path, redis_url: str
                     if ds.Modality in ("SR", "OT") and ds.StudyInstanceUID in found:
                         found[str(ds.StudyInstanceUID)].append(ds)
                 srs = {k: [d for d in v if d.Modality == "SR"] for k, v in found.items()}
-                # MG: one SR and four heatmaps; US: one SR and a heatmap per evaluated image.
+                # MG: the study SR and four heatmaps; US: the study SR and a heatmap per evaluated image.
                 ready = len(srs[mg_study]) == 1 and len(found[mg_study]) == 5 and len(srs[us_study]) == 1 \
                     and len(found[us_study]) >= 2
                 return found if ready else None
@@ -118,10 +120,12 @@ def test_storescu_to_gateway_to_worker_to_orthanc(tmp_path: Path, redis_url: str
             for group in _walk(sr):
                 if group.get("ValueType") != "CONTAINER" or group.ConceptNameCodeSequence[0].CodeValue != "125007":
                     continue  # not a TID 1501 Measurement Group
+                sop = _image_of(group)
+                if sop is None or any(leaf.get("ValueType") == "SCOORD" for leaf in _walk(group)):
+                    continue  # a breast or study conclusion, or a localisation (its own score)
                 for leaf in group.get("ContentSequence", []):
                     if leaf.get("ValueType") == "NUM" and \
-                            leaf.ConceptNameCodeSequence[0].CodeValue == PROBABILITY_OF_CANCER:
-                        sop = _image_of(group)
+                            leaf.ConceptNameCodeSequence[0].CodeValue in SCORE_CONCEPTS:
                         value = float(leaf.MeasuredValueSequence[0].NumericValue)
                         assert value == pytest.approx(predicted[(model, sop)]["risk"], abs=1e-4)
                         checked += 1
@@ -139,6 +143,6 @@ def _walk(item: pydicom.Dataset):
 
 def _image_of(group: pydicom.Dataset) -> str | None:
     for leaf in _walk(group):
-        if leaf.get("ValueType") == "IMAGE":
+        if leaf.get("ValueType") == "IMAGE" and leaf.ConceptNameCodeSequence[0].CodeValue != "121200":
             return str(leaf.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
     return None

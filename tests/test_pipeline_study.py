@@ -54,10 +54,11 @@ def test_a_study_two_models_accept_is_done_with_one_decode_per_image(harness: Ha
         assert sorted(map(str, decoded)) == sorted(str(Path(job.storage_root) / i.path) for i in job.instances)
         assert timings.decodes == 4
         # Each source read twice in all: its header (read_sources), then its pixels (the one decode).
-        # Building the SR and the 8 SCs reads none of them again.
+        # Building the 4 heatmap SCs (the first-stage model's) reads none of them again; the study SR is
+        # built once every stage is done (tasks), from the kept predictions.
         sources_read = [r for r in reads if str(r[0]).startswith(job.storage_root)]
         assert sorted(header_only for _, header_only in sources_read) == [False] * 4 + [True] * 4
-        assert sum(len(r.outputs) for r in runs) == 2 * (1 + 4)
+        assert [len(r.outputs) for r in runs] == [4, 0]
 
     row = harness.run(job)
     assert row["state"] == "done"
@@ -144,7 +145,7 @@ def test_our_own_outputs_sent_back_start_no_analysis(harness: Harness) -> None:
     first = harness.job([source])
     assert harness.run(first)["state"] == "done"
     outputs = [pydicom.dcmread(p) for p in _outputs(harness, first.job_id)]
-    assert len(outputs) == 4  # an SR and a heatmap SC from each of the two models
+    assert len(outputs) == 2  # the study SR over both models and the first-stage model's heatmap SC
     assert all(pipeline.is_own_output(ds) for ds in outputs)
 
     # The PACS forwards the whole study back: the source (version 1) and our outputs (version 2).

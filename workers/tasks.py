@@ -47,6 +47,7 @@ from workers.pipeline import (
     read_sources,
     skip_reasons,
     study_budget_refusals,
+    write_study_report,
 )
 from workers.results import COMMITTED, DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
 from workers.supersede import SupersededOutput, rejection_kos
@@ -165,11 +166,13 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
     else:
         this_stage, later = [m for m in models if m != first], []
 
-    def journal(run: ModelRun) -> None:
+    def journal(run: ModelRun, done: bool = True) -> None:
         # Unreadable instances are every model's failures: journalled and shown, not only logged.
         store.record_analysis(study.job_id, run.model, run.risk, [prediction_summary(p) for p in run.predictions],
                               [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
                                for f in run.failures] + unreadable, [str(p) for p in run.outputs])
+        if not done:
+            return
         store.event(study.job_id, f"{MODEL_DONE_PREFIX}{run.model}",
                     json.dumps({"inference_s": round(run.seconds_inference, 3),
                                 "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures),
@@ -184,6 +187,17 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         store.event(study.job_id, "analysis_timeout", stage)
         raise
     store.event(study.job_id, f"timings:{stage}", json.dumps(timings.as_dict()))
+
+    if not later and runs and settings.outputs.report == "study":
+        # Every stage is done: one SR for the study, over every model's kept predictions.  Journalled with
+        # the last model's outputs before the study is "analysed", so its delivery is waited for.
+        try:
+            report = write_study_report(sources, output_root, None, settings)
+        except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
+            raise PermanentError(failure_reason("building the study report failed", exc)) from exc
+        if report is not None:
+            runs[-1].outputs.append(report)
+            journal(runs[-1], done=False)
 
     all_risks = [a["risk"] for a in store.analyses(study.job_id) if a["risk"] is not None]
     risk = combine_risk(all_risks, settings.triage.policy)
