@@ -336,3 +336,99 @@ def test_a_nak_and_a_silent_ris_are_retried_then_dead_lettered_and_replay_works(
         assert [d["id"] for d in store.dead_letters()] == [
             d["id"] for d in letters if json.loads(d["kwargs"])["endpoint"] == "silent"
         ]
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_analysed_studies_reach_the_ris_high_risk_first_with_their_accession_numbers(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The whole worker path: analysis queues one notification per study, and the delivery queue
+    sends the high-risk study's ORU before those of the routine studies analysed before it."""
+    from gateway.messages import InstanceRef, Priority, StudyJob
+    from tests.test_triage_order import BUILTIN_MODELS, REPO, brightness_instance, start_worker, stop
+    from tests.utils import wait_for, write
+    from workers.app import configure_app
+    from workers.dispatch import CeleryDispatcher
+    from workers.results import ResultsStore
+
+    with MllpListener("AA") as ris:
+        config = tmp_path / "e2e.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "gateway": {"data_dir": str(tmp_path / "data")},
+                    "broker": {"url": redis_url},
+                    "dispatch": {"kind": "celery"},
+                    "logging": {"level": "INFO", "json_output": True},
+                    "plugins": {
+                        "drop_in_dir": str(REPO / "tests" / "triage_plugins"),
+                        "load_entrypoints": False,
+                        "disabled": BUILTIN_MODELS,
+                        "allow_demo_weights": True,
+                    },
+                    "triage": {"first_stage_model": "triage_probe", "high_risk_threshold": 0.7},
+                    "notifications": {
+                        "hl7": [{"name": "ris", "host": "127.0.0.1", "port": ris.port}],
+                        "notify": "all",
+                    },
+                }
+            )
+        )
+        settings = load_settings(config, environ={})
+        dispatcher = CeleryDispatcher(configure_app(settings))
+        store_dir = tmp_path / "store"
+        studies: dict[str, str] = {}  # accession number -> study UID
+        for index in range(4):  # three routine studies, then the high-risk one
+            ds = brightness_instance(bright=index == 3, seed=100 + index)
+            ds.AccessionNumber = f"ACC{index:04d}"
+            path = write(ds, store_dir)
+            studies[ds.AccessionNumber] = str(ds.StudyInstanceUID)
+            dispatcher.dispatch(
+                StudyJob(
+                    job_id=f"study-{index}",
+                    study_instance_uid=str(ds.StudyInstanceUID),
+                    study_version=1,
+                    calling_ae="MODALITY",
+                    priority=Priority.ROUTINE,
+                    storage_root=str(store_dir),
+                    instances=(
+                        InstanceRef(
+                            sop_instance_uid=str(ds.SOPInstanceUID),
+                            sop_class_uid=str(ds.SOPClassUID),
+                            series_instance_uid=str(ds.SeriesInstanceUID),
+                            modality="MG",
+                            path=path.name,
+                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                        ),
+                    ),
+                )
+            )
+        results = ResultsStore(tmp_path / "data" / "results.sqlite")
+        log = tmp_path / "worker.log"
+        analysis = start_worker(config, "analysis", log)
+        try:
+            wait_for(
+                lambda: sum(r["state"] == "analysed" for r in results.worklist()) == 4,
+                timeout=240,
+                interval=0.2,
+            )
+        finally:
+            stop(analysis)
+        assert ris.received == []  # queued on the delivery queue, which nobody consumed yet
+        delivery = start_worker(config, "delivery", log)
+        try:
+            # Acknowledged and recorded: the worker journals "notified" once the ACK is read.
+            wait_for(lambda: len(results.notified_endpoints()) == 4, timeout=120, interval=0.1)
+        finally:
+            stop(delivery)
+        accessions = [str(m.segment("OBR")(3)) for m in ris.received]
+        assert accessions[0] == "ACC0003", accessions
+        assert sorted(accessions) == sorted(studies)
+        for message in ris.received:
+            assert str(message.segment("MSH")(9)).startswith("ORU^R01")
+            assert str(message.segment("ZDS")(1)(1)(1)) == studies[str(message.segment("OBR")(3))]
+        category = {str(m.segment("OBR")(3)): str(m.segment("OBX")(5)) for m in ris.received}
+        assert category["ACC0003"] == "high"
+        assert all(category[a] != "high" for a in ("ACC0000", "ACC0001", "ACC0002"))
+        assert set(results.notified_endpoints()) == {f"study-{i}" for i in range(4)}
