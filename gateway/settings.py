@@ -262,9 +262,23 @@ class RoutingSettings(_Section):
 
 
 class TriageSettings(_Section):
+    """How a study's triage category is decided (workers.triage.decide, docs/outputs.md "Triage").
+
+    Each model's risk is read against that model's own operating points, never against another
+    model's score: ``high`` at or above its ``high_operating_point``, ``intermediate`` at or above its
+    ``intermediate_operating_point``, else ``routine``.
+    """
+
+    #: Kept so older configs load; the study's risk is no longer a max or mean of raw scores.
     policy: Literal["max", "mean"] = "max"
     #: The model that runs first on every study and sets the priority of the rest.
     first_stage_model: str | None = "asg_mammonet"
+    #: The operating point (stored in the checkpoint by ``pacs-triage train``) that makes a study high.
+    high_operating_point: str = "high_specificity"
+    #: The operating point that makes a study intermediate.
+    intermediate_operating_point: str = "high_sensitivity"
+    #: Only for models whose weights bring no operating point (and no plugin threshold): high at or
+    #: above this risk, intermediate at or above half of it.
     high_risk_threshold: float = Field(default=0.7, ge=0, le=1)
     #: Series/Study descriptions containing any of these words are queued as STAT.
     stat_keywords: tuple[str, ...] = ("STAT", "URGENT")

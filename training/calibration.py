@@ -8,7 +8,7 @@ and each negative ``(1 - prevalence) / n_neg``, so the weighted split has exactl
 it we fit either
 
 - Platt scaling with an intercept: ``sigmoid(a * logit(risk) + b)``, a weighted logistic regression
-  (scikit-learn, no penalty); the intercept ``b`` is what absorbs the prior shift; or
+  (scikit-learn, no penalty) on Platt's smoothed targets; the intercept ``b`` absorbs the prior shift; or
 - isotonic regression (scikit-learn), weighted, kept as its knots and linearly interpolated.
 
 Operating points are chosen on the same held-out split on the calibrated risk: ``high_sensitivity``
@@ -86,8 +86,14 @@ def fit_calibrator(scores: Any, labels: Any, prevalence: float, method: str = "p
     if method == "platt":
         clipped = np.clip(risk, _EPS, 1 - _EPS)
         feature = np.log(clipped / (1 - clipped)).reshape(-1, 1)
-        model = LogisticRegression(C=np.inf, max_iter=1000)  # no penalty: a plain maximum-likelihood fit
-        model.fit(feature, target.astype(int), sample_weight=weights)
+        # Platt's (1999) smoothed targets, (N+ + 1) / (N+ + 2) and 1 / (N- + 2), keep a small split that a
+        # threshold happens to separate from driving the slope to infinity.  Soft targets are fitted as each
+        # sample twice, positive with weight t and negative with weight 1 - t (the same cross-entropy).
+        n_pos, n_neg = int(target.sum()), int((~target).sum())
+        soft = np.where(target, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+        model = LogisticRegression(C=np.inf, max_iter=1000)  # no penalty: maximum likelihood on soft targets
+        model.fit(np.vstack([feature, feature]), np.r_[np.ones(risk.size), np.zeros(risk.size)].astype(int),
+                  sample_weight=np.r_[weights * soft, weights * (1 - soft)])
         return RiskCalibrator(
             method="platt",
             prevalence=prevalence,

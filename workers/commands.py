@@ -31,7 +31,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     worker.add_argument("--concurrency", type=int, help="worker processes (default: worker.concurrency)")
     worker.set_defaults(func=run_worker)
 
-    worklist = subparsers.add_parser("worklist", parents=[common], help="studies ordered by risk, highest first")
+    worklist = subparsers.add_parser(
+        "worklist", parents=[common],
+        help="studies, most urgent triage first, with the model and operating point behind it")
     worklist.add_argument("--json", action="store_true", help="print JSON instead of a table")
     worklist.set_defaults(func=run_worklist)
 
@@ -80,14 +82,18 @@ def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no studies yet")
         return 0
-    print(f"{'risk':>6}  {'state':<13} {'prio':>4}  {'updated':<19}  job / findings")
+    print(f"{'risk':>6}  {'triage':<12} {'state':<13} {'prio':>4}  {'updated':<19}  job / findings / why")
     for row in rows:
         findings = json.loads(row["findings"])
         summary = ", ".join(sorted({f"{f['model']}:{f['predicted_class']}" for f in findings})) or "-"
         risk = "-" if row["risk"] is None else f"{row['risk']:.3f}"
         demo = " [DEMO WEIGHTS]" if row["demo_weights"] else ""
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["updated_at"]))
-        print(f"{risk:>6}  {row['state']:<13} {row['priority']:>4}  {when}  {row['job_id']}  {summary}{demo}")
+        category = row["triage_category"] or "-"
+        # Which model at which operating point put the study there (TriageDecision.explanation).
+        why = f"  [{row['triage_explanation']}]" if row["triage_explanation"] else ""
+        print(f"{risk:>6}  {category:<12} {row['state']:<13} {row['priority']:>4}  {when}  {row['job_id']}  "
+              f"{summary}{demo}{why}")
     return 0
 
 

@@ -111,6 +111,20 @@ def _risk_band(risk: float | None, threshold: float) -> str:
     return "routine"
 
 
+#: The worklist band (row colour) of each triage category.
+_CATEGORY_BAND = {"high": "high", "intermediate": "elevated", "routine": "routine"}
+
+
+def triage_view(entry: WorklistEntry) -> dict[str, Any] | None:
+    """The study's triage decision as the worklist shows it: the category, and the model and operating
+    point (name and threshold) that set it, with the one-line explanation; None before any decision."""
+    if entry.triage_category is None:
+        return None
+    return {"category": entry.triage_category, "model": entry.triage_model,
+            "operating_point": entry.triage_operating_point, "threshold": entry.triage_threshold,
+            "explanation": entry.triage_explanation}
+
+
 def public_finding(finding: dict[str, Any]) -> dict[str, Any]:
     """A finding as the API shows it: everything but the evaluated image's UID."""
     return {key: finding.get(key) for key in _FINDING_KEYS if key in finding}
@@ -223,7 +237,11 @@ class OpsData:
             "job_id": entry.job_id, "version": entry.version, "risk": entry.risk,
             # Every output confirmed by Storage Commitment at each destination configured for it.
             "committed": entry.job_id in committed,
-            "band": _risk_band(entry.risk, self.threshold), "state": entry.state,
+            "band": (_CATEGORY_BAND[entry.triage_category] if entry.triage_category in _CATEGORY_BAND
+                     else _risk_band(entry.risk, self.threshold)),
+            "state": entry.state,
+            # Which model, at which of its operating points, put the study where it is (workers.triage).
+            "triage": triage_view(entry),
             "priority": entry.priority, "priority_name": _priority_name(entry.priority),
             "demo_weights": entry.demo_weights, "updated_at": entry.updated_at,
             "summary": summarize_findings(entry.findings),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.journal import connect_existing
+from workers.triage import TriageDecision
 
 #: Worker states after which nothing more happens to a study without a person acting.
 FINISHED_STATES: tuple[str, ...] = ("delivered", "done", "skipped", "dead-lettered", "failed")
@@ -116,6 +117,28 @@ CREATE TABLE IF NOT EXISTS deadletters (
 """
 
 
+#: The study's triage decision (workers.triage.decide), added to ``worklist`` in place on older journals:
+#: the category, the model and operating point that set it, the point's threshold and the one-line reason.
+_TRIAGE_COLUMNS = (
+    ("triage_category", "TEXT"),
+    ("triage_model", "TEXT"),
+    ("triage_operating_point", "TEXT"),
+    ("triage_threshold", "REAL"),
+    ("triage_explanation", "TEXT"),
+)
+#: Worklist order: triage category (most urgent first), then risk, unanalysed studies last.
+_WORKLIST_ORDER = ("risk IS NULL AND triage_category IS NULL, CASE triage_category WHEN 'high' THEN 0"
+                   " WHEN 'intermediate' THEN 1 WHEN 'routine' THEN 2 ELSE 3 END, risk DESC, updated_at ASC")
+
+
+def _add_missing_columns(db: sqlite3.Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+    """The journal's only migration: columns a newer version added, appended to an older file's table."""
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for name, kind in columns:
+        if name not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
 class ResultsStore:
     """Thread-safe access to ``results.sqlite``.
 
@@ -133,6 +156,7 @@ class ResultsStore:
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            _add_missing_columns(db, "worklist", _TRIAGE_COLUMNS)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -174,7 +198,7 @@ class ResultsStore:
 
     def upsert_study(self, *, study_uid: str, job_id: str, version: int, priority: int, state: str,
                      risk: float | None = None, findings: list[dict[str, Any]] | None = None,
-                     demo_weights: bool | None = None) -> None:
+                     demo_weights: bool | None = None, triage: TriageDecision | None = None) -> None:
         """Create or update the worklist row of a study; ``None`` arguments keep the stored value."""
         with self._transaction() as db:
             row = db.execute("SELECT * FROM worklist WHERE study_uid = ?", (study_uid,)).fetchone()
@@ -189,10 +213,14 @@ class ResultsStore:
                  json.dumps(findings) if findings is not None else keep.get("findings", "[]"),
                  int(demo_weights) if demo_weights is not None else keep.get("demo_weights", 0), time.time()),
             )
+            columns = _triage_values(triage) if triage is not None else {
+                name: keep.get(name) for name, _ in _TRIAGE_COLUMNS}
+            assignments = ", ".join(f"{name} = ?" for name in columns)
+            db.execute(f"UPDATE worklist SET {assignments} WHERE study_uid = ?", (*columns.values(), study_uid))
 
     def worklist(self) -> list[sqlite3.Row]:
-        """Studies, highest risk first (unanalysed ones last), then oldest first."""
-        return self._query("SELECT * FROM worklist ORDER BY risk IS NULL, risk DESC, updated_at ASC")
+        """Studies, most urgent triage category first, then highest risk (unanalysed last), then oldest."""
+        return self._query(f"SELECT * FROM worklist ORDER BY {_WORKLIST_ORDER}")
 
     def study(self, study_uid: str) -> sqlite3.Row | None:
         rows = self._query("SELECT * FROM worklist WHERE study_uid = ?", (study_uid,))
@@ -351,6 +379,17 @@ class ResultsStore:
 # -------------------------------------------------------------------------------- reading
 
 
+def _triage_values(decision: TriageDecision) -> dict[str, Any]:
+    point = decision.operating_point
+    return {
+        "triage_category": decision.category,
+        "triage_model": decision.model,
+        "triage_operating_point": None if point is None else point.name,
+        "triage_threshold": None if point is None else point.threshold,
+        "triage_explanation": decision.explanation,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class WorklistEntry:
     """A study's row on the worklist: the newest version the workers know, with its findings."""
@@ -364,13 +403,20 @@ class WorklistEntry:
     findings: list[dict[str, Any]]
     demo_weights: bool
     updated_at: float
+    #: The triage decision: category, the model and operating point behind it, its threshold, and why.
+    triage_category: str | None = None
+    triage_model: str | None = None
+    triage_operating_point: str | None = None
+    triage_threshold: float | None = None
+    triage_explanation: str | None = None
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> WorklistEntry:
+        triage = {name: row[name] for name, _ in _TRIAGE_COLUMNS if name in row.keys()}  # noqa: SIM118
         return cls(study_uid=row["study_uid"], job_id=row["job_id"], version=int(row["version"]),
                    risk=row["risk"], priority=int(row["priority"]), state=row["state"],
                    findings=json.loads(row["findings"] or "[]"), demo_weights=bool(row["demo_weights"]),
-                   updated_at=float(row["updated_at"]))
+                   updated_at=float(row["updated_at"]), **triage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,9 +543,16 @@ class ResultsReader:
     # ------------------------------------------------------------------ worklist
 
     def worklist(self, limit: int) -> list[WorklistEntry]:
-        """Up to *limit* studies in :meth:`ResultsStore.worklist`'s order (highest risk first)."""
-        return [WorklistEntry._from_row(r) for r in self._rows(
-            "SELECT * FROM worklist ORDER BY risk IS NULL, risk DESC, updated_at ASC LIMIT ?", (limit,))]
+        """Up to *limit* studies in :meth:`ResultsStore.worklist`'s order (most urgent first)."""
+        with self._read() as db:
+            if db is None:
+                return []
+            have = {row[1] for row in db.execute("PRAGMA table_info(worklist)")}
+            # A journal no worker of this version has opened yet has no triage columns: order by risk.
+            order = (_WORKLIST_ORDER if "triage_category" in have
+                     else "risk IS NULL, risk DESC, updated_at ASC")
+            rows = db.execute(f"SELECT * FROM worklist ORDER BY {order} LIMIT ?", (limit,)).fetchall()
+        return [WorklistEntry._from_row(r) for r in rows]
 
     def worklist_by_study(self) -> dict[str, WorklistEntry]:
         """Every worklist row, by Study Instance UID."""

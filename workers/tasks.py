@@ -19,10 +19,11 @@ import structlog
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from gateway.errors import PermanentError, TransientError
+from gateway.errors import PermanentError, PluginError, TransientError
 from gateway.messages import Priority, StudyJob
 from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
+from plugins.host import ModelHost
 from plugins.types import failure_reason
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
 from workers.commitment import request_commitment
@@ -41,7 +42,6 @@ from workers.pipeline import (
     accepting_models,
     adds_new_source,
     analyse_study,
-    combine_risk,
     model_host,
     prediction_summary,
     read_sources,
@@ -51,7 +51,8 @@ from workers.pipeline import (
 )
 from workers.results import COMMITTED, DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
 from workers.supersede import SupersededOutput, rejection_kos
-from workers.triage import TriageDecision
+from workers.triage import ModelRisk, TriageDecision, decide
+from workers.triage import priority as triage_priority
 
 log = structlog.get_logger(__name__)
 
@@ -188,32 +189,32 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         raise
     store.event(study.job_id, f"timings:{stage}", json.dumps(timings.as_dict()))
 
+    decision = study_triage(host, store, study.job_id, settings)
     if not later and runs and settings.outputs.report == "study":
         # Every stage is done: one SR for the study, over every model's kept predictions.  Journalled with
         # the last model's outputs before the study is "analysed", so its delivery is waited for.
         try:
-            report = write_study_report(sources, output_root, None, settings)
+            report = write_study_report(sources, output_root, decision, settings)
         except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
             raise PermanentError(failure_reason("building the study report failed", exc)) from exc
         if report is not None:
             runs[-1].outputs.append(report)
             journal(runs[-1], done=False)
 
-    all_risks = [a["risk"] for a in store.analyses(study.job_id) if a["risk"] is not None]
-    risk = combine_risk(all_risks, settings.triage.policy)
+    risk = decision.risk
     priority = study.priority
-    if risk is not None:
-        priority = min(study.priority, Priority.from_risk(risk, settings.triage.high_risk_threshold))
+    if decision.model is not None:
+        priority = min(study.priority, triage_priority(decision))
     previous = store.study(study.study_instance_uid)
     findings = json.loads(previous["findings"]) if previous and previous["job_id"] == study.job_id else []
     findings += _findings(runs)
     demo = any(f.get("demo_weights") for f in findings)
     store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
                        priority=int(priority), state="analysed" if not later else "analysing",
-                       risk=risk, findings=findings, demo_weights=demo)
-    store.event(study.job_id, f"analysis_end:{stage}", f"risk={risk}")
+                       risk=risk, findings=findings, demo_weights=demo, triage=decision)
+    store.event(study.job_id, f"analysis_end:{stage}", f"risk={risk}; triage {decision.explanation}")
 
-    if risk is not None and risk >= settings.triage.high_risk_threshold and stage == "first":
+    if risk is not None and decision.category == "high" and stage == "first":
         host.plugin_manager.hook.pacs_triage_high_risk_study(
             study_instance_uid=study.study_instance_uid, risk=risk,
             predictions=[p for run in runs for p in run.predictions])
@@ -248,7 +249,7 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
                       queue=ANALYSIS_QUEUE, priority=int(priority), retry=True,
                       retry_policy=WORKER_PUBLISH.kombu_retry_policy())
     else:
-        _queue_notifications(study, sources, settings, store, priority)
+        _queue_notifications(study, sources, settings, store, priority, decision)
     store.reset_attempts(key)
 
 
@@ -271,6 +272,24 @@ def _queue_notifications(study: StudyJob, sources: list[Any], settings: Settings
                       kwargs={"notice": notice.to_json_dict(), "endpoint": endpoint.name}, queue=DELIVERY_QUEUE,
                       priority=int(priority), retry=True,
                       retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+
+
+def study_triage(host: ModelHost, store: ResultsStore, job_id: str, settings: Settings) -> TriageDecision:
+    """The study's triage so far: every model that analysed it (this stage's and earlier ones'), each read
+    against its own operating points (:func:`workers.triage.decide`)."""
+    models = []
+    for analysis in store.analyses(job_id):
+        if analysis["risk"] is None:
+            continue
+        name = str(analysis["model"])
+        try:
+            points = host.load(name).operating_points
+        except PluginError:  # disabled or unloadable since it ran: the site-wide threshold stands in
+            points = ()
+        models.append(ModelRisk(model=name, risk=float(analysis["risk"]), operating_points=points))
+    return decide(models, high_point=settings.triage.high_operating_point,
+                  intermediate_point=settings.triage.intermediate_operating_point,
+                  fallback_threshold=settings.triage.high_risk_threshold)
 
 
 #: How long a version that adds no new source waits before it looks again at the earlier one.
