@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +17,18 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from gateway.errors import PermanentError, TransientError
+from gateway.errors import TransientError
 from gateway.settings import DestinationSettings, load_settings
 from tests.peers import Orthanc, get_free_port, running_storescp
 from tests.test_delivery import destination_of, study_outputs
 from tests.test_triage_order import BUILTIN_MODELS, start_worker, stop
 from tests.test_worker_reliability import _cli, _config, _job
 from tests.utils import wait_for
-from workers.commitment import STORAGE_COMMITMENT_PUSH_MODEL, request_commitment
+from workers.commitment import (
+    STORAGE_COMMITMENT_INSTANCE_UID,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    request_commitment,
+)
 from workers.pacs import deliver
 
 OUR_AE = "PACS_TRIAGE"
@@ -95,25 +100,60 @@ def test_an_instance_orthanc_does_not_hold_is_reported_failed(orthanc: Orthanc, 
 
 
 class SilentCommitmentPeer:
-    """A PACS we control: it stores, accepts the N-ACTION with success, and never sends the report."""
+    """A PACS we control: it stores and accepts the N-ACTION with success.  It never sends the report
+    until :meth:`report_to` says where to, and then reports on a new association, as Orthanc does:
+    every instance committed, or every instance failed with *failure_reason*."""
 
     def __init__(self) -> None:
         self.actions: list[Dataset] = []
+        self.report_port: int | None = None
+        self.failure_reason: int | None = None
         self.port = get_free_port()
         self.ae = AE(ae_title="SILENT")
         self.ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL)
         self.ae.add_supported_context(SECONDARY_CAPTURE)
         self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33")  # Comprehensive SR
         self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.59")  # KOS
+        self.ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
         self.server = self.ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
             evt_handlers=[(evt.EVT_N_ACTION, self._on_action), (evt.EVT_C_STORE, lambda event: 0x0000)],
         )
 
+    def report_to(self, port: int, failure_reason: int | None = None) -> None:
+        self.report_port, self.failure_reason = port, failure_reason
+
     def _on_action(self, event: Event) -> tuple[int, None]:
         self.actions.append(event.action_information)
+        if self.report_port is not None:
+            threading.Thread(target=self._report, args=(event.action_information,), daemon=True).start()
         return 0x0000, None
+
+    def _report(self, action: Dataset) -> None:
+        info = Dataset()
+        info.TransactionUID = action.TransactionUID
+        items = []
+        for ref in action.ReferencedSOPSequence:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+            item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+            if self.failure_reason is not None:
+                item.FailureReason = self.failure_reason
+            items.append(item)
+        if self.failure_reason is None:
+            info.ReferencedSOPSequence = items
+        else:
+            info.FailedSOPSequence = items
+        assoc = self.ae.associate("127.0.0.1", self.report_port, ae_title=OUR_AE)
+        if assoc.is_established:
+            assoc.send_n_event_report(
+                info,
+                1 if self.failure_reason is None else 2,
+                STORAGE_COMMITMENT_PUSH_MODEL,
+                STORAGE_COMMITMENT_INSTANCE_UID,
+            )
+            assoc.release()
 
     def destination(self, timeout: float) -> DestinationSettings:
         return DestinationSettings(
@@ -154,6 +194,21 @@ def test_a_report_that_never_comes_is_a_transient_error(silent_peer: SilentCommi
     ] == _refs(objects)
 
 
+def test_a_failed_sop_sequence_names_each_failure(silent_peer: SilentCommitmentPeer) -> None:
+    objects, _ = study_outputs()
+    port = get_free_port()
+    silent_peer.report_to(port, failure_reason=0x0110)
+    report = request_commitment(
+        _refs(objects),
+        silent_peer.destination(30),
+        calling_ae_title=OUR_AE,
+        listen_port=port,
+        listen_host="127.0.0.1",
+    )
+    assert not report.complete and report.committed == set()
+    assert report.failed == dict.fromkeys((str(ds.SOPInstanceUID) for ds in objects), 0x0110)
+
+
 def test_each_request_has_its_own_transaction_uid(silent_peer: SilentCommitmentPeer) -> None:
     objects, _ = study_outputs()
     for _ in range(2):
@@ -169,10 +224,10 @@ def test_each_request_has_its_own_transaction_uid(silent_peer: SilentCommitmentP
 
 
 @pytest.mark.peers
-def test_a_peer_without_storage_commitment_is_refused(tmp_path: Path) -> None:
+def test_a_peer_without_storage_commitment_is_a_transient_error(tmp_path: Path) -> None:
     with running_storescp(tmp_path) as storescp:
         destination = DestinationSettings(ae_title=storescp.aet, host="127.0.0.1", port=storescp.port)
-        with pytest.raises((PermanentError, TransientError)) as caught:
+        with pytest.raises(TransientError, match="SOP class is not supported"):
             request_commitment(
                 [(SECONDARY_CAPTURE, "1.2.3.4")],
                 destination,
@@ -181,7 +236,6 @@ def test_a_peer_without_storage_commitment_is_refused(tmp_path: Path) -> None:
                 listen_host="127.0.0.1",
                 timeout=1,
             )
-    assert "Storage Commitment" in str(caught.value)
 
 
 def test_a_busy_report_port_is_a_transient_error(silent_peer: SilentCommitmentPeer) -> None:
@@ -264,7 +318,7 @@ def test_a_committed_delivery_shows_committed_on_the_worklist(
 
 @pytest.mark.redis
 @pytest.mark.slow
-def test_a_commitment_that_never_comes_is_retried_then_dead_lettered(
+def test_a_commitment_that_never_comes_is_retried_dead_lettered_and_replayed(
     tmp_path: Path, redis_url: str, silent_peer: SilentCommitmentPeer
 ) -> None:
     from workers.app import configure_app
@@ -272,6 +326,7 @@ def test_a_commitment_that_never_comes_is_retried_then_dead_lettered(
     from workers.http import OpsData
     from workers.results import ResultsStore
 
+    report_port = get_free_port()
     config = _config(
         tmp_path,
         redis_url,
@@ -293,7 +348,7 @@ def test_a_commitment_that_never_comes_is_retried_then_dead_lettered(
                     "commitment_timeout_seconds": 0.5,
                 }
             ],
-            "commitment_port": get_free_port(),
+            "commitment_port": report_port,
             "max_retries": 2,
             "backoff_base_seconds": 0.2,
             "backoff_max_seconds": 0.5,
@@ -305,15 +360,34 @@ def test_a_commitment_that_never_comes_is_retried_then_dead_lettered(
     worker = start_worker(config, "analysis,delivery", tmp_path / "worker.log")
     try:
         wait_for(lambda: results.dead_letters(), timeout=180, interval=0.5)
+        (letter,) = results.dead_letters()
+        assert letter["task"] == "deliver"
+        assert (
+            "gave up after 3 tries" in letter["error"] and "no Storage Commitment report" in letter["error"]
+        )
+        assert len(silent_peer.actions) == 3  # one request per try, each for every output
+        assert len({a.TransactionUID for a in silent_peer.actions}) == 3
+        assert not any(e["event"] == "committed" for e in results.timeline("never-committed"))
+        (row,) = OpsData(settings).worklist()
+        assert row["state"] == "dead-lettered" and row["committed"] is False
+        listing = _cli(config, "deadletters")
+        assert listing.returncode == 0 and f"{letter['id']:>5}" in listing.stdout
+        # The PACS now reports: one command replays the delivery, and its commitment is journalled.
+        silent_peer.report_to(report_port)
+        replay = _cli(config, "deadletters", "--replay", str(letter["id"]))
+        assert replay.returncode == 0, replay.stderr
+        outputs = {
+            Path(p).stem for a in results.analyses("never-committed") for p in json.loads(a["outputs"])
+        }
+        wait_for(
+            lambda: (
+                {c["sop_uid"] for c in results.commitments("never-committed") if c["status"] == "committed"}
+                == outputs
+            ),
+            timeout=120,
+            interval=0.5,
+        )
     finally:
         stop(worker)
-    (letter,) = results.dead_letters()
-    assert letter["task"] == "deliver"
-    assert "gave up after 3 tries" in letter["error"] and "no Storage Commitment report" in letter["error"]
-    assert len(silent_peer.actions) == 3  # one request per try, each for every output
-    assert len({a.TransactionUID for a in silent_peer.actions}) == 3
-    assert not any(e["event"] == "committed" for e in results.timeline("never-committed"))
-    (row,) = OpsData(settings).worklist()
-    assert row["state"] == "dead-lettered" and row["committed"] is False
-    listing = _cli(config, "deadletters")
-    assert listing.returncode == 0 and f"{letter['id']:>5}" in listing.stdout
+    assert results.dead_letters() == []
+    assert len({a.TransactionUID for a in silent_peer.actions}) == 4

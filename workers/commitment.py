@@ -115,7 +115,8 @@ def request_commitment(
     :returns: What the PACS committed and what it did not.
     :raises TransientError: when the listener cannot open its port, the PACS cannot be reached,
         refuses the N-ACTION, or no report comes within *timeout*.
-    :raises PermanentError: when the PACS does not offer the Storage Commitment Push Model.
+    :raises PermanentError: when the association is up but the PACS did not accept the Storage
+        Commitment Push Model (pynetdicom normally aborts such an association instead).
     """
     wait = destination.commitment_timeout_seconds if timeout is None else timeout
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
@@ -161,7 +162,12 @@ def request_commitment(
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, _on_report)],
         )
         if not assoc.is_established:
-            raise TransientError(f"no association with {where} for Storage Commitment")
+            # pynetdicom aborts when the peer accepts no proposed context: a PACS without Storage
+            # Commitment lands here too, and is retried like a missing report, then dead-lettered.
+            raise TransientError(
+                f"no association with {where} for Storage Commitment (refused, aborted, or the SOP class "
+                "is not supported)"
+            )
         try:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             if STORAGE_COMMITMENT_PUSH_MODEL not in accepted:

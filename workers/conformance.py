@@ -110,9 +110,9 @@ def _commitment_and_supersede(settings: Settings, add: Callable[[str], None]) ->
         "and port), or on the requesting association. A report for another Transaction UID is "
         "acknowledged and ignored.")
     add("- The study is shown as committed once every output is in a report's Referenced SOP Sequence. A "
-        "Failed SOP Sequence entry, or no report within the timeout, retries the whole delivery (same SOP "
-        "Instance UIDs, new Transaction UID) with the delivery backoff, then dead-letters it; a PACS that "
-        "does not accept the SOP class dead-letters it at once.\n")
+        "Failed SOP Sequence entry, no report within the timeout, or a PACS that refuses the association "
+        "(one without Storage Commitment does) retries the whole delivery (same SOP Instance UIDs, new "
+        "Transaction UID) with the delivery backoff, then dead-letters it.\n")
     note = REJECTED_FOR_QUALITY_REASONS
     add("### 4.2 Superseding earlier results (IHE IOCM)\n")
     add(f"- {'On' if delivery.supersede else 'Off'} (`delivery.supersede`). When a newer version of a study "
