@@ -32,7 +32,10 @@ from plugins.host import ModelHost, RunTimings, pixel_budget_reason
 from plugins.preprocess import decode_frames, image_ref_from_header, to_grey
 from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage, failure_reason
 from workers import uids
-from workers.outputs import MANUFACTURER, ReportedModel, build_heatmap_sc, build_sr
+from workers.identity import AlgorithmIdentity
+from workers.outputs import MANUFACTURER, ReportedModel, build_heatmap_sc
+from workers.study_report import ModelResults, build_study_sr, load_records, save_records
+from workers.triage import TriageDecision
 
 log = structlog.get_logger(__name__)
 
@@ -284,10 +287,11 @@ def analyse_study(host: ModelHost, models: Iterable[str], sources: Sequence[Sour
     images = DecodedImages(timings)
     runs: list[ModelRun] = []
     building: list[tuple[ModelRun, Future[None]]] = []
+    shown = heatmap_model(host, refs, settings)
 
     def build(run: ModelRun) -> None:
         started = time.perf_counter()
-        _build_outputs(host, run, by_uid, images, output_dir / run.model, timings)
+        _build_outputs(host, run, by_uid, images, output_dir / run.model, timings, settings, shown)
         run.seconds_outputs = time.perf_counter() - started
         timings.outputs[run.model] = run.seconds_outputs
 
@@ -350,10 +354,29 @@ def _run_one(host: ModelHost, model: str, refs: Sequence[ImageRef], refusals: di
             run.skipped.append(result)
 
 
+def heatmap_model(host: ModelHost, refs: Sequence[ImageRef], settings: Settings) -> str | None:
+    """The model whose heatmaps make the study's heatmap series (``None``: every model's, per-model reports).
+
+    ``outputs.heatmap_model`` when it reads the study, else the first-stage model when it does, else the
+    first model that does: the same answer in every stage, so one series holds one model's maps.
+    """
+    if settings.outputs.report == "per-model":
+        return None
+    accepting = accepting_models(host, refs)
+    for wanted in (settings.outputs.heatmap_model, settings.triage.first_stage_model):
+        if wanted and wanted in accepting:
+            return wanted
+    return accepting[0] if accepting else None
+
+
 def _build_outputs(host: ModelHost, run: ModelRun, by_uid: dict[str, Source], images: DecodedImages,
-                   output_dir: Path, timings: StudyTimings) -> None:
+                   output_dir: Path, timings: StudyTimings, settings: Settings | None = None,
+                   shown: str | None = None) -> None:
+    per_model = settings is None or settings.outputs.report == "per-model"
     try:
-        run.outputs = write_outputs(host, run.model, run.predictions, by_uid, images, output_dir, timings)
+        run.outputs = write_outputs(host, run.model, run.predictions, by_uid, images, output_dir, timings,
+                                    report=per_model, heatmaps=per_model or shown == run.model,
+                                    max_points=settings.outputs.max_points if settings else 5)
     except Exception as exc:  # a writer bug must fail this model's outputs, not the study
         # The type and our words only: highdicom and pydicom quote the source's patient attributes
         # ("Unable to convert '1958-11-23' to 'DA' object"), here and in the journal alike.
@@ -363,10 +386,19 @@ def _build_outputs(host: ModelHost, run: ModelRun, by_uid: dict[str, Source], im
                                          error=run.outputs_error))
 
 
+#: The predictions of one model on one study, kept in its output folder for the study report.
+PREDICTIONS_FILE = "predictions.json"
+#: The folder, beside the models' ones, that holds the study report.
+STUDY_REPORT_DIR = "study-report"
+
+
 def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction], by_uid: dict[str, Source],
-                  images: DecodedImages, output_dir: Path, timings: StudyTimings | None = None) -> list[Path]:
-    """Build the SR and one SC per prediction with a heatmap from the kept headers and display
-    images (no source is read again); save them as DICOM files."""
+                  images: DecodedImages, output_dir: Path, timings: StudyTimings | None = None, *,
+                  report: bool = True, heatmaps: bool = True, max_points: int = 5) -> list[Path]:
+    """Build the model's heatmap SCs (one per prediction with a heatmap, when *heatmaps*) and, when
+    *report*, its own SR, from the kept headers and display images (no source is read again); save them
+    as DICOM files.  The predictions are kept as JSON beside them for the study report
+    (:func:`write_study_report`), which is built once every stage is done."""
     # The loaded model's spec: its version names the checkpoint it runs with, as its predictions do.
     plugin = host.load(model).plugin
     sources = {p.image.sop_instance_uid: by_uid[p.image.sop_instance_uid] for p in predictions}
@@ -378,18 +410,52 @@ def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction]
         timings.digest += time.perf_counter() - started
     headers = {uid: source.header for uid, source in sources.items() if source.header is not None}
     reported = ReportedModel.from_spec(plugin.spec, predictions[0].parameters)
-    demo = any(p.demo_weights for p in predictions)
     output_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    sr = build_sr(list(headers.values()), predictions, model=reported, demo_weights=demo, source_digests=digests)
-    written.append(_save(sr, output_dir))
-    for index, prediction in enumerate(p for p in predictions if p.heatmap is not None):
+    scs: list[pydicom.Dataset] = []
+    for index, prediction in enumerate(p for p in predictions if p.heatmap is not None and heatmaps):
         uid = prediction.image.sop_instance_uid
         sc = build_heatmap_sc(headers[uid], images.display(prediction.image), prediction,
                               instance_number=index + 1, display_name=plugin.spec.display_name,
                               source_digest=digests[uid])
+        scs.append(sc)
         written.append(_save(sc, output_dir))
+    identity = AlgorithmIdentity.from_loaded(host.load(model))
+    save_records(output_dir / PREDICTIONS_FILE, predictions, reported, None, identity)
+    if report:
+        results = [ModelResults(model=reported, predictions=predictions, heatmaps=scs, identity=identity)]
+        sr = build_study_sr(list(headers.values()), results, max_points=max_points, source_digests=digests,
+                            series_key=(reported.model_id, reported.version), model_series=model)
+        written.insert(0, _save(sr, output_dir))
     return written
+
+
+def write_study_report(sources: Sequence[Source], output_root: Path, decision: TriageDecision | None,
+                       settings: Settings) -> Path | None:
+    """Build and save the study SR from every model's kept predictions and heatmap SCs under *output_root*.
+
+    Called once the last stage is done; ``None`` when no model predicted anything.
+    """
+    by_uid = {s.instance.sop_instance_uid: s for s in sources if s.header is not None}
+    results: list[ModelResults] = []
+    for kept in sorted(output_root.glob(f"*/{PREDICTIONS_FILE}")):
+        reported, score, identity, predictions = load_records(kept)
+        predictions = [p for p in predictions if p.image.sop_instance_uid in by_uid]
+        if not predictions:
+            continue
+        written = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(kept.parent.glob("*.dcm"))]
+        scs = [header for header in written if str(header.get("Modality", "")) != "SR"]
+        results.append(ModelResults(model=reported, predictions=predictions, score=score, heatmaps=scs,
+                                    identity=identity))
+    if not results:
+        return None
+    used = sorted({p.image.sop_instance_uid for r in results for p in r.predictions})
+    evidence = [header for uid in used if (header := by_uid[uid].header) is not None]
+    sr = build_study_sr(evidence, results, decision=decision, max_points=settings.outputs.max_points,
+                        source_digests={uid: by_uid[uid].digest for uid in used})
+    directory = output_root / STUDY_REPORT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    return _save(sr, directory)
 
 
 def file_digest(path: str | Path) -> str:
