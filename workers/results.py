@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.journal import connect_existing
-from workers.triage import TriageDecision
+from plugins.types import OperatingPoint
+from workers.triage import POLICY, TriageDecision
 
 #: Worker states after which nothing more happens to a study without a person acting.
 FINISHED_STATES: tuple[str, ...] = ("delivered", "done", "skipped", "dead-lettered", "failed")
@@ -388,6 +389,16 @@ def _triage_values(decision: TriageDecision) -> dict[str, Any]:
         "triage_threshold": None if point is None else point.threshold,
         "triage_explanation": decision.explanation,
     }
+
+
+def stored_triage(row: sqlite3.Row) -> TriageDecision | None:
+    """The triage decision a worklist row holds, for a study version that takes over an earlier one's."""
+    if row["triage_category"] is None:
+        return None
+    point = (None if row["triage_operating_point"] is None else
+             OperatingPoint(name=row["triage_operating_point"], threshold=float(row["triage_threshold"])))
+    return TriageDecision(category=row["triage_category"], risk=row["risk"], model=row["triage_model"],
+                          operating_point=point, policy=POLICY)
 
 
 @dataclass(frozen=True, slots=True)

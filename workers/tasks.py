@@ -49,7 +49,14 @@ from workers.pipeline import (
     study_budget_refusals,
     write_study_report,
 )
-from workers.results import COMMITTED, DELIVERY_RETRY, FINISHED_STATES, MODEL_DONE_PREFIX, ResultsStore
+from workers.results import (
+    COMMITTED,
+    DELIVERY_RETRY,
+    FINISHED_STATES,
+    MODEL_DONE_PREFIX,
+    ResultsStore,
+    stored_triage,
+)
 from workers.supersede import SupersededOutput, rejection_kos
 from workers.triage import ModelRisk, TriageDecision, decide
 from workers.triage import priority as triage_priority
@@ -321,7 +328,8 @@ def _inherit_earlier_version(study: StudyJob, job: dict[str, Any], store: Result
         return
     store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
                        priority=int(earlier["priority"]), state=str(earlier["state"]), risk=earlier["risk"],
-                       findings=json.loads(earlier["findings"]), demo_weights=bool(earlier["demo_weights"]))
+                       findings=json.loads(earlier["findings"]), demo_weights=bool(earlier["demo_weights"]),
+                       triage=stored_triage(earlier))
     store.reset_attempts(key)
 
 
