@@ -48,10 +48,10 @@ def pacs_triage_register_models() -> list[ModelPlugin]:
 
 @hookspec
 def pacs_triage_high_risk_study(study_instance_uid: str, risk: float, predictions: list[Prediction]) -> None:
-    """Called once per study whose triage risk reached ``triage.high_risk_threshold``.
+    """Called once per study whose first-stage triage category is ``high`` (workers.triage.decide).
 
     :param study_instance_uid: The study's Study Instance UID.
-    :param risk: The study's triage risk in [0, 1].
+    :param risk: The deciding model's risk in [0, 1].
     :param predictions: The predictions that produced the risk.
 
     Every implementation runs and return values are ignored, but an exception stops the call
