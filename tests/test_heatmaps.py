@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from plugins.builtin.hybrid_birads import HybridBiradsPlugin
 from plugins.builtin.lem import LEMPlugin
+from plugins.types import failure_reason
 from tests.test_outputs import make_mammogram, make_prediction, make_ultrasound, round_trip
 from workers import identity, outputs
 
@@ -174,3 +175,36 @@ def test_extra_maps_become_scs_of_their_own_when_delivered() -> None:
     heatmap = outputs.build_heatmap_sc(source, None, prediction)
     assert len({str(sc.SOPInstanceUID) for sc in (*scs, heatmap)}) == 3
     assert all(sc.SeriesDescription.startswith("NOT FOR DIAGNOSTIC USE") for sc in scs)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("PatientBirthDate", "1958-11-23"),
+        ("StudyDate", "2026/01/01"),
+        ("StudyTime", "25:99"),
+        ("PatientSex", "female"),
+    ],
+)
+def test_an_unparseable_type_2_value_is_sent_empty(keyword: str, value: str) -> None:
+    source = make_mammogram("L", "CC")
+    with pytest.warns(UserWarning):  # pydicom says the value is invalid; the SC is still built
+        setattr(source, keyword, value)
+    sc = round_trip(outputs.build_heatmap_sc(source, None, make_prediction(source)))
+    assert keyword in sc and sc[keyword].value in ("", None)
+    assert keyword in sc.DerivationDescription and value not in sc.DerivationDescription
+    assert getattr(source, keyword) == value  # the source itself is left alone
+
+
+def test_a_rejected_header_names_the_attribute_never_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = make_mammogram("L", "CC")
+    source.AccessionNumber = "ACCESSION-NUMBER-WAY-TOO-LONG-4711"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError(f"bad value {source.AccessionNumber}")
+
+    monkeypatch.setattr(outputs.hd.sc.SCImage, "from_ref_dataset", refuse)
+    with pytest.raises(outputs.SourceHeaderError) as raised:
+        outputs.build_heatmap_sc(source, None, make_prediction(source))
+    reason = failure_reason("building outputs failed", raised.value)
+    assert "AccessionNumber" in reason and "4711" not in reason

@@ -52,14 +52,25 @@ def require_pixelmed() -> str:
     return ":".join(jar for jar in PIXELMED_JARS if os.path.exists(jar))
 
 
-def pixelmed_sr(path: Path, heap: str = "1g") -> list[str]:
+def default_heap() -> str:
+    """The validator's heap: it holds an SR's whole content tree as XML and runs out of 1 GiB on a study SR of
+    four models; 4 GiB, or less when the machine has less free (at least 1 GiB)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return "2g"
+    return f"{max(1, min(4, available // 2**20 - 2))}g"
+
+
+def pixelmed_sr(path: Path, heap: str = "") -> list[str]:
     """Every line DicomSRValidator prints for *path* ("IOD validation complete" last when it finished)."""
     classpath = require_pixelmed()
     run = subprocess.run(
         [
             "java",
             *_XPATH_UNLIMITED,
-            f"-Xmx{heap}",
+            f"-Xmx{heap or default_heap()}",
             "-cp",
             classpath,
             "com.pixelmed.validate.DicomSRValidator",
@@ -72,7 +83,7 @@ def pixelmed_sr(path: Path, heap: str = "1g") -> list[str]:
     return (run.stdout + run.stderr).splitlines()
 
 
-def pixelmed_sr_errors(path: Path, heap: str = "1g") -> list[str]:
+def pixelmed_sr_errors(path: Path, heap: str = "") -> list[str]:
     """DicomSRValidator's error lines for *path*; an unfinished run counts as an error."""
     lines = pixelmed_sr(path, heap)
     errors = [line for line in lines if line.startswith("Error") or " Error" in line.split(":", 1)[0]]

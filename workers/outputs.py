@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +23,16 @@ import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom import config
 from pydicom.pixels import pixel_array
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import Tag
+from pydicom.valuerep import DA, TM, validate_value
 
+from gateway.errors import PacsTriageError
 from plugins.preprocess import to_display, to_grey
-from plugins.types import LocalisationPoint, LocalisationRegion, ModelSpec, Prediction
+from plugins.types import ModelSpec, Prediction
 from workers import identity as identity_module
 from workers import uids
 
@@ -44,6 +48,7 @@ __all__ = [
     "heatmap_values",
     "is_multiframe",
     "render_heatmap_overlay",
+    "repaired_header",
 ]
 
 MANUFACTURER = "pacs-triage"
@@ -161,18 +166,6 @@ def birads_concept(category: int) -> Code:
         raise ValueError(f"BI-RADS category {category} is not between 0 and 6") from None
 
 
-def _parameter_items(parameters: Mapping[str, Any]) -> list[str]:
-    # Sorted so that the same settings always give the same document.
-    return [f"{key}={parameters[key]}" for key in sorted(parameters)]
-
-
-def _image_label(dataset: pydicom.Dataset) -> str:
-    laterality = str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or "")
-    view = str(dataset.get("ViewPosition", "") or "")
-    label = f"{laterality} {view}".strip()
-    return label or f"image {dataset.get('InstanceNumber', '')}".strip()
-
-
 #: Single-frame IODs whose instances may still carry Number of Frames (some ultrasound scanners write 1 or
 #: even 2 on a US Image): highdicom only takes frame numbers for an IOD that has the Multi-frame module, and
 #: the frame count of a single-frame IOD is never used.  The multi-frame IODs of the modalities we read are
@@ -206,288 +199,59 @@ def is_multiframe(dataset: pydicom.Dataset) -> bool:
     return str(dataset.get("SOPClassUID", "")) in MULTIFRAME_SOP_CLASSES
 
 
-def _frame_numbers(dataset: pydicom.Dataset, prediction: Prediction) -> list[int] | None:
-    if is_multiframe(dataset):
-        return [prediction.image.frame_index + 1]
-    return None
-
-
-def _to_scoord(points: Sequence[tuple[float, float]], dataset: pydicom.Dataset, what: str) -> np.ndarray:
-    """Check (column, row) points against the image and return them as SCOORD graphic data.
-
-    Plugins give continuous image coordinates, as :meth:`plugins.types.Letterbox.to_source`
-    does and as DICOM SCOORD uses: 0.0 is the top-left corner of the top-left pixel, whose
-    centre is (0.5, 0.5).  So they are written unchanged.
-    """
-    data = np.asarray(points, dtype=np.float64)
-    rows, columns = int(dataset.Rows), int(dataset.Columns)
-    inside = (
-        np.all(np.isfinite(data))
-        and np.all(data[:, 0] >= 0)
-        and np.all(data[:, 0] <= columns)
-        and np.all(data[:, 1] >= 0)
-        and np.all(data[:, 1] <= rows)
-    )
-    if not inside:
-        raise ValueError(
-            f"{what} has coordinates outside the {columns}x{rows} image {dataset.SOPInstanceUID}: {points}"
-        )
-    return data.astype(np.float32)
-
-
 def build_sr(
     evidence: Sequence[pydicom.Dataset],
     predictions: Sequence[Prediction],
     *,
     model: ReportedModel | None = None,
     demo_weights: bool = False,
-    series_number: int = 9900,
+    series_number: int | None = None,
     instance_number: int = 1,
     manufacturer: str = MANUFACTURER,
     software_version: str = "",
     institution_name: str | None = None,
     created: datetime.datetime | None = None,
     source_digests: Mapping[str, str] | None = None,
+    max_points: int = 5,
 ) -> hd.sr.ComprehensiveSR:
-    """Build the TID 1500 Measurement Report of one model on one study.
+    """Build one model's own TID 1500 report on one study (``outputs.report: per-model``).
 
-    For every evaluated image the report holds a measurement group with the model's finding
-    ("Impression", the predicted class), its BI-RADS assessment when it gives one, the
-    "Probability of cancer" (the prediction's risk) and a reference to the image; one group
-    per class with that class's probability; and one planar-ROI group per localisation
-    (SCOORD POINT or closed POLYLINE on the source image).  Every group carries the TID 4019
-    algorithm identification.  A document-level "Qualitative Evaluations" container states
-    that the content is machine-generated and not for diagnostic use, and that demo weights
-    were used when they were.
+    The content is that of the study report (:func:`workers.study_report.build_study_sr`) with this one
+    model: per image a TID 1501 group with the predicted class as Finding, the risk under its score
+    meaning's concept, class probabilities and BI-RADS; localisations; conclusions per breast and study;
+    the image library with laterality and view codes.  It sits in the model's own SR series.
 
-    :param evidence: Headers of the evaluated instances; they supply patient and study
-        attributes.  Instances without a prediction are ignored.
+    :param evidence: Headers of the evaluated instances; they supply patient and study attributes.
     :param predictions: The model's predictions on images of one study.
     :param model: Model identification; by default taken from the first prediction.
-    :param demo_weights: The model ran with untrained demo weights (also set when any
-        prediction says so).
-    :param series_number: Series Number of the SR series.
-    :param instance_number: Instance Number of the SR.
-    :param manufacturer: Manufacturer of the "device" (this software).
-    :param software_version: Our software version, recorded as Software Versions.
-    :param institution_name: Institution Name to record, if any.
-    :param created: Content date and time; now by default.
+    :param demo_weights: Kept for callers; each prediction says whether it ran with demo weights.
+    :param series_number: Series Number; by default the model's own SR series number.
     :param source_digests: SOP Instance UID -> digest of that source's content; when given, the
         report's UID changes with the content of its sources (:func:`workers.uids.sr_instance_uid`).
     :raises ValueError: on empty input, mixed studies or models, or a prediction whose image
         is not in *evidence*.
     """
+    from workers.study_report import ModelResults, build_study_sr  # the study report builds on this module
+
+    del demo_weights  # the predictions carry it, and the report states it per model
     if not predictions:
         raise ValueError("build_sr needs at least one prediction")
     if model is None:
         model = ReportedModel.from_prediction(predictions[0])
-    for prediction in predictions:
-        if (prediction.model_id, prediction.model_version) != (model.model_id, model.version):
-            raise ValueError(
-                f"prediction of {prediction.model_id} {prediction.model_version} does not belong "
-                f"to the report of {model.model_id} {model.version}"
-            )
-    demo_weights = demo_weights or any(p.demo_weights for p in predictions)
-
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
-    used: dict[str, pydicom.Dataset] = {}
-    for prediction in predictions:
-        uid = prediction.image.sop_instance_uid
-        if uid not in by_uid:
-            raise ValueError(f"image {uid} of a prediction is not among the evidence")
-        used[uid] = by_uid[uid]
-    evaluated = list(used.values())
-    study_uids = {str(ds.StudyInstanceUID) for ds in evaluated}
-    if len(study_uids) != 1:
-        raise ValueError(f"the evaluated images belong to several studies: {sorted(study_uids)}")
-    study_uid = study_uids.pop()
-
-    digests: list[str] = []
-    if source_digests:
-        # Paired with their UIDs, so two sources swapping content still change the report's UID.
-        digests = [f"{uid}={source_digests[uid]}" for uid in used if uid in source_digests]
-    sop_uid = uids.sr_instance_uid(study_uid, used, model.model_id, model.version, digests)
-    provenance: dict[str, Any] = {"model_id": model.model_id, "demo_weights": demo_weights}
-    weights = sorted({p.weights_sha256 for p in predictions if p.weights_sha256})
-    if weights:
-        provenance["weights_sha256"] = ",".join(weights)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=model.display_name,
-        version=model.version,
-        parameters=_parameter_items({**provenance, **model.parameters}),
-        family=ARTIFICIAL_INTELLIGENCE,
-        manufacturer=manufacturer,
-    )
-
-    groups: list[Any] = []
-    for index, prediction in enumerate(predictions, start=1):
-        groups.extend(
-            _image_groups(prediction, used[prediction.image.sop_instance_uid], algorithm, sop_uid, index)
-        )
-
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uids.device_uid(model.model_id, model.version),
-            name=model.name,
-            manufacturer_name=manufacturer,
-            model_name=f"{model.model_id} {model.version}"[:64],
-        ),
-    )
-    modalities = {str(ds.Modality) for ds in evaluated}
-    procedures = [_PROCEDURES.get(m, _IMAGING_PROCEDURE) for m in sorted(modalities)]
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=list(dict.fromkeys(procedures)),
-        imaging_measurements=groups,
-        referenced_images=evaluated,
-    )
-    root = report[0]
-    statements = hd.sr.ContainerContentItem(
-        name=QUALITATIVE_EVALUATIONS,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    statements.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.TextContentItem(
-                name=COMMENT,
-                value=text,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-            for text in _disclaimers(model, demo_weights)
-        ]
-    )
-    root.ContentSequence.append(statements)
-
-    coding_schemes = None
-    names = {c for p in predictions for c in p.classes}
-    localised: list[LocalisationPoint | LocalisationRegion] = []
-    for prediction in predictions:
-        localised += [*prediction.points, *prediction.regions]
-    names |= {item.label for item in localised if item.label}
-    if any(class_concept(name).scheme_designator == PRIVATE_SCHEME for name in names):
-        coding_schemes = [
-            CodingSchemeIdentificationItem(
-                designator=PRIVATE_SCHEME,
-                name="pacs-triage model classes",
-                responsible_organization=manufacturer,
-            )
-        ]
-    created = created or datetime.datetime.now()
-    description = f"AI {model.display_name} - NOT FOR DIAGNOSTIC USE"
-    sr = hd.sr.ComprehensiveSR(
-        evidence=evaluated,
-        content=report,
-        series_instance_uid=uids.sr_series_uid(study_uid, model.model_id, model.version),
+    return build_study_sr(
+        evidence,
+        [ModelResults(model=model, predictions=predictions)],
+        max_points=max_points,
         series_number=series_number,
-        sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
+        software_version=software_version,
         institution_name=institution_name,
-        series_description=description[:64],
-        manufacturer_model_name="pacs-triage AI gateway",
-        software_versions=software_version or None,
-        content_date=created.date(),
-        content_time=created.time().replace(microsecond=0),
-        coding_schemes=coding_schemes,
+        created=created,
+        source_digests=source_digests,
+        series_key=(model.model_id, model.version),
+        model_series=model.name,
     )
-    return sr
-
-
-def _disclaimers(model: ReportedModel, demo_weights: bool) -> list[str]:
-    texts = [
-        f"{DISCLAIMER} Produced by {model.display_name} version {model.version} "
-        f"({model.model_id}); not reviewed by a physician."
-    ]
-    if demo_weights:
-        texts.append(DEMO_WEIGHTS_NOTICE)
-    return texts
-
-
-def _image_groups(
-    prediction: Prediction,
-    dataset: pydicom.Dataset,
-    algorithm: hd.sr.AlgorithmIdentification,
-    sop_uid: str,
-    index: int,
-) -> list[Any]:
-    """The measurement groups of one evaluated image (summary, per class, per localisation)."""
-    frames = _frame_numbers(dataset, prediction)
-    image_key = f"{dataset.SOPInstanceUID}:{prediction.image.frame_index}"
-    label = f"{prediction.model_name} image {index} ({_image_label(dataset)})"
-
-    def source() -> list[hd.sr.SourceImageForMeasurementGroup]:
-        return [hd.sr.SourceImageForMeasurementGroup.from_source_image(dataset, frames)]
-
-    def tracking(suffix: str, text: str) -> hd.sr.TrackingIdentifier:
-        return hd.sr.TrackingIdentifier(
-            uid=uids.tracking_uid(sop_uid, f"{image_key}:{suffix}"), identifier=text
-        )
-
-    evaluations = [hd.sr.QualitativeEvaluation(IMPRESSION, class_concept(prediction.predicted_class))]
-    if prediction.birads is not None:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(ASSESSMENT_CATEGORY, birads_concept(prediction.birads))
-        )
-    groups: list[Any] = [
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking("summary", label),
-            algorithm_id=algorithm,
-            measurements=[
-                hd.sr.Measurement(name=PROBABILITY_OF_CANCER, value=float(prediction.risk), unit=NO_UNITS)
-            ],
-            qualitative_evaluations=evaluations,
-            source_images=source(),
-        )
-    ]
-    for class_name, probability in zip(prediction.classes, prediction.probabilities, strict=True):
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(f"class:{class_name}", f"{label}: {class_name}"),
-                finding_type=class_concept(class_name),
-                algorithm_id=algorithm,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=PROBABILITY, value=float(np.clip(probability, 0, 1)), unit=NO_UNITS
-                    )
-                ],
-                source_images=source(),
-            )
-        )
-    localisations: list[LocalisationPoint | LocalisationRegion] = [*prediction.points, *prediction.regions]
-    for number, item in enumerate(localisations, start=1):
-        if isinstance(item, LocalisationPoint):
-            graphic_type = hd.sr.GraphicTypeValues.POINT
-            data = _to_scoord([(item.x, item.y)], dataset, f"point {number}")
-        else:
-            if len(item.points) < 3:
-                raise ValueError(f"region {number} has {len(item.points)} points; a polygon needs 3")
-            graphic_type = hd.sr.GraphicTypeValues.POLYLINE
-            polygon = list(item.points)
-            if polygon[0] != polygon[-1]:
-                polygon.append(polygon[0])  # DICOM closes a POLYLINE by repeating the first point
-            data = _to_scoord(polygon, dataset, f"region {number}")
-        finding = class_concept(item.label) if item.label else LESION
-        measurements = None
-        if 0.0 <= item.score <= 1.0:
-            measurements = [hd.sr.Measurement(name=PROBABILITY, value=float(item.score), unit=NO_UNITS)]
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(f"roi:{number}", f"{label}: localisation {number}"),
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=graphic_type,
-                    graphic_data=data,
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(dataset, frames),
-                ),
-                finding_type=finding,
-                algorithm_id=algorithm,
-                measurements=measurements,
-            )
-        )
-    return groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,6 +401,82 @@ def _display_from_source(source: pydicom.Dataset, frame_index: int = 0) -> np.nd
         except ValueError:  # a single-frame IOD whose Number of Frames says more than it holds: one frame
             stored = pixel_array(source, number_of_frames=1)
     return to_grey(to_display(stored, source, frame_index))
+
+
+PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
+
+
+class SourceHeaderError(PacsTriageError, ValueError):
+    """highdicom refused a source header the outputs copy; its message names the attribute, not the value."""
+
+
+#: Type 2 attributes the outputs copy from the source whose value highdicom parses (a date, a time, an
+#: enumerated sex).  A value it cannot parse is sent empty, which Type 2 allows, instead of failing the study.
+_PARSED_TYPE2: dict[str, Callable[[str], object]] = {
+    "PatientBirthDate": DA,
+    "StudyDate": DA,
+    "StudyTime": TM,
+    "PatientSex": lambda value: ["M", "F", "O"].index(value),
+}
+
+
+def repaired_header(source: pydicom.Dataset) -> tuple[pydicom.Dataset, tuple[str, ...]]:
+    """*source*'s header for building outputs, with each Type 2 attribute highdicom cannot parse sent empty.
+
+    :returns: the header (a new data set sharing the unchanged elements, no pixel data; *source* itself when
+        nothing needed repair) and the keywords that were emptied.
+    """
+    repaired = []
+    for keyword, parse in _PARSED_TYPE2.items():
+        value = source.get(keyword)
+        if value is None or str(value) == "":
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parse(str(value))
+        except (ValueError, TypeError):
+            repaired.append(keyword)
+    if not repaired:
+        return source, ()
+    header = pydicom.Dataset()
+    header.update({tag: element for tag, element in source.items() if tag != PIXEL_DATA_TAG})
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
+    for keyword in repaired:
+        del header[keyword]  # a new element: the source's own one is shared and must not change
+        setattr(header, keyword, "")
+    return header, tuple(repaired)
+
+
+def _first_rejected_attribute(source: pydicom.Dataset) -> str:
+    """The first attribute an SC copies whose value pydicom's validation rejects (its name only)."""
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+        "Laterality",
+        "PatientOrientation",
+        "SOPClassUID",
+        "SOPInstanceUID",
+    ):
+        element = source.get(keyword) if keyword in source else None
+        if element is None:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                validate_value(source[keyword].VR, source[keyword].value, config.RAISE)
+        except (ValueError, TypeError, KeyError):
+            return keyword
+    return "an attribute of the Patient or General Study module"
 
 
 #: Series Instance UID part of the study-level heatmap series (every chosen model's SCs together).
@@ -806,8 +646,63 @@ def build_heatmap_sc(
     if map_name:
         sop_uid = uids.derive_uid("extra-map-instance", sop_uid, map_name)
     what = f"AI {map_name}" if map_name else "AI heatmap"
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+    header, repaired = repaired_header(source)
+    try:
+        sc = _sc_from_header(
+            header,
+            pixels,
+            series_uid,
+            series_number,
+            sop_uid,
+            instance_number,
+            manufacturer,
+            what,
+            name if own_series else "",
+            software_version,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise SourceHeaderError(
+            f"highdicom refused the source header for the heatmap SC: {_first_rejected_attribute(header)} "
+            f"({type(exc).__name__})"
+        ) from exc
+    _keep_type2_elements(sc, source)
+    # The image part keeps the source's orientation (it is only scaled), so its Patient
+    # Orientation still holds; Type 2, so empty when the source has none.
+    sc.PatientOrientation = list(source.get("PatientOrientation") or [])
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = (
+        f"{method} of {identity.display_name} {identity.version} on {view}, weighted by the risk "
+        f"({prediction.risk:.3f}) and blended over the source image as the model saw it; {DISCLAIMER}"
+        + (f" {identity.notice}" if identity.notice else "")
+        + (f" Sent empty because unparseable in the source: {', '.join(repaired)}." if repaired else "")
+    )[:1024]
+    sc.ImageComments = " - ".join(lines[:2] if weights_caption else lines[:1])
+    reference = pydicom.Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if is_multiframe(source):
+        reference.ReferencedFrameNumber = prediction.image.frame_index + 1
+    sc.SourceImageSequence = [reference]
+    identity_module.add_contributing_equipment(sc, identity)
+    return sc
+
+
+def _sc_from_header(
+    header: pydicom.Dataset,
+    pixels: np.ndarray,
+    series_uid: str,
+    series_number: int,
+    sop_uid: str,
+    instance_number: int,
+    manufacturer: str,
+    what: str,
+    model_name: str,
+    software_version: str,
+) -> hd.sc.SCImage:
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -820,32 +715,11 @@ def build_heatmap_sc(
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
-        laterality=_sc_laterality(source),
+        laterality=_sc_laterality(header),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
-        series_description=identity_module.series_description(what, name if own_series else ""),
+        series_description=identity_module.series_description(what, model_name),
         software_versions=software_version or identity_module.software_version(),
     )
-    _keep_type2_elements(sc, source)
-    # The image part keeps the source's orientation (it is only scaled), so its Patient
-    # Orientation still holds; Type 2, so empty when the source has none.
-    sc.PatientOrientation = list(source.get("PatientOrientation") or [])
-    sc.BurnedInAnnotation = "YES"
-    sc.RecognizableVisualFeatures = "NO"
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.DerivationDescription = (
-        f"{method} of {identity.display_name} {identity.version} on {view}, weighted by the risk "
-        f"({prediction.risk:.3f}) and blended over the source image as the model saw it; {DISCLAIMER}"
-        + (f" {identity.notice}" if identity.notice else "")
-    )[:1024]
-    sc.ImageComments = " - ".join(lines[:2] if weights_caption else lines[:1])
-    reference = pydicom.Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if is_multiframe(source):
-        reference.ReferencedFrameNumber = prediction.image.frame_index + 1
-    sc.SourceImageSequence = [reference]
-    identity_module.add_contributing_equipment(sc, identity)
-    return sc
 
 
 def build_extra_map_scs(
