@@ -371,6 +371,9 @@ class OutputsSettings(_Section):
     heatmap_model: str = ""
     #: At most this many localisation points per image and model in the SR (highest score first).
     max_points: int = Field(default=5, ge=0, le=100)
+    #: The further maps a model computes (saliency, SHAP, attention, score map): ``none``, or one Secondary
+    #: Capture per map in the model's extra-map series (for the heatmap model; every model's when per-model).
+    extra_maps: Literal["none", "secondary_capture"] = "none"
 
 
 class Settings(_Section):

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from plugins.types import ImageRef, LocalisationPoint, LocalisationRegion, Prediction
 from tests.conftest import require_binary
-from workers import outputs, uids
+from workers import outputs, study_report, uids
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -201,45 +201,27 @@ def test_sr_round_trip_holds_findings_probabilities_birads_and_references(images
     }
     assert evidence == {str(ds.SOPInstanceUID) for ds in images}
 
-    groups = read.content.get_image_measurement_groups()
-    summaries = {}
-    class_probabilities: dict[tuple[str, str], float] = {}
-    for group in groups:
-        (source,) = group.source_images
-        image_uid = str(source.referenced_sop_instance_uid)
-        evaluations = {str(e.name.value): e.value for e in group.get_qualitative_evaluations()}
-        # Every group holds the TID 4019 "Algorithm Family" CODE item; the summary adds "Impression".
-        assert evaluations.pop("111000") == outputs.ARTIFICIAL_INTELLIGENCE
-        if evaluations:
-            summaries[image_uid] = (group, evaluations)
-        else:
-            (measurement,) = group.get_measurements()
-            assert measurement.name == outputs.PROBABILITY
-            class_probabilities[(image_uid, str(group.finding_type.value))] = measurement.value
+    # Per image one TID 1501 group: the predicted class as its Finding, the risk under the score meaning's
+    # concept (an uncalibrated suspicion score here: never DCM 111047), each class probability, and BI-RADS.
+    groups = [g for g in read.content.get_image_measurement_groups() if g.source_images]
+    by_image = {str(g.source_images[0].referenced_sop_instance_uid): g for g in groups}
     left, right = (str(ds.SOPInstanceUID) for ds in images)
-    assert set(summaries) == {left, right}
-
-    left_group, left_eval = summaries[left]
-    (cancer,) = left_group.get_measurements(name=codes.DCM.ProbabilityOfCancer)
-    assert cancer.value == pytest.approx(0.8)
-    assert cancer.unit == outputs.NO_UNITS
-    assert left_eval["121073"] == outputs.class_concept("malignant")  # Impression
-    assert left_eval["111005"] == outputs.birads_concept(4)  # Assessment Category
-    assert left_eval["111005"].value == "397144001"
-    right_group, right_eval = summaries[right]
-    assert right_group.get_measurements(name=codes.DCM.ProbabilityOfCancer)[0].value == pytest.approx(0.1)
-    assert right_eval["121073"] == outputs.class_concept("benign")
-    assert right_eval["111005"] == outputs.birads_concept(2)
-
-    assert class_probabilities == {
-        (left, "30807003"): pytest.approx(0.2),
-        (left, "21594007"): pytest.approx(0.8),
-        (right, "30807003"): pytest.approx(0.9),
-        (right, "21594007"): pytest.approx(0.1),
-    }
+    assert set(by_image) == {left, right} and len(groups) == 2
+    expected = {left: ("malignant", 0.8, 4, (0.2, 0.8)), right: ("benign", 0.1, 2, (0.9, 0.1))}
+    for uid, (predicted, risk, birads, (benign, malignant)) in expected.items():
+        group = by_image[uid]
+        assert group.finding_type == outputs.class_concept(predicted)
+        numbers = {str(m.name.value): m.value for m in group.get_measurements()}
+        assert "111047" not in numbers
+        assert numbers["111012"] == pytest.approx(risk)  # DCM "Certainty of Finding"
+        assert numbers["30807003"] == pytest.approx(benign) and numbers["21594007"] == pytest.approx(malignant)
+        assert all(m.unit == outputs.NO_UNITS for m in group.get_measurements())
+        evaluations = {str(e.name.value): e.value for e in group.get_qualitative_evaluations()}
+        assert evaluations["111005"] == outputs.birads_concept(birads)  # Assessment Category
+        assert "121073" not in evaluations  # no loose "Impression"
 
     # TID 4019 in every group: name, version and the parameters.
-    for group in groups:
+    for group in read.content.get_image_measurement_groups():
         items = {concept(i): str(i.TextValue) for i in group[0].ContentSequence if i.ValueType == "TEXT"}
         assert items[("DCM", "111001")] == "test_model"
         assert items[("DCM", "111003")] == "1.0.0"
@@ -269,12 +251,18 @@ def test_sr_scoord_references_the_source_image_in_column_row_order(images: list[
         by_type[region.graphic_type.value] = (group, region.value)
     point_group, point = by_type["POINT"]
     np.testing.assert_allclose(point, [[20.5, 40.5]])
-    assert point_group.finding_type == outputs.class_concept("malignant")
+    assert point_group.finding_type == outputs.LESION
     assert point_group.get_measurements()[0].value == pytest.approx(0.9)
     region_group, polygon = by_type["POLYLINE"]
     assert region_group.finding_type == outputs.LESION
-    # Closed: the first point is repeated at the end; x is the column, y the row.
-    np.testing.assert_allclose(polygon, [[10, 30], [30, 30], [30, 50], [10, 50], [10, 30]])
+    # Closed: the first point is repeated at the end; x is the column, y the row.  The 20-pixel square is
+    # widened to the smallest region a person can see, around its centre (20, 40).
+    side = study_report.MIN_REGION_PIXELS
+    np.testing.assert_allclose(
+        polygon,
+        [[20 - side / 2, 40 - side / 2], [20 + side / 2, 40 - side / 2], [20 + side / 2, 40 + side / 2],
+         [20 - side / 2, 40 + side / 2], [20 - side / 2, 40 - side / 2]],
+    )
 
 
 def test_sr_states_it_is_machine_generated_and_flags_demo_weights(images: list[Dataset]) -> None:
@@ -426,14 +414,14 @@ def test_multiframe_sources_are_referenced_by_frame() -> None:
         if item.ValueType == "IMAGE"
         and (concept(item) == ("DCM", "121112") or item.RelationshipType == "SELECTED FROM")
     ]
-    assert len(references) == 5  # summary, two classes, two localisations
+    assert len(references) == 3  # the image's group and its two localisations
     assert all(int(ref.ReferencedFrameNumber) == 2 for ref in references)
     procedures = [
         str(item.ConceptCodeSequence[0].CodeValue)
         for item in sr.ContentSequence
         if concept(item) == ("DCM", "121058")
     ]
-    assert procedures == ["47079000"]  # Ultrasonography of breast
+    assert procedures == ["363679005"]  # Imaging procedure: CID 100 has no breast ultrasound procedure
     sc = outputs.build_heatmap_sc(ultrasound, None, prediction)
     assert int(sc.SourceImageSequence[0].ReferencedFrameNumber) == 2
     other_frame = outputs.build_heatmap_sc(ultrasound, None, make_prediction(ultrasound))

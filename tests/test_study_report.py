@@ -4,8 +4,11 @@ LEM's capped points, and at most three new series per mammogram in a pipeline ru
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import highdicom as hd
@@ -16,6 +19,7 @@ from pydicom.sr.codedict import codes
 
 from plugins.types import LocalisationPoint, LocalisationRegion, OperatingPoint, Prediction, ScoreMeaning
 from tests import validators
+from tests.conftest import require_binary
 from tests.pipeline_cases import (  # noqa: F401
     Harness,
     _harness,
@@ -29,7 +33,7 @@ from workers import outputs, pipeline, study_report
 from workers.identity import AlgorithmIdentity
 from workers.outputs import ReportedModel
 from workers.study_report import ModelResults, build_study_sr
-from workers.triage import TriageDecision
+from workers.triage import ModelRisk, TriageDecision, decide
 
 CALIBRATED = ScoreMeaning(
     kind="probability_of_malignancy",
@@ -201,17 +205,34 @@ def test_score_concept_is_111047_only_for_a_calibrated_probability() -> None:
 
 def test_conclusions_per_breast_and_study_name_triage_model_and_threshold(images: list[Dataset]) -> None:
     results = two_models(images)
-    sr = round_trip(build_study_sr(images, results, decision=HIGH))
+    triage = partial(decide, fallback_threshold=0.5)
+    sr = round_trip(build_study_sr(images, results, decision=HIGH, triage=triage))
     conclusions = [g for g in groups(sr) if referenced_uid(g) is None]
     assert len(conclusions) == 3  # right breast, left breast, study
-    sites = [named(g, ("363698007", "SCT")) for g in conclusions]
-    lateralities = sorted(value(named(s[0], ("272741003", "SCT"))[0])[0] for s in sites if s)
-    assert lateralities == ["24028007", "7771000"]
-    (study,) = [g for g, s in zip(conclusions, sites, strict=True) if not s]
-    (triage,) = named(study, ("260870009", "SCT"))
-    assert value(triage) == ("75540009", "SCT")  # high
+    by_side = {"R": "24028007", "L": "7771000"}
+    for side, code in by_side.items():
+        (breast,) = [
+            g
+            for g in conclusions
+            if any(value(m) == (code, "SCT") for s in named(g, ("363698007", "SCT")) for m in children(s))
+        ]
+        on_side = [p for r in results for p in r.predictions if p.image.laterality == side]
+        expected = triage(
+            [
+                ModelRisk(model=m, risk=max(p.risk for p in on_side if p.model_name == m))
+                for m in {p.model_name for p in on_side}
+            ]
+        )
+        (category,) = named(breast, ("260870009", "SCT"))
+        assert value(category) == (study_report.TRIAGE_CONCEPTS[expected.category].value, "SCT")
+        (finding,) = named(breast, ("121071", "DCM"))
+        top = max(on_side, key=lambda p: p.risk)
+        assert value(finding)[0] == outputs.class_concept(top.predicted_class).value
+    (study,) = [g for g in conclusions if not named(g, ("363698007", "SCT"))]
+    (category,) = named(study, ("260870009", "SCT"))
+    assert value(category) == ("75540009", "SCT")  # high, the study decision's
     (algorithm,) = named(study, ("111001", "DCM"))
-    assert str(algorithm.TextValue) == "other"
+    assert str(algorithm.TextValue) == "other"  # the model that set it
     parameters = [str(p.TextValue) for p in walk(study) if name(p) == ("111002", "DCM")]
     assert "operating_point=high_sensitivity" in parameters
     numbers = {
@@ -219,13 +240,20 @@ def test_conclusions_per_breast_and_study_name_triage_model_and_threshold(images
         for n in children(study)
         if n.ValueType == "NUM"
     }
-    assert numbers[("122411", "DCM")] == pytest.approx(0.3)
+    assert numbers[("122411", "DCM")] == pytest.approx(0.3)  # its threshold
     assert numbers[("111047", "DCM")] == pytest.approx(0.8)
     # The highest BI-RADS category any model gave.
     (birads,) = named(study, ("111005", "DCM"))
     assert value(birads) == (outputs.birads_concept(4).value, "SCT")
     text = " ".join(str(i.TextValue) for i in walk(sr) if i.ValueType == "TEXT")
     assert "high_sensitivity" in text and "NOT FOR DIAGNOSTIC USE" in text
+
+
+def test_without_a_decision_no_conclusion_claims_a_triage_category(images: list[Dataset]) -> None:
+    sr = round_trip(build_study_sr(images, two_models(images)))
+    conclusions = [g for g in groups(sr) if referenced_uid(g) is None]
+    assert len(conclusions) == 3
+    assert all(not named(g, ("260870009", "SCT")) and not named(g, ("122411", "DCM")) for g in conclusions)
 
 
 def test_the_report_references_its_heatmaps(images: list[Dataset]) -> None:
@@ -396,3 +424,27 @@ def test_per_model_reports_stay_available_through_config(
         assert len({str(ds.SeriesInstanceUID) for ds in reports}) == 2
         assert len({int(ds.SeriesNumber) for ds in reports}) == 2
     assert pipeline.STUDY_REPORT_DIR == "study-report"
+
+
+def readme_example() -> hd.sr.ComprehensiveSR:
+    """The two-model study SR whose dsrdump excerpt the README shows."""
+    images = [make_mammogram("L", "CC"), make_mammogram("R", "MLO")]
+    return build_study_sr(
+        images, two_models(images), decision=HIGH, created=datetime.datetime(2026, 1, 1, 10)
+    )
+
+
+@pytest.mark.peers
+def test_the_readme_dsrdump_excerpt_matches_what_is_produced(tmp_path: Path) -> None:
+    binary = require_binary("dsrdump")
+    path = tmp_path / "example.dcm"
+    readme_example().save_as(path, enforce_file_format=True)
+    dump = subprocess.run([binary, "-Ec", str(path)], capture_output=True, text=True, check=True).stdout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- study-sr-dsrdump -->", 1)[1].split("```", 2)[1]
+    lines = [line[2:] for line in block.splitlines() if line.strip() and line.strip() != "..."]
+    assert len(lines) > 20
+    produced = iter(dump.splitlines())
+    # Every README line is printed, in the README's order (``...`` skips items).
+    missing = [line for line in lines if line not in produced]
+    assert missing == [], "README lines dsrdump does not print in this order:\n" + "\n".join(missing)

@@ -32,9 +32,9 @@ from plugins.host import ModelHost, RunTimings, pixel_budget_reason
 from plugins.preprocess import decode_frames, image_ref_from_header, to_grey
 from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage, failure_reason
 from workers import uids
-from workers.identity import AlgorithmIdentity
-from workers.outputs import MANUFACTURER, ReportedModel, build_heatmap_sc
-from workers.study_report import ModelResults, build_study_sr, load_records, save_records
+from workers.identity import SERIES_KINDS, AlgorithmIdentity
+from workers.outputs import MANUFACTURER, ReportedModel, build_extra_map_scs, build_heatmap_sc
+from workers.study_report import ModelResults, Triage, build_study_sr, load_records, save_records
 from workers.triage import TriageDecision
 
 log = structlog.get_logger(__name__)
@@ -376,7 +376,8 @@ def _build_outputs(host: ModelHost, run: ModelRun, by_uid: dict[str, Source], im
     try:
         run.outputs = write_outputs(host, run.model, run.predictions, by_uid, images, output_dir, timings,
                                     report=per_model, heatmaps=per_model or shown == run.model,
-                                    max_points=settings.outputs.max_points if settings else 5)
+                                    max_points=settings.outputs.max_points if settings else 5,
+                                    extra_maps=settings is not None and settings.outputs.extra_maps != "none")
     except Exception as exc:  # a writer bug must fail this model's outputs, not the study
         # The type and our words only: highdicom and pydicom quote the source's patient attributes
         # ("Unable to convert '1958-11-23' to 'DA' object"), here and in the journal alike.
@@ -394,10 +395,12 @@ STUDY_REPORT_DIR = "study-report"
 
 def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction], by_uid: dict[str, Source],
                   images: DecodedImages, output_dir: Path, timings: StudyTimings | None = None, *,
-                  report: bool = True, heatmaps: bool = True, max_points: int = 5) -> list[Path]:
-    """Build the model's heatmap SCs (one per prediction with a heatmap, when *heatmaps*) and, when
-    *report*, its own SR, from the kept headers and display images (no source is read again); save them
-    as DICOM files.  The predictions are kept as JSON beside them for the study report
+                  report: bool = True, heatmaps: bool = True, max_points: int = 5,
+                  extra_maps: bool = False) -> list[Path]:
+    """Build the model's heatmap SCs (one per prediction with a heatmap, when *heatmaps*; with *extra_maps*
+    also one SC per further map) and, when *report* (``outputs.report: per-model``), its own SR with its
+    heatmaps in a series of their own, from the kept headers and display images (no source is read again);
+    save them as DICOM files.  The predictions are kept as JSON beside them for the study report
     (:func:`write_study_report`), which is built once every stage is done."""
     # The loaded model's spec: its version names the checkpoint it runs with, as its predictions do.
     plugin = host.load(model).plugin
@@ -411,16 +414,20 @@ def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction]
     headers = {uid: source.header for uid, source in sources.items() if source.header is not None}
     reported = ReportedModel.from_spec(plugin.spec, predictions[0].parameters)
     output_dir.mkdir(parents=True, exist_ok=True)
+    identity = AlgorithmIdentity.from_loaded(host.load(model))
     written: list[Path] = []
     scs: list[pydicom.Dataset] = []
     for index, prediction in enumerate(p for p in predictions if p.heatmap is not None and heatmaps):
         uid = prediction.image.sop_instance_uid
-        sc = build_heatmap_sc(headers[uid], images.display(prediction.image), prediction,
-                              instance_number=index + 1, display_name=plugin.spec.display_name,
-                              source_digest=digests[uid])
+        sc = build_heatmap_sc(headers[uid], images.display(prediction.image), prediction, identity=identity,
+                              per_model_series=report, instance_number=index + 1, source_digest=digests[uid])
         scs.append(sc)
         written.append(_save(sc, output_dir))
-    identity = AlgorithmIdentity.from_loaded(host.load(model))
+    for prediction in (p for p in predictions if p.extra_maps and heatmaps and extra_maps):
+        uid = prediction.image.sop_instance_uid
+        for extra in build_extra_map_scs(headers[uid], images.display(prediction.image), prediction,
+                                         identity=identity, source_digest=digests[uid]):
+            written.append(_save(extra, output_dir))
     save_records(output_dir / PREDICTIONS_FILE, predictions, reported, None, identity)
     if report:
         results = [ModelResults(model=reported, predictions=predictions, heatmaps=scs, identity=identity)]
@@ -430,11 +437,21 @@ def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction]
     return written
 
 
+def _is_heatmap(header: pydicom.Dataset) -> bool:
+    """A heatmap SC (study-level or a model's own series), not an SR nor an extra map's SC."""
+    number = int(header.get("SeriesNumber", 0) or 0)
+    is_sr = str(header.get("Modality", "")) == "SR"
+    return not is_sr and SERIES_KINDS["heatmap"] <= number < SERIES_KINDS["extra_map"]
+
+
 def write_study_report(sources: Sequence[Source], output_root: Path, decision: TriageDecision | None,
-                       settings: Settings) -> Path | None:
+                       settings: Settings, triage: Triage | None = None) -> Path | None:
     """Build and save the study SR from every model's kept predictions and heatmap SCs under *output_root*.
 
     Called once the last stage is done; ``None`` when no model predicted anything.
+
+    :param decision: The study's triage decision, stated in the study conclusion.
+    :param triage: The same policy for one breast's images (the breast conclusions' triage category).
     """
     by_uid = {s.instance.sop_instance_uid: s for s in sources if s.header is not None}
     results: list[ModelResults] = []
@@ -443,15 +460,16 @@ def write_study_report(sources: Sequence[Source], output_root: Path, decision: T
         predictions = [p for p in predictions if p.image.sop_instance_uid in by_uid]
         if not predictions:
             continue
-        written = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(kept.parent.glob("*.dcm"))]
-        scs = [header for header in written if str(header.get("Modality", "")) != "SR"]
+        written = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(kept.parent.glob("*.dcm"))]
+        scs = [sc for sc in written if _is_heatmap(sc)]
         results.append(ModelResults(model=reported, predictions=predictions, score=score, heatmaps=scs,
                                     identity=identity))
     if not results:
         return None
     used = sorted({p.image.sop_instance_uid for r in results for p in r.predictions})
     evidence = [header for uid in used if (header := by_uid[uid].header) is not None]
-    sr = build_study_sr(evidence, results, decision=decision, max_points=settings.outputs.max_points,
+    sr = build_study_sr(evidence, results, decision=decision, triage=triage,
+                        max_points=settings.outputs.max_points,
                         source_digests={uid: by_uid[uid].digest for uid in used})
     directory = output_root / STUDY_REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -35,11 +35,13 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from plugins.types import CERTAINTY_OF_FINDING as CERTAINTY_OF_FINDING_CONCEPT
 from plugins.types import (
     UNCALIBRATED_SUSPICION,
     ImageRef,
     LocalisationPoint,
     LocalisationRegion,
+    OperatingPoint,
     Prediction,
     ScoreMeaning,
 )
@@ -56,8 +58,13 @@ from workers.outputs import (
     ReportedModel,
     birads_concept,
     class_concept,
+    is_multiframe,
 )
-from workers.triage import TriageDecision
+from workers.triage import ModelRisk, TriageDecision
+
+#: Decides a triage category from each model's risk and operating points (:func:`workers.triage.decide` with
+#: the site's settings).
+Triage = Callable[[Sequence[ModelRisk]], TriageDecision]
 
 __all__ = [
     "MIN_REGION_PIXELS",
@@ -77,6 +84,7 @@ MIN_REGION_PIXELS = 32
 # CID 100 has no mammography or breast ultrasound procedure; "Imaging procedure" is its generic member.
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
 PROBABILITY_OF_CANCER = codes.DCM.ProbabilityOfCancer
+CERTAINTY_OF_FINDING = Code(*CERTAINTY_OF_FINDING_CONCEPT)
 #: A score that is not a calibrated probability of malignancy, when its meaning names none.
 SUSPICION_SCORE = Code(*UNCALIBRATED_SUSPICION.concept)
 ASSESSMENT_CATEGORY = codes.DCM.AssessmentCategory
@@ -178,6 +186,7 @@ def prediction_record(prediction: Prediction) -> dict[str, Any]:
         ],
         "demo_weights": prediction.demo_weights,
         "score": _meaning_record(prediction.score),
+        "operating_points": [dataclasses.asdict(point) for point in prediction.operating_points],
         "weights_sha256": prediction.weights_sha256,
         "parameters": {
             k: v for k, v in prediction.parameters.items() if isinstance(v, (str, int, float, bool))
@@ -208,6 +217,7 @@ def prediction_from_record(record: Mapping[str, Any]) -> Prediction:
         ),
         demo_weights=record["demo_weights"],
         score=_meaning(record.get("score")) or UNCALIBRATED_SUSPICION,
+        operating_points=tuple(OperatingPoint(**point) for point in record.get("operating_points", ())),
         weights_sha256=record["weights_sha256"],
         parameters=dict(record["parameters"]),
     )
@@ -291,7 +301,7 @@ def _image_label(dataset: pydicom.Dataset) -> str:
 
 
 def _frames(dataset: pydicom.Dataset, prediction: Prediction) -> list[int] | None:
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+    if is_multiframe(dataset):  # by IOD: a single-frame object with a Number of Frames is one frame
         return [prediction.image.frame_index + 1]
     return None
 
@@ -415,6 +425,20 @@ def _visible_polygon(
     return [(left, top), (left + width, top), (left + width, top + height), (left, top + height)]
 
 
+def _model_risks(entries: Sequence[tuple[ModelResults, Prediction]]) -> list[ModelRisk]:
+    """Each model's highest risk among *entries*, with its operating points."""
+    risks: dict[str, ModelRisk] = {}
+    for _, prediction in entries:
+        known = risks.get(prediction.model_name)
+        if known is None or prediction.risk > known.risk:
+            risks[prediction.model_name] = ModelRisk(
+                model=prediction.model_name,
+                risk=prediction.risk,
+                operating_points=prediction.operating_points,
+            )
+    return list(risks.values())
+
+
 def _heatmap_key(sc: pydicom.Dataset) -> tuple[str, int]:
     """(source SOP Instance UID, frame number) of the image a heatmap SC shows."""
     reference = sc.SourceImageSequence[0]
@@ -517,10 +541,9 @@ class _Groups:
                 data = _inside(np.asarray(polygon, dtype=np.float64), dataset, f"region {number}")
             measured = None
             if 0.0 <= item.score <= 1.0:
+                # A localisation's score is the model's certainty in that spot, never a calibrated risk.
                 measured = [
-                    hd.sr.Measurement(
-                        name=score_concept(results.meaning), value=float(item.score), unit=NO_UNITS
-                    )
+                    hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=float(item.score), unit=NO_UNITS)
                 ]
             self.items.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -590,6 +613,7 @@ def build_study_sr(
     results: Sequence[ModelResults],
     *,
     decision: TriageDecision | None = None,
+    triage: Triage | None = None,
     max_points: int = 5,
     series_number: int | None = None,
     instance_number: int = 1,
@@ -607,6 +631,8 @@ def build_study_sr(
     :param results: Each model's predictions, score meaning and heatmap SCs.
     :param decision: The study's triage decision; its category and the model and operating point behind
         it are stated in the study conclusion.
+    :param triage: Decides each breast's triage category from its images' risks (the study's policy); without
+        it the breast conclusions state no triage category.
     :param max_points: At most this many localisation points per image and model.
     :param series_number: By default the study SR's (:func:`workers.identity.series_number`), or with
         *per_model* the model's own.
@@ -695,8 +721,9 @@ def build_study_sr(
         on_side = [e for e in entries if _laterality(used[e[1].image.sop_instance_uid]) == side]
         if on_side:
             name = "right" if side == "R" else "left"
+            breast = None if triage is None else triage(_model_risks(on_side))
             groups.conclusion(
-                f"breast:{side}", f"Conclusion {name} breast", on_side, algorithms, decision, side
+                f"breast:{side}", f"Conclusion {name} breast", on_side, algorithms, breast, side
             )
     groups.conclusion("study", "Conclusion study", entries, algorithms, decision, None)
 

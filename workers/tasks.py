@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,10 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         # Every stage is done: one SR for the study, over every model's kept predictions.  Journalled with
         # the last model's outputs before the study is "analysed", so its delivery is waited for.
         try:
-            report = write_study_report(sources, output_root, decision, settings)
+            report = write_study_report(sources, output_root, decision, settings, triage=partial(
+                decide, high_point=settings.triage.high_operating_point,
+                intermediate_point=settings.triage.intermediate_operating_point,
+                fallback_threshold=settings.triage.high_risk_threshold))
         except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
             raise PermanentError(failure_reason("building the study report failed", exc)) from exc
         if report is not None:
