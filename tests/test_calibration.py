@@ -55,7 +55,7 @@ def sampling_error(rate: float, n: int) -> float:
 
 
 def balanced_prior_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of a model trained at a 50 % prior (the log-odds of a balanced task, plus noise), half positive."""
+    """Scores of a model trained at a 50 % prior (balanced log-odds plus noise), half of them positive."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 2
     log_odds = rng.normal(np.where(labels == 1, 1.0, -1.0), 1.2)
@@ -109,22 +109,42 @@ def test_the_host_serves_the_calibrated_risk_and_says_what_it_means(tmp_path: Pa
     from plugins.weights import CheckpointMetadata
 
     calibrator = RiskCalibrator(method="platt", prevalence=PREVALENCE, slope=0.8, intercept=-1.5)
-    point = OperatingPoint(name=HIGH_SENSITIVITY, threshold=0.1, sensitivity=0.95, specificity=0.4,
-                           prevalence=PREVALENCE)
+    point = OperatingPoint(
+        name=HIGH_SENSITIVITY, threshold=0.1, sensitivity=0.95, specificity=0.4, prevalence=PREVALENCE
+    )
     host = ModelHost(Settings(plugins=PluginSettings(load_entrypoints=False, allow_demo_weights=True)), "cpu")
     spec = host.plugin("us_fusion").spec
-    metadata = CheckpointMetadata.from_json_dict({
-        **CheckpointMetadata(architecture=spec.arch, model_id=spec.model_id, version="1", class_names=spec.classes,
-                             norm_mean=spec.mean, norm_std=spec.std, input_size=spec.input_size,
-                             calibrator=calibrator, operating_points=(point,)).to_json_dict()}, "test")
+    metadata = CheckpointMetadata.from_json_dict(
+        {
+            **CheckpointMetadata(
+                architecture=spec.arch,
+                model_id=spec.model_id,
+                version="1",
+                class_names=spec.classes,
+                norm_mean=spec.mean,
+                norm_std=spec.std,
+                input_size=spec.input_size,
+                calibrator=calibrator,
+                operating_points=(point,),
+            ).to_json_dict()
+        },
+        "test",
+    )
     assert metadata.calibrator == calibrator and metadata.operating_points == (point,)
     assert checkpoint_spec(spec, metadata, "test").score.concept == PROBABILITY_OF_CANCER
     assert spec.score.concept != PROBABILITY_OF_CANCER  # uncalibrated: a suspicion score
     # A BI-RADS model's risk stays a suspicion score even once calibrated: its labels are BI-RADS.
     hybrid = next(iter(HYBRID.values()))
-    hybrid_metadata = CheckpointMetadata(architecture=hybrid.arch, model_id=hybrid.model_id, version="1",
-                                         class_names=hybrid.classes, norm_mean=hybrid.mean, norm_std=hybrid.std,
-                                         input_size=hybrid.input_size, calibrator=calibrator)
+    hybrid_metadata = CheckpointMetadata(
+        architecture=hybrid.arch,
+        model_id=hybrid.model_id,
+        version="1",
+        class_names=hybrid.classes,
+        norm_mean=hybrid.mean,
+        norm_std=hybrid.std,
+        input_size=hybrid.input_size,
+        calibrator=calibrator,
+    )
     assert checkpoint_spec(hybrid, hybrid_metadata, "test").score.kind == "suspicion_score"
 
 
@@ -143,16 +163,28 @@ def test_two_demo_models_trained_with_prior_shifting_sampling_are_calibrated_at_
     for name, (hyper, options, input_size) in trained.items():
         profile = recipe_class(name, host.plugin_manager).demo_profile
         assert profile is not None
-        records = load_generic_csv(write_dataset_dir(tmp_path / name / "train", profile.kind, 80, SEED,
-                                                     classes=profile.classes))
-        held_out = load_generic_csv(write_dataset_dir(tmp_path / name / "held-out", profile.kind, 64, SEED + 1,
-                                                      classes=profile.classes))
+        records = load_generic_csv(
+            write_dataset_dir(tmp_path / name / "train", profile.kind, 80, SEED, classes=profile.classes)
+        )
+        held_out = load_generic_csv(
+            write_dataset_dir(
+                tmp_path / name / "held-out", profile.kind, 64, SEED + 1, classes=profile.classes
+            )
+        )
         result = train(
-            name, records,
+            name,
+            records,
             TrainConfig(out_dir=tmp_path / name / "run", seed=SEED, progress=False, prevalence=PREVALENCE),
-            settings=settings, hyperparameters={**profile.hyperparameters, **hyper}, options={**(profile.options or {}), **options},
-            input_size=input_size or profile.input_size, dataset="synthetic", split={"train": 0.5, "val": 0.5},
-            folds=0, demo=True, n_bootstrap=0, log_line=lambda line: None,
+            settings=settings,
+            hyperparameters={**profile.hyperparameters, **hyper},
+            options={**(profile.options or {}), **options},
+            input_size=input_size or profile.input_size,
+            dataset="synthetic",
+            split={"train": 0.5, "val": 0.5},
+            folds=0,
+            demo=True,
+            n_bootstrap=0,
+            log_line=lambda line: None,
         )
         _, metadata = load_checkpoint(result.checkpoint)
         assert metadata.calibrator is not None and metadata.calibrator.prevalence == PREVALENCE
@@ -163,8 +195,9 @@ def test_two_demo_models_trained_with_prior_shifting_sampling_are_calibrated_at_
         fitted = json.loads(result.summary_path.read_text())["risk_calibration"]
         n_val_positive, n_val_negative = fitted["n_positive"], fitted["n_negative"]
 
-        evaluation = evaluate_checkpoint(result.checkpoint, held_out, settings=settings, localise=False,
-                                         n_bootstrap=0)
+        evaluation = evaluate_checkpoint(
+            result.checkpoint, held_out, settings=settings, localise=False, n_bootstrap=0
+        )
         scored = evaluation.risk_targets()
         raw_scored = evaluation.risk_targets(raw=True)
         assert scored is not None and raw_scored is not None
@@ -182,20 +215,38 @@ def test_two_demo_models_trained_with_prior_shifting_sampling_are_calibrated_at_
             held_sensitivity = float((risk[positive] >= point.threshold).mean())
             held_specificity = float((risk[~positive] < point.threshold).mean())
             # Chosen on n_val images and measured on others: both estimates carry sampling error.
-            tolerance_sens = math.hypot(sampling_error(point.sensitivity, n_val_positive),
-                                        sampling_error(point.sensitivity, int(positive.sum())))
-            tolerance_spec = math.hypot(sampling_error(point.specificity, n_val_negative),
-                                        sampling_error(point.specificity, int((~positive).sum())))
-            assert abs(held_sensitivity - point.sensitivity) <= tolerance_sens, (name, point, held_sensitivity)
-            assert abs(held_specificity - point.specificity) <= tolerance_spec, (name, point, held_specificity)
+            tolerance_sens = math.hypot(
+                sampling_error(point.sensitivity, n_val_positive),
+                sampling_error(point.sensitivity, int(positive.sum())),
+            )
+            tolerance_spec = math.hypot(
+                sampling_error(point.specificity, n_val_negative),
+                sampling_error(point.specificity, int((~positive).sum())),
+            )
+            assert abs(held_sensitivity - point.sensitivity) <= tolerance_sens, (
+                name,
+                point,
+                held_sensitivity,
+            )
+            assert abs(held_specificity - point.specificity) <= tolerance_spec, (
+                name,
+                point,
+                held_specificity,
+            )
         by_name = {p.name: p for p in metadata.operating_points}
         assert by_name[HIGH_SENSITIVITY].sensitivity >= 0.95  # type: ignore[operator]
         assert by_name[HIGH_SPECIFICITY].specificity >= 0.90  # type: ignore[operator]
 
         # Served through the host: each prediction carries its calibrated risk, the raw one, the stored
         # points and the meaning "probability of cancer".
-        served_host = ModelHost(Settings(plugins=PluginSettings(
-            load_entrypoints=False, models={name: {"weights": str(result.checkpoint)}})), "cpu")  # type: ignore[dict-item]
+        served_host = ModelHost(
+            Settings(
+                plugins=PluginSettings(
+                    load_entrypoints=False, models={name: {"weights": str(result.checkpoint)}}
+                )
+            ),
+            "cpu",
+        )  # type: ignore[dict-item]
         dicom = next(r.path for r in held_out if r.path.suffix == ".dcm")
         (prediction,) = served_host.run(name, [read_image_ref(dicom)])
         assert isinstance(prediction, Prediction) and prediction.uncalibrated_risk is not None

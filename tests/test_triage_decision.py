@@ -59,7 +59,9 @@ def test_each_model_is_read_against_its_own_operating_points() -> None:
 
 
 def test_the_urgent_categories_keep_their_queue_priority() -> None:
-    decisions = [decide([ModelRisk(model="m", risk=r, operating_points=points(0.3, 0.6))]) for r in (0.9, 0.4, 0.1)]
+    decisions = [
+        decide([ModelRisk(model="m", risk=r, operating_points=points(0.3, 0.6))]) for r in (0.9, 0.4, 0.1)
+    ]
     assert [d.category for d in decisions] == list(CATEGORIES)
     assert [priority(d) for d in decisions] == sorted(priority(d) for d in decisions)
     assert priority(decisions[0]) == Priority.STAT and priority(decisions[-1]) == Priority.ROUTINE
@@ -92,13 +94,20 @@ def probe_settings(tmp_path: Path):
     stored = points(0.3, 0.8)
     checkpoint = tmp_path / "triage_probe.safetensors"
     save_checkpoint(BrightnessNet(), checkpoint, checkpoint_metadata(spec, {}, operating_points=stored))
-    settings = load_settings(REPO / "configs" / "default.yaml", environ={}, overrides={
-        "gateway.data_dir": str(tmp_path / "data"), "http.tokens": [TOKEN], "broker.url": "embedded",
-        "plugins.drop_in_dir": str(REPO / "tests" / "triage_plugins"), "plugins.load_entrypoints": False,
-        "plugins.disabled": BUILTIN_MODELS + ["triage_probe_heavy"],
-        "plugins.models": {"triage_probe": {"weights": str(checkpoint)}},
-        "triage.first_stage_model": "triage_probe",
-    })
+    settings = load_settings(
+        REPO / "configs" / "default.yaml",
+        environ={},
+        overrides={
+            "gateway.data_dir": str(tmp_path / "data"),
+            "http.tokens": [TOKEN],
+            "broker.url": "embedded",
+            "plugins.drop_in_dir": str(REPO / "tests" / "triage_plugins"),
+            "plugins.load_entrypoints": False,
+            "plugins.disabled": [*BUILTIN_MODELS, "triage_probe_heavy"],
+            "plugins.models": {"triage_probe": {"weights": str(checkpoint)}},
+            "triage.first_stage_model": "triage_probe",
+        },
+    )
     return settings, stored
 
 
@@ -121,11 +130,20 @@ def test_the_worklist_names_the_model_and_operating_point_behind_a_high_flag(
         (prediction,) = host.run("triage_probe", [ref])
         assert isinstance(prediction, Prediction) and prediction.operating_points == stored
         job_id = f"job-{index}"
-        store.record_analysis(job_id, "triage_probe", prediction.risk, [prediction_summary(prediction)], [], [])
+        store.record_analysis(
+            job_id, "triage_probe", prediction.risk, [prediction_summary(prediction)], [], []
+        )
         decision = study_triage(host, store, job_id, settings)
-        store.upsert_study(study_uid=str(ds.StudyInstanceUID), job_id=job_id, version=1,
-                           priority=int(priority(decision)), state="analysed", risk=decision.risk,
-                           findings=[prediction_summary(prediction)], triage=decision)
+        store.upsert_study(
+            study_uid=str(ds.StudyInstanceUID),
+            job_id=job_id,
+            version=1,
+            priority=int(priority(decision)),
+            state="analysed",
+            risk=decision.risk,
+            findings=[prediction_summary(prediction)],
+            triage=decision,
+        )
         expected[job_id] = (prediction.risk, decision)
     high = next(job for job, (_, d) in expected.items() if d.category == "high")
     routine = next(job for job, (_, d) in expected.items() if d.category == "routine")
@@ -146,7 +164,10 @@ def test_the_worklist_names_the_model_and_operating_point_behind_a_high_flag(
 
     assert run_worklist(argparse.Namespace(json=True), settings) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed[0]["triage_model"] == "triage_probe" and listed[0]["triage_operating_point"] == HIGH_SPECIFICITY
+    assert (
+        listed[0]["triage_model"] == "triage_probe"
+        and listed[0]["triage_operating_point"] == HIGH_SPECIFICITY
+    )
     assert run_worklist(argparse.Namespace(json=False), settings) == 0
     table = capsys.readouterr().out
     assert "triage_probe" in table and HIGH_SPECIFICITY in table
@@ -157,16 +178,25 @@ def test_an_older_results_journal_gains_the_triage_columns(tmp_path: Path) -> No
 
     path = tmp_path / "results.sqlite"
     db = sqlite3.connect(path)
-    db.execute("CREATE TABLE worklist (study_uid TEXT PRIMARY KEY, job_id TEXT NOT NULL, version INTEGER NOT NULL,"
-               " risk REAL, priority INTEGER NOT NULL, state TEXT NOT NULL, findings TEXT NOT NULL DEFAULT '[]',"
-               " demo_weights INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL)")
+    db.execute(
+        "CREATE TABLE worklist (study_uid TEXT PRIMARY KEY, job_id TEXT NOT NULL, version INTEGER NOT NULL,"
+        " risk REAL, priority INTEGER NOT NULL, state TEXT NOT NULL, findings TEXT NOT NULL DEFAULT '[]',"
+        " demo_weights INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL)"
+    )
     db.execute("INSERT INTO worklist VALUES ('1.2.3', 'old-job', 1, 0.4, 6, 'delivered', '[]', 0, 0)")
     db.commit()
     db.close()
     store = ResultsStore(path)
     decision = decide([ModelRisk(model="m", risk=0.9, operating_points=points(0.3, 0.6))])
-    store.upsert_study(study_uid="1.2.4", job_id="new-job", version=1, priority=0, state="analysed", risk=0.9,
-                       triage=decision)
+    store.upsert_study(
+        study_uid="1.2.4",
+        job_id="new-job",
+        version=1,
+        priority=0,
+        state="analysed",
+        risk=0.9,
+        triage=decision,
+    )
     entries = ResultsReader(path).worklist(10)
     assert [e.job_id for e in entries] == ["new-job", "old-job"]
     assert entries[0].triage_model == "m" and entries[0].triage_operating_point == HIGH_SPECIFICITY

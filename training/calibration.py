@@ -92,8 +92,11 @@ def fit_calibrator(scores: Any, labels: Any, prevalence: float, method: str = "p
         n_pos, n_neg = int(target.sum()), int((~target).sum())
         soft = np.where(target, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
         model = LogisticRegression(C=np.inf, max_iter=1000)  # no penalty: maximum likelihood on soft targets
-        model.fit(np.vstack([feature, feature]), np.r_[np.ones(risk.size), np.zeros(risk.size)].astype(int),
-                  sample_weight=np.r_[weights * soft, weights * (1 - soft)])
+        model.fit(
+            np.vstack([feature, feature]),
+            np.r_[np.ones(risk.size), np.zeros(risk.size)].astype(int),
+            sample_weight=np.r_[weights * soft, weights * (1 - soft)],
+        )
         return RiskCalibrator(
             method="platt",
             prevalence=prevalence,
