@@ -261,7 +261,8 @@ class ModelHost:
         try:
             source = resolve_weights(name, self.settings)
             spec, options, state, sha256, demo = plugin.spec, dict(self._options[name]), None, "", source.demo
-            calibrator, points = None, ()
+            calibrator: RiskCalibrator | None = None
+            points: tuple[OperatingPoint, ...] = ()
             if source.path is not None:
                 state, meta = load_checkpoint(source.path)
                 spec = checkpoint_spec(spec, meta, source.path)
