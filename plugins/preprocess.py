@@ -542,6 +542,12 @@ def map_to_source(heatmap: np.ndarray, box: Letterbox) -> np.ndarray:
     content = grid[box.pad_top : box.pad_top + content_h, box.pad_left : box.pad_left + content_w]
     if box.flipped:
         content = content[:, ::-1]
+    if content.shape[0] > height or content.shape[1] > width:
+        # Shrinking onto a source smaller than the model input: each source pixel keeps the largest value it
+        # covers (a grey dilation first), or a sparse map (LEM's back-propagated extrema) vanishes between the
+        # pixels a plain resize samples.
+        kernel = np.ones((-(-content.shape[0] // height), -(-content.shape[1] // width)), dtype=np.uint8)
+        content = np.asarray(cv2.dilate(np.ascontiguousarray(content), kernel), dtype=np.float32)
     output = np.zeros(box.source_shape, dtype=np.float32)
     # Resizing straight into the crop's window of the output saves a copy of a full-field map.
     window = output[top : top + height, left : left + width]

@@ -16,7 +16,8 @@ from pydicom.dataset import Dataset
 
 from plugins.builtin.hybrid_birads import HybridBiradsPlugin
 from plugins.builtin.lem import LEMPlugin
-from plugins.types import failure_reason
+from plugins.preprocess import map_to_source
+from plugins.types import Letterbox, failure_reason
 from tests.test_outputs import make_mammogram, make_prediction, make_ultrasound, round_trip
 from workers import identity, outputs
 
@@ -208,3 +209,20 @@ def test_a_rejected_header_names_the_attribute_never_its_value(monkeypatch: pyte
         outputs.build_heatmap_sc(source, None, make_prediction(source))
     reason = failure_reason("building outputs failed", raised.value)
     assert "AccessionNumber" in reason and "4711" not in reason
+
+
+def test_a_sparse_model_map_survives_the_way_back_to_a_small_source() -> None:
+    """LEM's location map (1024x832, isolated extrema) mapped onto a 60x50 image keeps its peak."""
+    box = Letterbox(
+        source_shape=(60, 50),
+        crop=(0, 0, 60, 50),
+        scale=832 / 50,
+        scale_y=1024 / 60,
+        pad_top=0,
+        pad_left=0,
+        output_shape=(1024, 832),
+    )
+    heat = np.zeros((1024, 832), dtype=np.float32)
+    heat[500, 401] = 1.0
+    mapped = map_to_source(heat, box)
+    assert mapped.shape == (60, 50) and float(mapped.max()) > 0.9
