@@ -531,7 +531,7 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         summary_lines,
         write_evaluation,
     )
-    from training.trainer import held_out_records
+    from training.trainer import held_out_records, risk_reliability
 
     try:
         metadata = read_metadata(args.checkpoint)
@@ -553,6 +553,23 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     architecture = _plugin_name(settings, metadata.architecture)
     title = f"{architecture}, {args.dataset} {args.split}"
     print(summary_lines(evaluation, title))
+    prevalence = metadata.calibrator.prevalence if metadata.calibrator is not None else None
+    reliability = risk_reliability(evaluation, prevalence, metadata)
+    if reliability is not None:
+        if prevalence is not None:
+            raw, calibrated = (
+                reliability["ece_raw_at_prevalence"],
+                reliability["ece_calibrated_at_prevalence"],
+            )
+            print(
+                f"ECE at the calibrator's prevalence {prevalence:g}: "
+                f"raw {raw:.4f}, calibrated {calibrated:.4f}"
+            )
+        for name, measured in reliability["operating_points"].items():
+            print(
+                f"operating point {name}: sensitivity {measured['sensitivity']:.3f}, "
+                f"specificity {measured['specificity']:.3f} here"
+            )
     if args.compare_paper:
         print(
             comparison_text(evaluation, architecture, args.dataset)
@@ -569,6 +586,7 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
                 "dataset": args.dataset,
                 "data": str(args.data),
                 "split": args.split,
+                "risk_reliability": reliability,
             },
             architecture=architecture,
             dataset=args.dataset,

@@ -1241,7 +1241,7 @@ def _train_one(
         "demo": demo,
         "calibration": calibration.to_dict() if calibration else None,
         "risk_calibration": risk_calibration.to_dict() if risk_calibration else None,
-        "test_reliability": _test_reliability(test, config.prevalence, metadata) if test else None,
+        "test_reliability": risk_reliability(test, config.prevalence, metadata) if test else None,
         "best_validation": fit.best_monitor,
         "monitor": trainer.monitor,
         "epochs": fit.epochs,
@@ -1304,7 +1304,7 @@ def _calibrate_risk(served: Any, config: TrainConfig, say: Callable[[str], None]
     return report
 
 
-def _test_reliability(
+def risk_reliability(
     test: Any, prevalence: float | None, metadata: CheckpointMetadata
 ) -> dict[str, Any] | None:
     """ECE at the stated prevalence of the raw and the served (calibrated) risk on the test split, and the
