@@ -26,6 +26,7 @@ import pydicom
 import structlog
 
 from gateway.errors import PluginError
+from gateway.inflate import read_header
 from gateway.messages import InstanceRef, StudyJob
 from gateway.settings import Settings
 from plugins.host import ModelHost, RunTimings, pixel_budget_reason
@@ -96,7 +97,7 @@ def read_sources(job: StudyJob, timings: StudyTimings | None = None) -> list[Sou
     for instance in job.instances:
         source = Source(instance=instance, path=root / instance.path)
         try:
-            header = pydicom.dcmread(source.path, stop_before_pixels=True)
+            header = read_header(source.path)  # streamed: a deflated data set is never inflated whole
             source.header = header
             source.own_output = is_own_output(header)
             if not source.own_output:
