@@ -432,3 +432,6 @@ def test_analysed_studies_reach_the_ris_high_risk_first_with_their_accession_num
         assert category["ACC0003"] == "high"
         assert all(category[a] != "high" for a in ("ACC0000", "ACC0001", "ACC0002"))
         assert set(results.notified_endpoints()) == {f"study-{i}" for i in range(4)}
+        from workers.http import OpsData
+
+        assert [row["notified"] for row in OpsData(settings).worklist()] == [True] * 4

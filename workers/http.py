@@ -230,13 +230,16 @@ class OpsData:
     def worklist(self, limit: int = 200) -> list[dict[str, Any]]:
         """The worklist in ResultsStore.worklist's order: highest risk first, unanalysed last."""
         committed = self.results.committed_jobs()
-        return [self._worklist_item(entry, committed) for entry in self.results.worklist(limit)]
+        notified = self.results.notified_jobs()
+        return [self._worklist_item(entry, committed, notified) for entry in self.results.worklist(limit)]
 
-    def _worklist_item(self, entry: WorklistEntry, committed: set[str]) -> dict[str, Any]:
+    def _worklist_item(self, entry: WorklistEntry, committed: set[str], notified: set[str]) -> dict[str, Any]:
         return {
             "job_id": entry.job_id, "version": entry.version, "risk": entry.risk,
             # Every output confirmed by Storage Commitment at each destination configured for it.
             "committed": entry.job_id in committed,
+            # The triage flag acknowledged by a RIS (notifications.hl7).
+            "notified": entry.job_id in notified,
             "band": (_CATEGORY_BAND[entry.triage_category] if entry.triage_category in _CATEGORY_BAND
                      else _risk_band(entry.risk, self.threshold)),
             "state": entry.state,

@@ -613,6 +613,11 @@ class ResultsReader:
             "SELECT destination, status, error, attempts, updated_at FROM deliveries WHERE job_id = ?"
             " ORDER BY updated_at", (job_id,))]
 
+    def notified_jobs(self) -> set[str]:
+        """Job ids that at least one RIS endpoint acknowledged (the worklist's "notified")."""
+        return {str(r["job_id"]) for r in self._rows(
+            "SELECT DISTINCT job_id FROM notifications WHERE status = 'notified'")}
+
     def notifications(self, job_id: str) -> list[Notification]:
         """Where one job's triage flag went (one row per RIS endpoint)."""
         return [Notification(str(r["endpoint"]), str(r["status"]), str(r["error"]), int(r["attempts"]),
