@@ -311,12 +311,12 @@ def send(endpoint: Hl7Endpoint, message: hl7.Message) -> Acknowledgement:
 
 
 def interim_decision(risks: dict[str, float | None], high_risk_threshold: float) -> TriageDecision:
-    """A triage decision from each model's study risk, by the triage thresholds that set queue priority.
+    """A stand-in decision for a notification queued without the study's own (:func:`workers.triage.decide`).
 
-    High at or above ``triage.high_risk_threshold``, intermediate at or above half of it (the
-    boundaries of :meth:`gateway.messages.Priority.from_risk`), routine below; the deciding model
-    is the one with the highest risk.  No operating point is named: the models' own points are
-    applied by the pipeline's decision where it is recorded.
+    From each model's study risk, by the triage thresholds that set queue priority: high at or
+    above ``triage.high_risk_threshold``, intermediate at or above half of it (the boundaries of
+    :meth:`gateway.messages.Priority.from_risk`), routine below; the deciding model is the one with
+    the highest risk, and no operating point is named.
     """
     scored = {model: risk for model, risk in risks.items() if risk is not None}
     if not scored:
