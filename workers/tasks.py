@@ -279,10 +279,9 @@ def _queue_notifications(study: StudyJob, sources: list[Any], settings: Settings
         accession_number=str(header.get("AccessionNumber", "") or "") if header is not None else "",
         patient_id=str(header.get("PatientID", "") or "") if header is not None else "")
     for endpoint in settings.notifications.hl7:
-        app.send_task("workers.tasks.notify",
-                      kwargs={"notice": notice.to_json_dict(), "endpoint": endpoint.name}, queue=DELIVERY_QUEUE,
-                      priority=int(priority), retry=True,
-                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+        kwargs = {"notice": notice.to_json_dict(), "endpoint": endpoint.name}
+        app.send_task("workers.tasks.notify", kwargs=kwargs, queue=DELIVERY_QUEUE, priority=int(priority),
+                      retry=True, retry_policy=WORKER_PUBLISH.kombu_retry_policy())
 
 
 def study_triage(host: ModelHost, store: ResultsStore, job_id: str, settings: Settings) -> TriageDecision:
