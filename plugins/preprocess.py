@@ -542,7 +542,7 @@ def map_to_source(heatmap: np.ndarray, box: Letterbox) -> np.ndarray:
     content = grid[box.pad_top : box.pad_top + content_h, box.pad_left : box.pad_left + content_w]
     if box.flipped:
         content = content[:, ::-1]
-    if content.shape[0] > height or content.shape[1] > width:
+    if min(height, width, *content.shape) > 0 and (content.shape[0] > height or content.shape[1] > width):
         # Shrinking onto a source smaller than the model input: each source pixel keeps the largest value it
         # covers (a grey dilation first), or a sparse map (LEM's back-propagated extrema) vanishes between the
         # pixels a plain resize samples.

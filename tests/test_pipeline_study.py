@@ -44,6 +44,8 @@ def test_a_study_two_models_accept_is_done_with_one_decode_per_image(harness: Ha
         real_read = pydicom.dcmread
         patch.setattr(pydicom, "dcmread",
                       lambda *a, **k: reads.append((a[0], k.get("stop_before_pixels", False))) or real_read(*a, **k))
+        real_header = pipeline.read_header
+        patch.setattr(pipeline, "read_header", lambda path: reads.append((path, True)) or real_header(path))
 
         host = pipeline.model_host(harness.settings, "cpu")
         timings = pipeline.StudyTimings()

@@ -188,9 +188,7 @@ def prediction_record(prediction: Prediction) -> dict[str, Any]:
         "score": _meaning_record(prediction.score),
         "operating_points": [dataclasses.asdict(point) for point in prediction.operating_points],
         "weights_sha256": prediction.weights_sha256,
-        "parameters": {
-            k: v for k, v in prediction.parameters.items() if isinstance(v, (str, int, float, bool))
-        },
+        "parameters": _json_parameters(prediction.parameters),
     }
 
 
@@ -221,6 +219,13 @@ def prediction_from_record(record: Mapping[str, Any]) -> Prediction:
         weights_sha256=record["weights_sha256"],
         parameters=dict(record["parameters"]),
     )
+
+
+def _json_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters as JSON keeps them; anything else as the text the report shows (``key=value``)."""
+    return {
+        k: v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for k, v in parameters.items()
+    }
 
 
 def _meaning_record(meaning: ScoreMeaning) -> dict[str, Any]:
@@ -259,9 +264,7 @@ def save_records(
             "name": model.name,
             "version": model.version,
             "display_name": model.display_name,
-            "parameters": {
-                k: v for k, v in model.parameters.items() if isinstance(v, (str, int, float, bool))
-            },
+            "parameters": _json_parameters(model.parameters),
         },
         "score": None if score is None else _meaning_record(score),
         "identity": None if identity is None else dataclasses.asdict(identity),
