@@ -11,7 +11,6 @@ import highdicom as hd
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
@@ -19,7 +18,7 @@ from gateway.errors import PermanentError, TransientError
 from gateway.settings import DestinationSettings, TLSSettings
 from tests.peers import Orthanc, get_free_port, running_storescp
 from tests.test_outputs import make_mammogram, make_prediction
-from workers import outputs, pacs
+from workers import outputs, pacs, study_report
 from workers.pacs import DeliveryResult, check_results, deliver
 
 
@@ -62,12 +61,12 @@ def test_delivered_objects_read_back_from_orthanc(orthanc: Orthanc) -> None:
     sr = hd.sr.srread(io.BytesIO(orthanc.instance_file(sr_id)))
     assert sr.StudyInstanceUID == images[0].StudyInstanceUID
     groups = sr.content.get_image_measurement_groups()
+    # The demo predictions' risk is an uncalibrated suspicion score: reported under its own concept.
+    score = study_report.score_concept(None)
     risks = {
-        str(group.source_images[0].referenced_sop_instance_uid): group.get_measurements(
-            name=codes.DCM.ProbabilityOfCancer
-        )[0].value
+        str(group.source_images[0].referenced_sop_instance_uid): group.get_measurements(name=score)[0].value
         for group in groups
-        if group.get_measurements(name=codes.DCM.ProbabilityOfCancer)
+        if group.source_images and group.get_measurements(name=score)
     }
     assert risks == {str(image.SOPInstanceUID): pytest.approx(0.8) for image in images}
     assert len(sr.content.get_planar_roi_measurement_groups()) == 2
