@@ -124,9 +124,14 @@ def write_ultrasound(
     cols: int = 160,
     frames: int = 4,
     region: tuple[int, int, int, int] = (20, 30, 80, 100),
+    body_part: str = "BREAST",
 ) -> Path:
-    """Write an RGB multi-frame ultrasound with a Sequence of Ultrasound Regions; frame 2 is the brightest."""
+    """Write an RGB multi-frame ultrasound with a Sequence of Ultrasound Regions; frame 2 is the brightest.
+
+    *body_part* is its Body Part Examined: a breast unit's by default, which the default routing needs.
+    """
     ds = _base_dataset(US_MULTIFRAME, "US")
+    ds.BodyPartExamined = body_part
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
     ds.PlanarConfiguration = 0
