@@ -25,6 +25,7 @@ from gateway.settings import Settings, load_settings
 from tests.utils import get_port, make_instance, write
 from workers.http import create_app
 from workers.metrics import TriageCollector, queue_depths
+from workers.previews import write_preview
 from workers.results import ResultsStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +69,7 @@ def make_sc(path: Path, study_uid: str, seed: int, rows: int = 40, cols: int = 6
     ds.PixelData = pixels.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+    write_preview(ds, path)  # as the worker does for every heatmap it writes
     return pixels
 
 
@@ -271,7 +273,9 @@ def test_heatmap_png_is_the_secondary_capture(ops: SimpleNamespace) -> None:
     (model,) = detail["models"]
     assert model["outputs"] == 2 and len(model["heatmaps"]) == 1  # the SR is not a heatmap
     assert model["heatmaps"][0]["caption"] == "heatmap 1"
-    response = ops.client.get(model["heatmaps"][0]["url"], headers=bearer())
+    with pytest.MonkeyPatch.context() as patch:  # the service never decodes a DICOM object's pixels
+        patch.setattr(Dataset, "pixel_array", property(lambda self: pytest.fail("pixel data decoded")))
+        response = ops.client.get(model["heatmaps"][0]["url"], headers=bearer())
     assert response.headers["content-type"] == "image/png"
     decoded = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
     assert np.array_equal(cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB), study.pixels)

@@ -166,30 +166,28 @@ def _study_header(path: str, mtime_ns: int) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _png(path: str, mtime_ns: int, max_width: int) -> bytes:
+def _png(path: str, mtime_ns: int, max_width: int) -> bytes | None:
+    """The worker's PNG preview of a heatmap, at most *max_width* wide; None when it has none.
+
+    Never the DICOM object's pixel data: only the preview the worker wrote beside it.
+    """
     import cv2
     import numpy as np
-    import pydicom
 
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    if str(ds.get("PhotometricInterpretation", "")) == "RGB":
-        image = cv2.cvtColor(np.ascontiguousarray(pixels, dtype=np.uint8), cv2.COLOR_RGB2BGR)
-    else:
-        grey = pixels.astype(np.float32)
-        span = float(grey.max() - grey.min()) or 1.0
-        image = ((grey - grey.min()) * (255.0 / span)).astype(np.uint8)
-        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-            image = 255 - image
-    if image.shape[1] > max_width:
-        height = round(image.shape[0] * max_width / image.shape[1])
-        image = cv2.resize(image, (max_width, height), interpolation=cv2.INTER_AREA)
-    ok, encoded = cv2.imencode(".png", image)
+    from workers.previews import preview_path
+
+    try:
+        encoded = preview_path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape[1] <= max_width:
+        return encoded
+    height = round(image.shape[0] * max_width / image.shape[1])
+    ok, smaller = cv2.imencode(".png", cv2.resize(image, (max_width, height), interpolation=cv2.INTER_AREA))
     if not ok:
         raise ValueError("OpenCV could not encode the image as PNG")
-    return encoded.tobytes()
+    return smaller.tobytes()
 
 
 def _mtime(path: Path) -> int:

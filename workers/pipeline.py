@@ -34,6 +34,7 @@ from plugins.preprocess import decode_frames, image_ref_from_header, to_grey
 from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage, failure_reason
 from workers import uids
 from workers.identity import SERIES_KINDS, AlgorithmIdentity
+from workers.previews import write_preview
 from workers.outputs import MANUFACTURER, ReportedModel, build_extra_map_scs, build_heatmap_sc
 from workers.study_report import ModelResults, Triage, build_study_sr, load_records, save_records
 from workers.triage import TriageDecision
@@ -491,6 +492,7 @@ def _save(dataset: pydicom.Dataset, directory: Path) -> Path:
     temp = path.with_suffix(".tmp")
     dataset.save_as(temp, enforce_file_format=True)
     temp.replace(path)
+    write_preview(dataset, path)  # what the web service shows, so that it never decodes pixel data
     return path
 
 
