@@ -173,9 +173,9 @@ def _register_train(subparsers: Any, parents: list[argparse.ArgumentParser]) -> 
         "--imagenet",
         action="append",
         default=[],
-        metavar="[KEY=]PATH|hub",
-        help="start from ImageNet weights: a local timm weights file, or 'hub' for timm's "
-        "hub (downloads); KEY names the backbone for two-backbone models (clgb_net: "
+        metavar="[KEY=]PATH",
+        help="start from ImageNet weights in a local timm weights file (nothing is downloaded); "
+        "KEY names the backbone for two-backbone models (clgb_net: "
         "cnn, swin; us_fusion: mobilenet, densenet). Default: random initialisation",
     )
     recipe.add_argument("--show-recipe", action="store_true", help="print the recipe and exit")
@@ -384,14 +384,15 @@ def _imagenet_sources(items: Sequence[str], recipe: Any) -> dict[str, str]:
     backbones = list(recipe.imagenet_backbones)
     for item in items:
         key, sep, value = item.partition("=")
+        if item == "hub":
+            raise ValueError(
+                "--imagenet takes a local weights file: pacs-triage never downloads weights from a hub"
+            )
         if not sep:
-            if len(backbones) != 1 and item != "hub":
+            if len(backbones) != 1:
                 raise ValueError(
                     f"{recipe.name} has backbones {', '.join(backbones)}; write --imagenet KEY=PATH for each"
                 )
-            if item == "hub":
-                sources.update(dict.fromkeys(backbones, "hub"))
-                continue
             key, value = backbones[0], item
         sources[key.strip()] = value.strip()
     return sources

@@ -158,27 +158,23 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 def load_timm_backbone(
     module: nn.Module, source: str | Path, timm_name: str, allowed_unexpected: tuple[str, ...]
 ) -> None:
-    """Load ImageNet weights into a timm backbone from a local file or (``source="hub"``) timm's hub.
+    """Load ImageNet weights into a timm backbone from a local file (never from a hub).
 
     The file is read with timm's own loader (``timm.models.load_state_dict``: ``.pth``, ``.bin`` or
-    safetensors, EMA unwrapped); ``hub`` asks ``timm.create_model(timm_name, pretrained=True)``, which
-    downloads through timm's cache.  Every backbone key must be filled; only keys starting with one of
+    safetensors, EMA unwrapped).  Every backbone key must be filled; only keys starting with one of
     *allowed_unexpected* (the classifier) may be left over.
 
     :param module: the backbone (a timm model, possibly ``features_only``), loaded in place.
-    :param source: a weights file, or ``hub``.
+    :param source: a weights file.
     :param timm_name: the timm architecture the weights belong to.
     :param allowed_unexpected: key prefixes the backbone does not have (e.g. ``("classifier.",)``).
     :raises FileNotFoundError: when the file does not exist.
     :raises ValueError: when the weights do not fit the backbone.
     """
-    if str(source) == "hub":
-        state = timm.create_model(timm_name, pretrained=True).state_dict()
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"ImageNet weights for {timm_name} not found: {path}")
-        state = timm.models.load_state_dict(str(path), use_ema=True)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet weights for {timm_name} not found: {path}")
+    state = timm.models.load_state_dict(str(path), use_ema=True)
     check_state_dict_fits(module, state, allowed_unexpected, f"{source} (the {timm_name} backbone)")
     own = module.state_dict()
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
@@ -337,10 +333,10 @@ class Recipe(abc.ABC):
         return self.plugin.build_model(self.options)
 
     def load_imagenet(self, model: nn.Module, sources: Mapping[str, str]) -> list[str]:
-        """Initialise backbones from ImageNet weights (files or ``hub``) with timm's own loader.
+        """Initialise backbones from ImageNet weights (local files) with timm's own loader.
 
         :param model: the model from :meth:`build_model`.
-        :param sources: backbone key (see :attr:`imagenet_backbones`) -> file path or ``hub``.
+        :param sources: backbone key (see :attr:`imagenet_backbones`) -> file path.
         :returns: one line per backbone loaded.
         """
         if not self.imagenet_backbones:
@@ -473,7 +469,7 @@ class Recipe(abc.ABC):
 
     def logits(self, output: Any) -> torch.Tensor:
         """``[B, K]`` class logits from the model's output."""
-        return output  # type: ignore[no-any-return]
+        return output
 
     @abc.abstractmethod
     def stages(self, steps_per_epoch: int) -> list[Stage]:
@@ -487,7 +483,7 @@ class Recipe(abc.ABC):
     @property
     def monitor(self) -> Monitor:
         """What early stopping and best-model selection watch; "none" keeps the last epoch's weights."""
-        return self.hp["monitor"]  # type: ignore[no-any-return]
+        return self.hp["monitor"]
 
     # -- checkpoint --------------------------------------------------------------------------------
 

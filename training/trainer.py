@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from gateway.settings import Settings
 from plugins.host import ModelHost
 from plugins.preprocess import decode_frames, read_image_ref
-from plugins.synthetic import write_dataset_dir
+from plugins.synthetic import Kind, write_dataset_dir
 from plugins.types import ImageRef, OperatingPoint, RiskCalibrator
 from plugins.weights import CheckpointMetadata, save_checkpoint
 from training.calibration import CalibrationReport, choose_operating_points, reliability_at_prevalence
@@ -270,7 +270,7 @@ class TrainConfig:
     resume: bool = False
     #: "auto" (memory when the prepared images fit the budget), "memory" or "none".
     cache: str = "auto"
-    #: Backbone key -> ImageNet weights file or "hub"; empty = random initialisation.
+    #: Backbone key -> ImageNet weights file; empty = random initialisation.
     imagenet: Mapping[str, str] = field(default_factory=dict)
     #: Stop (saving the state) after this many epochs of this invocation; None = run to the end.
     stop_after_epochs: int | None = None
@@ -1171,7 +1171,9 @@ def _train_one(
                 # On the calibrated probabilities, which are what the plugin serves and thresholds.
                 positive = recipe.classes.index(recipe.positive_class)
                 scores = softmax(logits, calibration.temperature)[:, positive]
-                thresholds[recipe.positive_class] = youden_threshold(scores, targets == positive)
+                thresholds[recipe.positive_class] = youden_threshold(
+                    scores.tolist(), (targets == positive).tolist()
+                )
                 say(
                     f"Youden's threshold on the validation split: p({recipe.positive_class}) >= "
                     f"{thresholds[recipe.positive_class]:.4f}"
@@ -1482,7 +1484,11 @@ def train_demo(
     with tempfile.TemporaryDirectory(prefix=f"pacs-triage-demo-{name}-") as temporary:
         work = Path(work_dir) if work_dir is not None else Path(temporary)
         manifest = write_dataset_dir(
-            work / "phantoms", profile.kind, images or profile.images, seed, classes=profile.classes
+            work / "phantoms",
+            cast(Kind, profile.kind),
+            images or profile.images,
+            seed,
+            classes=profile.classes,
         )
         records = load_generic_csv(manifest)
         result = train(

@@ -22,9 +22,9 @@ from plugins.builtin.clgb_net import CLGBNet, load_imagenet_backbones
 from training.recipes import DemoProfile, Hyper, Recipe, Stage, all_trainable, seeded_torch, sgd_or_adam
 
 __all__ = [
+    "ClgbNetRecipe",
     "build_scheduler",
     "clgb_loss",
-    "ClgbNetRecipe",
     "pacs_triage_training_recipes",
     "set_training_stage",
     "train_transform",
@@ -195,9 +195,8 @@ class ClgbNetRecipe(Recipe):
         unknown = sorted(set(sources) - {"cnn", "swin"})
         if unknown:
             raise ValueError(f"clgb_net has no backbone {unknown}; --imagenet takes cnn=PATH and swin=PATH")
-        files = {k: v for k, v in sources.items() if v != "hub"}
-        hub = {k: v for k, v in sources.items() if v == "hub"}
-        done = super().load_imagenet(model, hub) if hub else []
+        files = dict(sources)
+        done: list[str] = []
         if files:
             # The model file's helper converts Microsoft-layout Swin checkpoints and other input sizes.
             load_imagenet_backbones(model, cnn_path=files.get("cnn"), swin_path=files.get("swin"))  # type: ignore[arg-type]
@@ -207,7 +206,7 @@ class ClgbNetRecipe(Recipe):
     def augmented_input(self, prepared: np.ndarray, seed: int) -> torch.Tensor:
         transform = train_transform(
             self.input_size[0],
-            scale=tuple(self.hp["crop_scale"]),  # type: ignore[arg-type]
+            scale=tuple(self.hp["crop_scale"]),
             hflip=float(self.hp["hflip_p"]),
             vflip=float(self.hp["vflip_p"]),
             mean=self.spec.mean,
@@ -223,7 +222,7 @@ class ClgbNetRecipe(Recipe):
         return value, {k: float(v) for k, v in parts.items()}
 
     def logits(self, output: Any) -> torch.Tensor:
-        return output[0]  # type: ignore[no-any-return]
+        return output[0]
 
     def stages(self, steps_per_epoch: int) -> list[Stage]:
         hp = self.hp

@@ -30,13 +30,13 @@ from training.datasets import Record
 from training.recipes import DemoProfile, Hyper, Recipe, Stage, adam_factory, all_trainable, grey_letterbox
 
 __all__ = [
+    "HybridBiradsRecipe",
+    "OversamplingSampler",
     "augment",
     "dal_loss",
-    "HybridBiradsRecipe",
     "make_scheduler",
     "ordinal_distance_matrix",
     "oversample_indices",
-    "OversamplingSampler",
     "pacs_triage_training_recipes",
     "set_training_stage",
 ]
@@ -281,9 +281,6 @@ class HybridBiradsRecipe(Recipe):
         if unknown:
             raise ValueError(f"hybrid_birads has no backbone {unknown}; --imagenet takes one {backbone} file")
         source = sources["backbone"]
-        if source == "hub":
-            self.imagenet_backbones = {"backbone": ("backbone", backbone, ("fc.",))}  # type: ignore[misc]
-            return super().load_imagenet(model, sources)
         load_imagenet_backbone(model, source)  # type: ignore[arg-type]
         return [f"backbone: {backbone} from {source}"]
 
