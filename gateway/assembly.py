@@ -38,8 +38,9 @@ class Assembler:
     :param storage_root: Written into every job so workers know where paths are relative to.
     """
 
-    def __init__(self, journal: Journal, dispatcher: Dispatcher, settings: AssemblySettings,
-                 storage_root: str) -> None:
+    def __init__(
+        self, journal: Journal, dispatcher: Dispatcher, settings: AssemblySettings, storage_root: str
+    ) -> None:
         self.journal = journal
         self.dispatcher = dispatcher
         self.settings = settings
@@ -68,10 +69,11 @@ class Assembler:
         seen = {
             (row["laterality"], row["view"])
             for row in self.journal.study_instances(study.study_uid)
-            if row["study_version"] == study.version and row["modality"] == "MG"
+            if row["study_version"] == study.version
+            and row["modality"] == "MG"
             and row["presentation"] != "FOR PROCESSING"
         }
-        return _FOUR_VIEWS <= seen
+        return seen >= _FOUR_VIEWS
 
     def completion_reason(self, study: StudyRow, now: float) -> str | None:
         if study.modality == "MG" and self._has_four_views(study):
@@ -90,7 +92,9 @@ class Assembler:
         for study in self.journal.studies(StudyState.RECEIVING):
             reason = self.completion_reason(study, now)
             if reason and self.journal.complete_study(study.study_uid, study.version, reason, now):
-                log.info("study.complete", job_id=job_id_for(study.study_uid, study.version), completed_by=reason)
+                log.info(
+                    "study.complete", job_id=job_id_for(study.study_uid, study.version), completed_by=reason
+                )
         if now < self._retry_after:
             return 0
         dispatched = 0
@@ -111,15 +115,26 @@ class Assembler:
 
     def build_job(self, study: StudyRow) -> StudyJob:
         instances = tuple(
-            InstanceRef(sop_instance_uid=row["sop_uid"], sop_class_uid=row["sop_class_uid"],
-                        series_instance_uid=row["series_uid"], modality=row["modality"], path=row["path"],
-                        transfer_syntax_uid=row["transfer_syntax"], study_version=int(row["study_version"]))
+            InstanceRef(
+                sop_instance_uid=row["sop_uid"],
+                sop_class_uid=row["sop_class_uid"],
+                series_instance_uid=row["series_uid"],
+                modality=row["modality"],
+                path=row["path"],
+                transfer_syntax_uid=row["transfer_syntax"],
+                study_version=int(row["study_version"]),
+            )
             for row in self.journal.study_instances(study.study_uid)
         )
         return StudyJob(
-            job_id=job_id_for(study.study_uid, study.version), study_instance_uid=study.study_uid,
-            study_version=study.version, calling_ae=study.calling_ae, priority=Priority(study.priority),
-            completed_by=study.completed_by or "recovery", storage_root=self.storage_root, instances=instances,
+            job_id=job_id_for(study.study_uid, study.version),
+            study_instance_uid=study.study_uid,
+            study_version=study.version,
+            calling_ae=study.calling_ae,
+            priority=Priority(study.priority),
+            completed_by=study.completed_by or "recovery",
+            storage_root=self.storage_root,
+            instances=instances,
         )
 
     # ------------------------------------------------------------------ thread

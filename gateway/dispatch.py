@@ -30,6 +30,11 @@ class LoggingDispatcher:
     """Logs completed studies; the gateway-only mode and the tour's first step."""
 
     def dispatch(self, job: StudyJob) -> None:
-        log.info("study.dispatched", job_id=job.job_id, version=job.study_version,
-                 instances=len(job.instances), priority=int(job.priority), completed_by=job.completed_by)
-
+        log.info(
+            "study.dispatched",
+            job_id=job.job_id,
+            version=job.study_version,
+            instances=len(job.instances),
+            priority=int(job.priority),
+            completed_by=job.completed_by,
+        )

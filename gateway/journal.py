@@ -141,7 +141,8 @@ class Journal:
         self._lock = threading.RLock()
         lock_path = self.path.with_name(self.path.name + ".lock")
         self._writer_lock: int | None = (
-            os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if fcntl is not None else None)
+            os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if fcntl is not None else None
+        )
         self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -191,8 +192,9 @@ class Journal:
         """
         return self.record_instances([(rec, outcome)], now)[0]
 
-    def record_instances(self, items: list[tuple[InstanceRecord, StoreOutcome]],
-                         now: float | None = None) -> list[int]:
+    def record_instances(
+        self, items: list[tuple[InstanceRecord, StoreOutcome]], now: float | None = None
+    ) -> list[int]:
         """Commit several stored instances in one transaction (one fsync) and return their study versions.
 
         Each item is recorded exactly as :meth:`record_instance` would, in order; if any fails,
@@ -207,13 +209,12 @@ class Journal:
             "SELECT version, state FROM studies WHERE study_uid = ? ORDER BY version DESC LIMIT 1",
             (rec.study_uid,),
         ).fetchone()
-        if outcome is StoreOutcome.DUPLICATE:
-            if current is not None:
-                db.execute(
-                    "UPDATE studies SET duplicates = duplicates + 1 WHERE study_uid = ? AND version = ?",
-                    (rec.study_uid, current["version"]),
-                )
-                return int(current["version"])
+        if outcome is StoreOutcome.DUPLICATE and current is not None:
+            db.execute(
+                "UPDATE studies SET duplicates = duplicates + 1 WHERE study_uid = ? AND version = ?",
+                (rec.study_uid, current["version"]),
+            )
+            return int(current["version"])
         if current is not None and current["state"] == StudyState.RECEIVING:
             version = int(current["version"])
             db.execute(
@@ -225,16 +226,40 @@ class Journal:
             db.execute(
                 "INSERT INTO studies (study_uid, version, state, calling_ae, modality, priority, first_at, last_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (rec.study_uid, version, StudyState.RECEIVING, rec.calling_ae, rec.modality, rec.priority, now, now),
+                (
+                    rec.study_uid,
+                    version,
+                    StudyState.RECEIVING,
+                    rec.calling_ae,
+                    rec.modality,
+                    rec.priority,
+                    now,
+                    now,
+                ),
             )
-            self._event(db, rec.study_uid, version, now, "first_instance",
-                        "reopened" if current is not None else "")
+            self._event(
+                db, rec.study_uid, version, now, "first_instance", "reopened" if current is not None else ""
+            )
         db.execute(
             "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
             " modality, laterality, view, presentation, path, size, calling_ae, study_version, received_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (rec.sop_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax, rec.modality,
-             rec.laterality, rec.view, rec.presentation, rec.path, rec.size, rec.calling_ae, version, now),
+            (
+                rec.sop_uid,
+                rec.study_uid,
+                rec.series_uid,
+                rec.sop_class_uid,
+                rec.transfer_syntax,
+                rec.modality,
+                rec.laterality,
+                rec.view,
+                rec.presentation,
+                rec.path,
+                rec.size,
+                rec.calling_ae,
+                version,
+                now,
+            ),
         )
         return version
 
@@ -251,17 +276,21 @@ class Journal:
             if state is None:
                 rows = self._db.execute("SELECT * FROM studies ORDER BY first_at").fetchall()
             else:
-                rows = self._db.execute("SELECT * FROM studies WHERE state = ? ORDER BY first_at",
-                                        (str(state),)).fetchall()
+                rows = self._db.execute(
+                    "SELECT * FROM studies WHERE state = ? ORDER BY first_at", (str(state),)
+                ).fetchall()
         return [StudyRow(**dict(r)) for r in rows]
 
     def study(self, study_uid: str, version: int) -> StudyRow | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM studies WHERE study_uid = ? AND version = ?",
-                                   (study_uid, version)).fetchone()
+            row = self._db.execute(
+                "SELECT * FROM studies WHERE study_uid = ? AND version = ?", (study_uid, version)
+            ).fetchone()
         return StudyRow(**dict(row)) if row else None
 
-    def complete_study(self, study_uid: str, version: int, completed_by: str, now: float | None = None) -> bool:
+    def complete_study(
+        self, study_uid: str, version: int, completed_by: str, now: float | None = None
+    ) -> bool:
         """Mark a receiving study version complete; False if it was no longer receiving."""
         now = time.time() if now is None else now
         with self._transaction() as db:
@@ -284,18 +313,24 @@ class Journal:
             self._event(db, study_uid, version, now, "queued", job_id)
 
     @staticmethod
-    def _event(db: sqlite3.Connection, study_uid: str, version: int, now: float, event: str, detail: str) -> None:
-        db.execute("INSERT INTO events (study_uid, version, at, event, detail) VALUES (?, ?, ?, ?, ?)",
-                   (study_uid, version, now, event, detail))
+    def _event(
+        db: sqlite3.Connection, study_uid: str, version: int, now: float, event: str, detail: str
+    ) -> None:
+        db.execute(
+            "INSERT INTO events (study_uid, version, at, event, detail) VALUES (?, ?, ?, ?, ?)",
+            (study_uid, version, now, event, detail),
+        )
 
     # ---------------------------------------------------------------- refusals
 
     def record_refusal(self, reason: str, now: float | None = None) -> None:
         """Count one refused instance under *reason* (a fixed word, never patient data)."""
         with self._transaction() as db:
-            db.execute("INSERT INTO refusals (reason, count, last_at) VALUES (?, 1, ?)"
-                       " ON CONFLICT(reason) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
-                       (reason, time.time() if now is None else now))
+            db.execute(
+                "INSERT INTO refusals (reason, count, last_at) VALUES (?, 1, ?)"
+                " ON CONFLICT(reason) DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+                (reason, time.time() if now is None else now),
+            )
 
 
 # -------------------------------------------------------------------------------- reading
@@ -311,13 +346,17 @@ def connect_existing(path: Path, tables: Sequence[str]) -> sqlite3.Connection | 
     """
     if not path.is_file():
         return None
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=10.0,
-                         check_same_thread=False)
+    db = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=10.0, check_same_thread=False
+    )
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA busy_timeout=10000")
     # The file appears a moment before the writer's schema transaction commits.
-    found = db.execute(f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
-                       f"({','.join('?' * len(tables))})", tuple(tables)).fetchone()[0]
+    found = db.execute(
+        f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+        f"({','.join('?' * len(tables))})",
+        tuple(tables),
+    ).fetchone()[0]
     if found < len(tables):
         db.close()
         return None
@@ -383,54 +422,87 @@ class JournalReader:
     def first_instance_path(self, study_uid: str) -> str | None:
         """The stored path (relative to the data directory) of one instance of the study, if any."""
         with self._read() as db:
-            row = None if db is None else db.execute(
-                "SELECT path FROM instances WHERE study_uid = ? LIMIT 1", (study_uid,)).fetchone()
+            row = (
+                None
+                if db is None
+                else db.execute(
+                    "SELECT path FROM instances WHERE study_uid = ? LIMIT 1", (study_uid,)
+                ).fetchone()
+            )
         return None if row is None else str(row["path"])
 
     def newest_studies(self, limit: int) -> list[StudyRow]:
         """Up to *limit* study versions, the most recently begun first."""
         with self._read() as db:
-            rows = [] if db is None else db.execute(
-                "SELECT * FROM studies ORDER BY first_at DESC LIMIT ?", (limit,)).fetchall()
+            rows = (
+                []
+                if db is None
+                else db.execute("SELECT * FROM studies ORDER BY first_at DESC LIMIT ?", (limit,)).fetchall()
+            )
         return [StudyRow(**dict(r)) for r in rows]
 
     def study_by_job_id(self, job_id: str) -> StudyRow | None:
         """The dispatched study version queued under *job_id*."""
         with self._read() as db:
-            row = None if db is None else db.execute(
-                "SELECT * FROM studies WHERE job_id = ?", (job_id,)).fetchone()
+            row = (
+                None
+                if db is None
+                else db.execute("SELECT * FROM studies WHERE job_id = ?", (job_id,)).fetchone()
+            )
         return None if row is None else StudyRow(**dict(row))
 
     def undispatched_studies(self, version: int) -> list[StudyRow]:
         """Study versions numbered *version* that have no job id yet (receiving or complete)."""
         with self._read() as db:
-            rows = [] if db is None else db.execute(
-                "SELECT * FROM studies WHERE job_id IS NULL AND version = ?", (version,)).fetchall()
+            rows = (
+                []
+                if db is None
+                else db.execute(
+                    "SELECT * FROM studies WHERE job_id IS NULL AND version = ?", (version,)
+                ).fetchall()
+            )
         return [StudyRow(**dict(r)) for r in rows]
 
     def events(self, study_uid: str, version: int) -> list[JournalEvent]:
         """The gateway's timeline of one study version, oldest first."""
         with self._read() as db:
-            rows = [] if db is None else db.execute(
-                "SELECT at, event, detail FROM events WHERE study_uid = ? AND version = ? ORDER BY at",
-                (study_uid, version)).fetchall()
+            rows = (
+                []
+                if db is None
+                else db.execute(
+                    "SELECT at, event, detail FROM events WHERE study_uid = ? AND version = ? ORDER BY at",
+                    (study_uid, version),
+                ).fetchall()
+            )
         return [JournalEvent(float(r["at"]), str(r["event"]), str(r["detail"])) for r in rows]
 
     def instance_count(self, study_uid: str, version: int) -> int:
         """How many instances joined this study version."""
         with self._read() as db:
-            row = None if db is None else db.execute(
-                "SELECT count(*) FROM instances WHERE study_uid = ? AND study_version = ?",
-                (study_uid, version)).fetchone()
+            row = (
+                None
+                if db is None
+                else db.execute(
+                    "SELECT count(*) FROM instances WHERE study_uid = ? AND study_version = ?",
+                    (study_uid, version),
+                ).fetchone()
+            )
         return 0 if row is None else int(row[0])
 
     def arrivals(self) -> list[StudyArrival]:
         """Every study version with its state, the first to arrive first."""
         with self._read() as db:
-            rows = [] if db is None else db.execute(
-                "SELECT study_uid, version, state, first_at FROM studies ORDER BY first_at").fetchall()
-        return [StudyArrival(str(r["study_uid"]), int(r["version"]), str(r["state"]), float(r["first_at"]))
-                for r in rows]
+            rows = (
+                []
+                if db is None
+                else db.execute(
+                    "SELECT study_uid, version, state, first_at FROM studies ORDER BY first_at"
+                ).fetchall()
+            )
+        return [
+            StudyArrival(str(r["study_uid"]), int(r["version"]), str(r["state"]), float(r["first_at"]))
+            for r in rows
+        ]
 
     def counts(self) -> JournalCounts:
         """Instances held and repeated, completions by rule and refusals by reason."""
@@ -439,10 +511,14 @@ class JournalReader:
                 return JournalCounts(stored=0, duplicates=0, completed_by={}, refused={})
             stored = db.execute("SELECT count(*) FROM instances").fetchone()[0]
             duplicates = db.execute("SELECT coalesce(sum(duplicates), 0) FROM studies").fetchone()[0]
-            completed = db.execute("SELECT completed_by, count(*) AS n FROM studies"
-                                   " WHERE completed_at IS NOT NULL GROUP BY completed_by").fetchall()
+            completed = db.execute(
+                "SELECT completed_by, count(*) AS n FROM studies"
+                " WHERE completed_at IS NOT NULL GROUP BY completed_by"
+            ).fetchall()
             refused = db.execute("SELECT reason, count FROM refusals ORDER BY reason").fetchall()
         return JournalCounts(
-            stored=int(stored), duplicates=int(duplicates),
+            stored=int(stored),
+            duplicates=int(duplicates),
             completed_by={str(r["completed_by"] or "unknown"): int(r["n"]) for r in completed},
-            refused={str(r["reason"]): int(r["count"]) for r in refused})
+            refused={str(r["reason"]): int(r["count"]) for r in refused},
+        )

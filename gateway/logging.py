@@ -17,8 +17,18 @@ import structlog
 import structlog.tracebacks
 
 # Attribute names whose values must never reach a log line, whoever logs them.
-_PHI_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
-                       "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames"})
+_PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "OtherPatientIDs",
+        "OtherPatientNames",
+    }
+)
 
 
 def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +55,9 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
-                                           exception_formatter=structlog.dev.plain_traceback)
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -59,8 +70,15 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             # Structured tracebacks without local variables: locals can hold patient data.
-            *([structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False))] if json_output else []),
+            *(
+                [
+                    structlog.processors.ExceptionRenderer(
+                        structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+                    )
+                ]
+                if json_output
+                else []
+            ),
             renderer,
         ],
     )

@@ -79,14 +79,19 @@ class RetryPolicy:
         """
         if self.jitter:
             raise ValueError("kombu's publish retries cannot jitter; use a policy without jitter")
-        return {"max_retries": self.max_retries, "interval_start": self.first_seconds,
-                "interval_step": self.first_seconds, "interval_max": self.max_seconds}
+        return {
+            "max_retries": self.max_retries,
+            "interval_start": self.first_seconds,
+            "interval_step": self.first_seconds,
+            "interval_max": self.max_seconds,
+        }
 
     def describe(self) -> str:
         """The policy in one line of prose, for the conformance statement and the docs."""
         count = "without limit" if self.max_retries is None else f"at most {self.max_retries}"
-        return (f"{count}, backoff from {self.first_seconds:g} s up to {self.max_seconds:g} s"
-                + (" with full jitter" if self.jitter else ""))
+        return f"{count}, backoff from {self.first_seconds:g} s up to {self.max_seconds:g} s" + (
+            " with full jitter" if self.jitter else ""
+        )
 
 
 def delivery_policy(settings: DeliverySettings) -> RetryPolicy:
@@ -94,8 +99,12 @@ def delivery_policy(settings: DeliverySettings) -> RetryPolicy:
 
     Jittered: after a PACS outage, the studies that waited do not all come back in the same second.
     """
-    return RetryPolicy(first_seconds=settings.backoff_base_seconds, max_seconds=settings.backoff_max_seconds,
-                       max_retries=settings.max_retries, jitter=True)
+    return RetryPolicy(
+        first_seconds=settings.backoff_base_seconds,
+        max_seconds=settings.backoff_max_seconds,
+        max_retries=settings.max_retries,
+        jitter=True,
+    )
 
 
 #: The assembler's wait after the broker refused a study: it keeps the study and tries again on a

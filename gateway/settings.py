@@ -244,7 +244,10 @@ class RouteRule(_Section):
 #: reads breast ultrasound only (never obstetric or thyroid), the mammography models MG only.
 DEFAULT_ROUTES: dict[str, tuple[RouteRule, ...]] = {
     "us_fusion": (RouteRule(modalities=("US",), body_parts=("BREAST",)),),
-    **{name: (RouteRule(modalities=("MG",)),) for name in ("asg_mammonet", "clgb_net", "lem", "hybrid_birads")},
+    **{
+        name: (RouteRule(modalities=("MG",)),)
+        for name in ("asg_mammonet", "clgb_net", "lem", "hybrid_birads")
+    },
 }
 
 
@@ -315,7 +318,10 @@ class NotificationsSettings(_Section):
     notify: Literal["high-risk", "all"] = "high-risk"
     #: The HL7 priority each triage category is sent with (S stat, A ASAP, R routine).
     priorities: dict[Literal["high", "intermediate", "routine"], Hl7Priority] = {
-        "high": "S", "intermediate": "A", "routine": "R"}
+        "high": "S",
+        "intermediate": "A",
+        "routine": "R",
+    }
 
     @model_validator(mode="after")
     def _unique_names(self) -> NotificationsSettings:

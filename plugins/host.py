@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pluggy
@@ -31,6 +31,7 @@ from plugins.preprocess import (
     CROP_MODES,
     FOR_PROCESSING_SOP_CLASSES,
     FRAME_POLICIES,
+    FramePolicy,
     decode_frames,
 )
 from plugins.types import (
@@ -76,8 +77,10 @@ def pixel_budget_reason(ref: ImageRef, max_bytes: int) -> str | None:
     above *max_bytes*), or ``None``.  Decided from the header alone, before any pixel is read."""
     declared = ref.declared_pixel_bytes
     if declared > max_bytes:
-        return (f"the header declares {declared / 2**20:.0f} MiB of pixels (rows x columns x frames x "
-                f"bytes per sample), above the per-image budget of {max_bytes / 2**20:.0f} MiB")
+        return (
+            f"the header declares {declared / 2**20:.0f} MiB of pixels (rows x columns x frames x "
+            f"bytes per sample), above the per-image budget of {max_bytes / 2**20:.0f} MiB"
+        )
     return None
 
 
@@ -233,8 +236,10 @@ class ModelHost:
         routes = self.settings.routing.rules_for(plugin.name)
         if routes and not any(route_matches(r, ref, self.settings.routing.breast_unit_aes) for r in routes):
             # Our words only: the header's body part is not repeated (it is free text a site fills in).
-            return (f"no routing rule of routing.models.{plugin.name} matches this image (modality, "
-                    "body part or anatomic region, calling AE, SOP class, laterality)")
+            return (
+                f"no routing rule of routing.models.{plugin.name} matches this image (modality, "
+                "body part or anatomic region, calling AE, SOP class, laterality)"
+            )
         return None
 
     # -- loading ----------------------------------------------------------------------------
@@ -312,7 +317,9 @@ class ModelHost:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run(self, plugin_name: str, refs: Sequence[ImageRef], timings: RunTimings | None = None) -> list[Result]:
+    def run(
+        self, plugin_name: str, refs: Sequence[ImageRef], timings: RunTimings | None = None
+    ) -> list[Result]:
         """Decode, preprocess, run (batched), explain and postprocess *refs* with one model.
 
         Images whose header declares more pixels than ``worker.max_image_pixel_bytes`` fail
@@ -329,7 +336,7 @@ class ModelHost:
                 raise PermanentError(reason)
             return [
                 (dataclasses.replace(ref, frame_index=i), image)
-                for i, image in decode_frames(ref.path, frames)
+                for i, image in decode_frames(ref.path, cast(FramePolicy, frames))
             ]
 
         return self._run(self.plugin(plugin_name), [(ref, decode) for ref in refs], timings)
@@ -348,7 +355,10 @@ class ModelHost:
         return self._run(self.plugin(plugin_name), jobs, timings)
 
     def _run(
-        self, plugin: ModelPlugin, jobs: Sequence[tuple[ImageRef, _Decoder]], timings: RunTimings | None = None
+        self,
+        plugin: ModelPlugin,
+        jobs: Sequence[tuple[ImageRef, _Decoder]],
+        timings: RunTimings | None = None,
     ) -> list[Result]:
         started = time.perf_counter()
         timings = timings if timings is not None else RunTimings()
@@ -449,7 +459,7 @@ class ModelHost:
             return self._fail(plugin.name, batch, failure_reason(f"forward on {loaded.device}", exc))
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except BaseException as exc:  # noqa: BLE001 - anything, including a native extension's panic
+        except BaseException as exc:
             return self._fail(plugin.name, batch, failure_reason("forward failed", exc))
         finally:
             timings.forward += time.perf_counter() - step
@@ -477,7 +487,9 @@ class ModelHost:
             try:
                 prediction = plugin.postprocess(image_output, box, ref, loaded.options)
                 if not isinstance(prediction, Prediction):
-                    raise InvalidPredictionError(f"postprocess returned {type(prediction).__name__}, not Prediction")
+                    raise InvalidPredictionError(
+                        f"postprocess returned {type(prediction).__name__}, not Prediction"
+                    )
                 # The host has the last word on which weights made it, so demo output cannot pass as real.
                 weights = (loaded.demo_weights, loaded.weights_sha256)
                 if (prediction.demo_weights, prediction.weights_sha256) != weights:
@@ -487,7 +499,9 @@ class ModelHost:
                 prediction = _calibrated(prediction, loaded)
             except Exception as exc:  # includes Prediction's own validation (NaN maps, bad risk)
                 results.append(
-                    ImageFailure(model_name=plugin.name, image=ref, error=failure_reason("postprocessing failed", exc))
+                    ImageFailure(
+                        model_name=plugin.name, image=ref, error=failure_reason("postprocessing failed", exc)
+                    )
                 )
                 continue
             results.append(prediction)

@@ -124,15 +124,25 @@ class RiskCalibrator:
         return float(out) if out.ndim == 0 else out
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "prevalence": self.prevalence, "slope": self.slope,
-                "intercept": self.intercept, "xs": list(self.xs), "ys": list(self.ys)}
+        return {
+            "method": self.method,
+            "prevalence": self.prevalence,
+            "slope": self.slope,
+            "intercept": self.intercept,
+            "xs": list(self.xs),
+            "ys": list(self.ys),
+        }
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> RiskCalibrator:
-        return cls(method=str(data["method"]), prevalence=float(data["prevalence"]),
-                   slope=float(data.get("slope", 1.0)), intercept=float(data.get("intercept", 0.0)),
-                   xs=tuple(float(x) for x in data.get("xs") or ()),
-                   ys=tuple(float(y) for y in data.get("ys") or ()))
+        return cls(
+            method=str(data["method"]),
+            prevalence=float(data["prevalence"]),
+            slope=float(data.get("slope", 1.0)),
+            intercept=float(data.get("intercept", 0.0)),
+            xs=tuple(float(x) for x in data.get("xs") or ()),
+            ys=tuple(float(y) for y in data.get("ys") or ()),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,17 +168,26 @@ class OperatingPoint:
         return self.sensitivity is not None or self.specificity is not None
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "threshold": self.threshold, "sensitivity": self.sensitivity,
-                "specificity": self.specificity, "prevalence": self.prevalence}
+        return {
+            "name": self.name,
+            "threshold": self.threshold,
+            "sensitivity": self.sensitivity,
+            "specificity": self.specificity,
+            "prevalence": self.prevalence,
+        }
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> OperatingPoint:
         def number(key: str) -> float | None:
             return None if data.get(key) is None else float(data[key])
 
-        return cls(name=str(data["name"]), threshold=float(data["threshold"]),
-                   sensitivity=number("sensitivity"), specificity=number("specificity"),
-                   prevalence=number("prevalence"))
+        return cls(
+            name=str(data["name"]),
+            threshold=float(data["threshold"]),
+            sensitivity=number("sensitivity"),
+            specificity=number("specificity"),
+            prevalence=number("prevalence"),
+        )
 
 
 #: The operating point names the triage policy reads, most sensitive first.
@@ -186,8 +205,10 @@ def default_operating_points(spec: ModelSpec) -> tuple[OperatingPoint, ...]:
         return ()
     threshold = min(thresholds)
     # One unmeasured threshold serves both names: nothing distinguishes them without a held-out split.
-    return (OperatingPoint(name=HIGH_SENSITIVITY, threshold=threshold),
-            OperatingPoint(name=HIGH_SPECIFICITY, threshold=threshold))
+    return (
+        OperatingPoint(name=HIGH_SENSITIVITY, threshold=threshold),
+        OperatingPoint(name=HIGH_SPECIFICITY, threshold=threshold),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,7 +314,13 @@ class ImageRef:
     def declared_pixel_bytes(self) -> int:
         """Bytes the stored pixels of every frame take once decoded: rows x columns x frames x bytes per sample."""
         bytes_per_sample = max(1, (self.bits_allocated + 7) // 8)
-        return self.rows * self.columns * self.samples_per_pixel * max(1, self.number_of_frames) * bytes_per_sample
+        return (
+            self.rows
+            * self.columns
+            * self.samples_per_pixel
+            * max(1, self.number_of_frames)
+            * bytes_per_sample
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,12 +383,13 @@ class Prediction:
         if not (np.isfinite(self.risk) and 0.0 <= self.risk <= 1.0):
             raise InvalidPredictionError(f"risk {self.risk} is not in [0, 1]")
         if self.predicted_class not in self.classes:
-            raise InvalidPredictionError(f"predicted class {self.predicted_class!r} is not one of {self.classes}")
+            raise InvalidPredictionError(
+                f"predicted class {self.predicted_class!r} is not one of {self.classes}"
+            )
         if self.birads is not None and not 0 <= self.birads <= 6:
             raise InvalidPredictionError(f"BI-RADS category {self.birads} is out of range")
-        if self.heatmap is not None:
-            if self.heatmap.ndim != 2 or not np.all(np.isfinite(self.heatmap)):
-                raise InvalidPredictionError("heatmap must be a finite 2-D array")
+        if self.heatmap is not None and (self.heatmap.ndim != 2 or not np.all(np.isfinite(self.heatmap))):
+            raise InvalidPredictionError("heatmap must be a finite 2-D array")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,7 +421,9 @@ class InvalidPredictionError(PacsTriageError, ValueError):
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for Python's ``MemoryError`` and torch's ``OutOfMemoryError`` (named, so no torch import here)."""
-    return isinstance(exc, MemoryError) or any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__)
+    return isinstance(exc, MemoryError) or any(
+        cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__
+    )
 
 
 def failure_reason(doing: str, exc: BaseException) -> str:

@@ -150,7 +150,7 @@ def _temporal_text(value: datetime.datetime | datetime.date | datetime.time) -> 
 
 
 def _xls_cell_text(cell: Any, datemode: int) -> str:
-    import xlrd  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: PLC0415
+    import xlrd  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
     kind, value = cell.ctype, cell.value
     if kind in (xlrd.XL_CELL_EMPTY, xlrd.XL_CELL_BLANK):
@@ -197,7 +197,7 @@ def _missing_excel_package(path: Path, package: str, error: ImportError) -> Data
 def _xls_grid(path: Path) -> list[list[str]]:
     """Cell texts of the first sheet of a legacy (BIFF) .xls, row by row from row 1."""
     try:
-        import xlrd  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: PLC0415
+        import xlrd  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError as error:
         raise _missing_excel_package(path, "xlrd", error) from error
     try:
@@ -218,7 +218,7 @@ def _xls_grid(path: Path) -> list[list[str]]:
 def _xlsx_grid(path: Path) -> list[list[str]]:
     """Cell texts of the first sheet of an .xlsx, row by row from row 1 (formulas as last computed)."""
     try:
-        import openpyxl  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: PLC0415
+        import openpyxl  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError as error:
         raise _missing_excel_package(path, "openpyxl", error) from error
     try:
@@ -928,7 +928,7 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
             raise ValueError(f"reading {path} needs the image shape (an INbreast XML has only polygons)")
         return inbreast_xml_mask(path, shape)
     if suffix in (".dcm", ".dicom"):
-        import pydicom  # noqa: PLC0415 - only DICOM masks need it
+        import pydicom
 
         try:
             array: np.ndarray = pydicom.dcmread(path).pixel_array

@@ -223,7 +223,7 @@ def predict(
     *,
     modality: str,
     chunk: int = 64,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[ImagePrediction]:
     """Run *records* through ``host`` (``run`` for DICOM, ``run_images`` for raster files), in chunks.
 
@@ -249,8 +249,8 @@ def predict(
                     dicom_refs.append(read_image_ref(record.path))
                 else:
                     raster.append((raster_ref(record.path, modality, sop_class), read_image(record.path)))
-            except Exception as error:  # the reader names the file; a bad image must not stop the run
-                problems[record.path] = str(error)
+            except Exception as unreadable:  # the reader names the file; a bad image must not stop the run
+                problems[record.path] = str(unreadable)
         results = (host.run(name, dicom_refs) if dicom_refs else []) + (
             host.run_images(name, raster) if raster else []
         )
@@ -331,7 +331,7 @@ class Evaluation:
         scored = [p for p in self.predictions if p.probabilities is not None and p.target is not None]
         if not positive or not scored:
             return None
-        target = np.isin([p.target for p in scored], positive).astype(np.int64)
+        target = np.isin(np.asarray([p.target for p in scored], dtype=np.int64), positive).astype(np.int64)
         if target.all() or not target.any():
             return None
         risks = [p.raw_risk if raw and p.raw_risk is not None else p.risk for p in scored]
@@ -566,7 +566,7 @@ def evaluate_checkpoint(
     localise: bool | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     temperature_one: bool = False,
 ) -> Evaluation:
     """Evaluate *checkpoint* on *records* through the plugin's own inference path.

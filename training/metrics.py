@@ -1106,7 +1106,7 @@ class PaperResult:
 
 
 def _load_paper_tables() -> tuple[PaperResult, ...]:
-    results = []
+    results: list[PaperResult] = []
     for entry in sorted(resources.files("training.paper_tables").iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".json"):
             continue

@@ -51,9 +51,13 @@ def transport_options(settings: Settings, url: str) -> dict[str, Any]:
         return {}
     longest_task = settings.worker.time_limit_seconds + settings.delivery.backoff_max_seconds
     # routing.html "Redis Message Priorities": 0 is the highest; one list per level.
-    return {"queue_order_strategy": "priority", "priority_steps": list(range(10)), "sep": ":",
-            # redis.html "Visibility Timeout": longer than the longest task plus retry delays.
-            "visibility_timeout": max(settings.broker.visibility_timeout_seconds, int(longest_task * 2))}
+    return {
+        "queue_order_strategy": "priority",
+        "priority_steps": list(range(10)),
+        "sep": ":",
+        # redis.html "Visibility Timeout": longer than the longest task plus retry delays.
+        "visibility_timeout": max(settings.broker.visibility_timeout_seconds, int(longest_task * 2)),
+    }
 
 
 def configure_app(settings: Settings) -> Celery:
@@ -93,9 +97,11 @@ def configure_app(settings: Settings) -> Celery:
         worker_max_tasks_per_child=200,
         worker_hijack_root_logger=False,
         task_default_queue=ANALYSIS_QUEUE,
-        task_routes={"workers.tasks.analyse": {"queue": ANALYSIS_QUEUE},
-                     "workers.tasks.deliver": {"queue": DELIVERY_QUEUE},
-                     "workers.tasks.notify": {"queue": DELIVERY_QUEUE}},
+        task_routes={
+            "workers.tasks.analyse": {"queue": ANALYSIS_QUEUE},
+            "workers.tasks.deliver": {"queue": DELIVERY_QUEUE},
+            "workers.tasks.notify": {"queue": DELIVERY_QUEUE},
+        },
         task_queue_max_priority=9,
         task_default_priority=6,
     )

@@ -7,6 +7,7 @@ workers, while none of them imports it.  Heavy imports (torch) happen inside the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import sys
 from pathlib import Path
@@ -26,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = subparsers.add_parser(
-        "up", parents=[common],
-        help="run everything on this machine: gateway, embedded queue and a worker (the main command)")
+        "up",
+        parents=[common],
+        help="run everything on this machine: gateway, embedded queue and a worker (the main command)",
+    )
     gateway_cli._add_gateway_flags(up)
     up.set_defaults(func=run_up, overrides=gateway_cli.gateway_overrides)
     gateway_cli.register(subparsers, common)
@@ -68,10 +71,8 @@ def _die_with_parent() -> None:
     import ctypes
     import signal
 
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def run_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -85,14 +86,20 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
 
     from gateway.datalock import hold_data_dir
 
-    settings = settings.model_copy(update={"dispatch": settings.dispatch.model_copy(update={"kind": "celery"})})
+    settings = settings.model_copy(
+        update={"dispatch": settings.dispatch.model_copy(update={"kind": "celery"})}
+    )
     env = {**os.environ, "PACS_TRIAGE_GATEWAY__DATA_DIR": str(Path(settings.gateway.data_dir).resolve())}
     config = ["--config", args.config] if args.config else []
     commands = [["worker"]] + ([["serve-http"]] if settings.http.enabled else [])
     # A second `up` (or gateway) on this data directory stops here, before anything starts.
     hold_data_dir(settings.gateway.data_dir)
-    children = [subprocess.Popen([sys.executable, "-m", "workers.cli", *command, *config], env=env,
-                                 preexec_fn=_die_with_parent) for command in commands]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *command, *config], env=env, preexec_fn=_die_with_parent
+        )
+        for command in commands
+    ]
     names = {"worker": "worker", "serve-http": "web service (serve-http)"}
     companions = {names[command[0]]: child for command, child in zip(commands, children, strict=True)}
     try:

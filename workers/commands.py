@@ -21,30 +21,40 @@ if TYPE_CHECKING:
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     worker = subparsers.add_parser(
-        "worker", parents=[common], help="run a Celery worker (analysis and/or delivery queues)",
+        "worker",
+        parents=[common],
+        help="run a Celery worker (analysis and/or delivery queues)",
         description="Consume studies from the broker, run every accepting model once loaded, build the SR "
-                    "and heatmap SCs, and deliver them. Run analysis workers on GPU nodes and a delivery "
-                    "worker anywhere.")
+        "and heatmap SCs, and deliver them. Run analysis workers on GPU nodes and a delivery "
+        "worker anywhere.",
+    )
     worker.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: worker.device)")
-    worker.add_argument("--queues", default="analysis,delivery",
-                        help="comma-separated queues to consume (default: analysis,delivery)")
+    worker.add_argument(
+        "--queues",
+        default="analysis,delivery",
+        help="comma-separated queues to consume (default: analysis,delivery)",
+    )
     worker.add_argument("--concurrency", type=int, help="worker processes (default: worker.concurrency)")
     worker.set_defaults(func=run_worker)
 
     worklist = subparsers.add_parser(
-        "worklist", parents=[common],
-        help="studies, most urgent triage first, with the model and operating point behind it")
+        "worklist",
+        parents=[common],
+        help="studies, most urgent triage first, with the model and operating point behind it",
+    )
     worklist.add_argument("--json", action="store_true", help="print JSON instead of a table")
     worklist.set_defaults(func=run_worklist)
 
-    dead = subparsers.add_parser("deadletters", parents=[common],
-                                 help="list work that failed for good; replay it with --replay ID")
+    dead = subparsers.add_parser(
+        "deadletters", parents=[common], help="list work that failed for good; replay it with --replay ID"
+    )
     dead.add_argument("--replay", type=int, metavar="ID", help="re-queue dead letter ID")
     dead.add_argument("--all", action="store_true", help="include letters already replayed")
     dead.set_defaults(func=run_deadletters)
 
-    synth = subparsers.add_parser("synth", parents=[common],
-                                  help="write synthetic phantom studies as DICOM (for the tour and tests)")
+    synth = subparsers.add_parser(
+        "synth", parents=[common], help="write synthetic phantom studies as DICOM (for the tour and tests)"
+    )
     synth.add_argument("kind", choices=["mg", "us"], help="mammography 4-view study or ultrasound")
     synth.add_argument("--out", type=Path, required=True, help="output folder")
     synth.add_argument("--studies", type=int, default=1, help="number of studies (default 1)")
@@ -64,9 +74,23 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     app = configure_app(settings)
     concurrency = args.concurrency or settings.worker.concurrency
     queues = ",".join(q.strip() for q in args.queues.split(",") if q.strip())
-    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork",
-                     "-l", settings.logging.level, "-n", f"pacs-triage-{os.getpid()}@%h", "--without-gossip",
-                     "--without-mingle"])
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-P",
+            "prefork",
+            "-l",
+            settings.logging.level,
+            "-n",
+            f"pacs-triage-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
     return 0
 
 
@@ -76,8 +100,19 @@ def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
     rows = results_store(settings).worklist()
     notified = results_store(settings).notified_endpoints()
     if args.json:
-        print(json.dumps([{**dict(r), "findings": json.loads(r["findings"]),
-                           "notified": notified.get(r["job_id"], [])} for r in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        **dict(r),
+                        "findings": json.loads(r["findings"]),
+                        "notified": notified.get(r["job_id"], []),
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not rows:
         print("no studies yet")
@@ -92,8 +127,10 @@ def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
         category = row["triage_category"] or "-"
         # Which model at which operating point put the study there (TriageDecision.explanation).
         why = f"  [{row['triage_explanation']}]" if row["triage_explanation"] else ""
-        print(f"{risk:>6}  {category:<12} {row['state']:<13} {row['priority']:>4}  {when}  {row['job_id']}  "
-              f"{summary}{demo}{why}")
+        print(
+            f"{risk:>6}  {category:<12} {row['state']:<13} {row['priority']:>4}  {when}  {row['job_id']}  "
+            f"{summary}{demo}{why}"
+        )
     return 0
 
 
@@ -116,7 +153,9 @@ def run_deadletters(args: argparse.Namespace, settings: Settings) -> int:
     for letter in letters:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter["at"]))
         replayed = " (replayed)" if letter["replayed_at"] else ""
-        print(f"{letter['id']:>5}  {when}  {letter['task']:<8} {letter['job_id']}  {letter['error']}{replayed}")
+        print(
+            f"{letter['id']:>5}  {when}  {letter['task']:<8} {letter['job_id']}  {letter['error']}{replayed}"
+        )
     print("replay one with: pacs-triage deadletters --replay ID")
     return 0
 
@@ -149,11 +188,10 @@ def run_synth(args: argparse.Namespace, settings: Settings) -> int:
     written = 0
     for index in range(args.studies):
         seed = args.seed + index
+        kwargs: dict[str, Any] = {"size": tuple(args.size)} if args.size else {}
         if args.kind == "mg":
-            kwargs = {"size": tuple(args.size)} if args.size else {}
             datasets = synthetic.make_mg_study(seed=seed, label=args.label, **kwargs)
         else:
-            kwargs = {"size": tuple(args.size)} if args.size else {}
             datasets = [synthetic.make_us_image(seed=seed, label=args.label, **kwargs).dataset]
         for ds in datasets:
             ds.save_as(args.out / f"{args.kind}-{seed:04d}-{ds.SOPInstanceUID}.dcm", enforce_file_format=True)

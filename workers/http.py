@@ -70,8 +70,19 @@ CSRF_HEADER = "X-Pacs-Triage"
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _MODEL = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 #: Keys of a finding summary that may leave the service (the evaluated image's UID stays in).
-_FINDING_KEYS = ("model", "model_version", "frame", "laterality", "view", "predicted_class", "probabilities",
-                 "risk", "birads", "points", "demo_weights")
+_FINDING_KEYS = (
+    "model",
+    "model_version",
+    "frame",
+    "laterality",
+    "view",
+    "predicted_class",
+    "probabilities",
+    "risk",
+    "birads",
+    "points",
+    "demo_weights",
+)
 _EVENT_LABELS = {
     "first_instance": "first instance received",
     "complete": "study complete",
@@ -120,9 +131,13 @@ def triage_view(entry: WorklistEntry) -> dict[str, Any] | None:
     point (name and threshold) that set it, with the one-line explanation; None before any decision."""
     if entry.triage_category is None:
         return None
-    return {"category": entry.triage_category, "model": entry.triage_model,
-            "operating_point": entry.triage_operating_point, "threshold": entry.triage_threshold,
-            "explanation": entry.triage_explanation}
+    return {
+        "category": entry.triage_category,
+        "model": entry.triage_model,
+        "operating_point": entry.triage_operating_point,
+        "threshold": entry.triage_threshold,
+        "explanation": entry.triage_explanation,
+    }
 
 
 def public_finding(finding: dict[str, Any]) -> dict[str, Any]:
@@ -137,10 +152,16 @@ def summarize_findings(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
         model = str(finding.get("model", "?"))
         if model not in best or float(finding.get("risk") or 0) > float(best[model].get("risk") or 0):
             best[model] = finding
-    return [{"model": model, "predicted_class": f.get("predicted_class"), "risk": f.get("risk"),
-             "birads": f.get("birads"),
-             "where": " ".join(str(p) for p in (f.get("laterality"), f.get("view")) if p) or None}
-            for model, f in sorted(best.items())]
+    return [
+        {
+            "model": model,
+            "predicted_class": f.get("predicted_class"),
+            "risk": f.get("risk"),
+            "birads": f.get("birads"),
+            "where": " ".join(str(p) for p in (f.get("laterality"), f.get("view")) if p) or None,
+        }
+        for model, f in sorted(best.items())
+    ]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -159,10 +180,12 @@ def _study_header(path: str, mtime_ns: int) -> dict[str, str]:
 
     # Never the whole data set: pydicom inflates a deflated one whole even with stop_before_pixels.
     ds = read_header(path)
-    return {"accession_number": str(ds.get("AccessionNumber", "") or ""),
-            "study_date": str(ds.get("StudyDate", "") or ""),
-            "study_description": str(ds.get("StudyDescription", "") or ""),
-            "modality": str(ds.get("Modality", "") or "")}
+    return {
+        "accession_number": str(ds.get("AccessionNumber", "") or ""),
+        "study_date": str(ds.get("StudyDate", "") or ""),
+        "study_description": str(ds.get("StudyDescription", "") or ""),
+        "modality": str(ds.get("Modality", "") or ""),
+    }
 
 
 @functools.lru_cache(maxsize=64)
@@ -233,18 +256,25 @@ class OpsData:
 
     def _worklist_item(self, entry: WorklistEntry, committed: set[str], notified: set[str]) -> dict[str, Any]:
         return {
-            "job_id": entry.job_id, "version": entry.version, "risk": entry.risk,
+            "job_id": entry.job_id,
+            "version": entry.version,
+            "risk": entry.risk,
             # Every output confirmed by Storage Commitment at each destination configured for it.
             "committed": entry.job_id in committed,
             # The triage flag acknowledged by a RIS (notifications.hl7).
             "notified": entry.job_id in notified,
-            "band": (_CATEGORY_BAND[entry.triage_category] if entry.triage_category in _CATEGORY_BAND
-                     else _risk_band(entry.risk, self.threshold)),
+            "band": (
+                _CATEGORY_BAND[entry.triage_category]
+                if entry.triage_category in _CATEGORY_BAND
+                else _risk_band(entry.risk, self.threshold)
+            ),
             "state": entry.state,
             # Which model, at which of its operating points, put the study where it is (workers.triage).
             "triage": triage_view(entry),
-            "priority": entry.priority, "priority_name": _priority_name(entry.priority),
-            "demo_weights": entry.demo_weights, "updated_at": entry.updated_at,
+            "priority": entry.priority,
+            "priority_name": _priority_name(entry.priority),
+            "demo_weights": entry.demo_weights,
+            "updated_at": entry.updated_at,
             "summary": summarize_findings(entry.findings),
             "findings": [public_finding(f) for f in entry.findings],
             "study": self.study_attributes(entry.study_uid),
@@ -263,12 +293,26 @@ class OpsData:
             seen.add(job_id)
         for entry in worker.values():  # studies queued without the gateway (tests, benchmarks, imports)
             if entry.job_id not in seen and len(items) < limit:
-                items.append({"job_id": entry.job_id, "version": entry.version, "state": entry.state,
-                              "gateway_state": None, "worker_state": entry.state, "risk": entry.risk,
-                              "band": _risk_band(entry.risk, self.threshold), "priority": entry.priority,
-                              "priority_name": _priority_name(entry.priority), "calling_ae": None,
-                              "modality": None, "first_at": None, "completed_at": None, "completed_by": None,
-                              "dispatched_at": None, "updated_at": entry.updated_at})
+                items.append(
+                    {
+                        "job_id": entry.job_id,
+                        "version": entry.version,
+                        "state": entry.state,
+                        "gateway_state": None,
+                        "worker_state": entry.state,
+                        "risk": entry.risk,
+                        "band": _risk_band(entry.risk, self.threshold),
+                        "priority": entry.priority,
+                        "priority_name": _priority_name(entry.priority),
+                        "calling_ae": None,
+                        "modality": None,
+                        "first_at": None,
+                        "completed_at": None,
+                        "completed_by": None,
+                        "dispatched_at": None,
+                        "updated_at": entry.updated_at,
+                    }
+                )
         return items
 
     def _gateway_item(self, row: StudyRow, job_id: str, worker: WorklistEntry | None) -> dict[str, Any]:
@@ -284,13 +328,24 @@ class OpsData:
             state = worker_state or "queued"
         risk = same.risk if same is not None else None
         priority = same.priority if same is not None else row.priority
-        return {"job_id": job_id, "version": row.version, "state": state, "gateway_state": row.state,
-                "worker_state": worker_state, "risk": risk, "band": _risk_band(risk, self.threshold),
-                "priority": priority, "priority_name": _priority_name(priority),
-                "calling_ae": row.calling_ae, "modality": row.modality, "first_at": row.first_at,
-                "completed_at": row.completed_at, "completed_by": row.completed_by,
-                "dispatched_at": row.dispatched_at,
-                "updated_at": same.updated_at if same is not None else row.last_at}
+        return {
+            "job_id": job_id,
+            "version": row.version,
+            "state": state,
+            "gateway_state": row.state,
+            "worker_state": worker_state,
+            "risk": risk,
+            "band": _risk_band(risk, self.threshold),
+            "priority": priority,
+            "priority_name": _priority_name(priority),
+            "calling_ae": row.calling_ae,
+            "modality": row.modality,
+            "first_at": row.first_at,
+            "completed_at": row.completed_at,
+            "completed_by": row.completed_by,
+            "dispatched_at": row.dispatched_at,
+            "updated_at": same.updated_at if same is not None else row.last_at,
+        }
 
     def _gateway_study(self, job_id: str) -> StudyRow | None:
         row = self.journal.study_by_job_id(job_id)
@@ -338,9 +393,13 @@ class OpsData:
         study_uid = source.study_uid if source is not None else None
         priority = source.priority if source is not None else None
         return {
-            "job_id": job_id, "version": source.version if source is not None else None,
-            "state": state, "finished": state in FINISHED_STATES, "risk": risk,
-            "band": _risk_band(risk, self.threshold), "priority": priority,
+            "job_id": job_id,
+            "version": source.version if source is not None else None,
+            "state": state,
+            "finished": state in FINISHED_STATES,
+            "risk": risk,
+            "band": _risk_band(risk, self.threshold),
+            "priority": priority,
             "priority_name": _priority_name(priority),
             "demo_weights": worker.demo_weights if worker is not None else False,
             "calling_ae": gateway.calling_ae if gateway is not None else None,
@@ -356,13 +415,22 @@ class OpsData:
     def _analysis(self, job_id: str, analysis: Analysis) -> dict[str, Any]:
         heatmaps = []
         for index, (_, caption) in enumerate(self._heatmaps(analysis)):
-            heatmaps.append({"index": index, "caption": caption,
-                             "url": f"/api/studies/{job_id}/heatmaps/{analysis.model}/{index}.png"})
-        return {"model": analysis.model, "risk": analysis.risk,
-                "findings": [public_finding(p) for p in analysis.predictions],
-                "failures": [{"error": f.get("error")} for f in analysis.failures],
-                "outputs": len(analysis.outputs), "heatmaps": heatmaps,
-                "finished_at": analysis.finished_at}
+            heatmaps.append(
+                {
+                    "index": index,
+                    "caption": caption,
+                    "url": f"/api/studies/{job_id}/heatmaps/{analysis.model}/{index}.png",
+                }
+            )
+        return {
+            "model": analysis.model,
+            "risk": analysis.risk,
+            "findings": [public_finding(p) for p in analysis.predictions],
+            "failures": [{"error": f.get("error")} for f in analysis.failures],
+            "outputs": len(analysis.outputs),
+            "heatmaps": heatmaps,
+            "finished_at": analysis.finished_at,
+        }
 
     def _heatmaps(self, analysis: Analysis) -> list[tuple[Path, str]]:
         """The model's heatmap Secondary Captures among its outputs, in output order."""
@@ -397,8 +465,13 @@ class OpsData:
 
 
 def _event(entry: JournalEvent | TimelineEntry, source: str) -> dict[str, Any]:
-    return {"at": entry.at, "source": source, "event": entry.event, "detail": entry.detail,
-            "label": _event_label(entry.event, entry.detail)}
+    return {
+        "at": entry.at,
+        "source": source,
+        "event": entry.event,
+        "detail": entry.detail,
+        "label": _event_label(entry.event, entry.detail),
+    }
 
 
 def _event_label(event: str, detail: str) -> str:
@@ -406,8 +479,10 @@ def _event_label(event: str, detail: str) -> str:
         model = event.split(":", 1)[1]
         try:
             times = json.loads(detail)
-            return (f"model {model} done: inference {times.get('inference_s', '?')} s, outputs built in "
-                    f"{times.get('outputs_s', '?')} s, {times.get('failures', 0)} failed images")
+            return (
+                f"model {model} done: inference {times.get('inference_s', '?')} s, outputs built in "
+                f"{times.get('outputs_s', '?')} s, {times.get('failures', 0)} failed images"
+            )
         except (ValueError, AttributeError):
             return f"model {model} done"
     return _EVENT_LABELS.get(event, event.replace("_", " "))
@@ -433,8 +508,10 @@ class Readiness:
         with self._lock:
             now = time.monotonic()
             if self._answer is None or now - self._answer[0] > self.cache_seconds:
-                checks = {"spool": self._spool_problem() or "ok",
-                          "broker": broker_problem(self.settings) or "ok"}
+                checks = {
+                    "spool": self._spool_problem() or "ok",
+                    "broker": broker_problem(self.settings) or "ok",
+                }
                 self._answer = (now, {"ready": all(v == "ok" for v in checks.values()), "checks": checks})
             return self._answer[1]
 
@@ -451,8 +528,10 @@ class Readiness:
         except OSError as exc:
             return f"spool unusable: {exc.strerror}"
         if status.below_watermark:
-            return (f"free space below the watermark ({status.free_bytes} bytes, "
-                    f"{status.free_percent:.1f}%): the gateway refuses new instances")
+            return (
+                f"free space below the watermark ({status.free_bytes} bytes, "
+                f"{status.free_percent:.1f}%): the gateway refuses new instances"
+            )
         return None
 
 
@@ -474,8 +553,9 @@ def _safe_next(value: str | None) -> str:
     return value
 
 
-def create_app(settings: Settings, *, refresh_seconds: float = 10.0,
-               tokens: tuple[str, ...] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, refresh_seconds: float = 10.0, tokens: tuple[str, ...] | None = None
+) -> FastAPI:
     """Build the web service over *settings*' data directory and broker.
 
     :param settings: The running configuration; ``http.tokens`` are the accepted tokens.
@@ -488,11 +568,16 @@ def create_app(settings: Settings, *, refresh_seconds: float = 10.0,
     data = OpsData(settings)
     readiness = Readiness(settings)
     registry = make_registry(settings)
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["risk"] = lambda v: "-" if v is None else f"{float(v):.3f}"
-    env.filters["clock"] = lambda v: "-" if v is None else time.strftime("%Y-%m-%d %H:%M:%S",
-                                                                         time.localtime(v))
+    env.filters["clock"] = lambda v: (
+        "-" if v is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+    )
     writer: dict[str, Any] = {}
     writer_lock = threading.Lock()
 
@@ -512,10 +597,16 @@ def create_app(settings: Settings, *, refresh_seconds: float = 10.0,
     def require_token(request: Request) -> None:
         token, from_header = token_of(request)
         if not valid(token):
-            log.warning("http.unauthorised", path=request.url.path,
-                        client=request.client.host if request.client else None)
-            raise HTTPException(status_code=401, detail="a valid bearer token is required",
-                                headers={"WWW-Authenticate": "Bearer"})
+            log.warning(
+                "http.unauthorised",
+                path=request.url.path,
+                client=request.client.host if request.client else None,
+            )
+            raise HTTPException(
+                status_code=401,
+                detail="a valid bearer token is required",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if request.method == "POST" and not from_header and request.headers.get(CSRF_HEADER) != "1":
             raise HTTPException(status_code=403, detail=f"a browser POST must carry the {CSRF_HEADER} header")
 
@@ -524,8 +615,9 @@ def create_app(settings: Settings, *, refresh_seconds: float = 10.0,
             raise _LoginRequired(request.url.path)
 
     def page(name: str, **context: Any) -> HTMLResponse:
-        html = env.get_template(name).render(threshold=settings.triage.high_risk_threshold,
-                                             refresh_ms=int(refresh_seconds * 1000), **context)
+        html = env.get_template(name).render(
+            threshold=settings.triage.high_risk_threshold, refresh_ms=int(refresh_seconds * 1000), **context
+        )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     def results_writer() -> tuple[Any, Any]:
@@ -581,8 +673,14 @@ def create_app(settings: Settings, *, refresh_seconds: float = 10.0,
             log.warning("http.login_failed", client=request.client.host if request.client else None)
             return RedirectResponse(f"/login?failed=1&next={_safe_next(next_path)}", status_code=303)
         response = RedirectResponse(_safe_next(next_path), status_code=303)
-        response.set_cookie(COOKIE_NAME, token, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", max_age=12 * 3600)
+        response.set_cookie(
+            COOKIE_NAME,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            max_age=12 * 3600,
+        )
         return response
 
     @app.post("/logout")

@@ -55,8 +55,13 @@ QUEUES: tuple[str, ...] = (ANALYSIS_QUEUE, DELIVERY_QUEUE)
 def data_paths(settings: Settings) -> dict[str, Path]:
     """The shared files the metrics and the web service read, under ``gateway.data_dir``."""
     root = Path(settings.gateway.data_dir).resolve()
-    return {"root": root, "journal": root / "journal.sqlite", "results": root / "results.sqlite",
-            "broker": root / "broker.sqlite", "outputs": root / "outputs"}
+    return {
+        "root": root,
+        "journal": root / "journal.sqlite",
+        "results": root / "results.sqlite",
+        "broker": root / "broker.sqlite",
+        "outputs": root / "outputs",
+    }
 
 
 # ---------------------------------------------------------------------------------------- broker
@@ -169,13 +174,19 @@ class TriageCollector(Collector):
     # ------------------------------------------------------------------ gateway journal
 
     def _gateway(self) -> Iterator[Metric]:
-        received = CounterMetricFamily("pacs_triage_instances_received",
-                                       "Instances the gateway acknowledged, by outcome", labels=["outcome"])
-        refused = CounterMetricFamily("pacs_triage_instances_refused",
-                                      "C-STOREs the gateway refused, by reason", labels=["reason"])
-        completed = CounterMetricFamily("pacs_triage_studies_completed",
-                                        "Study versions the gateway declared complete, by rule",
-                                        labels=["completed_by"])
+        received = CounterMetricFamily(
+            "pacs_triage_instances_received",
+            "Instances the gateway acknowledged, by outcome",
+            labels=["outcome"],
+        )
+        refused = CounterMetricFamily(
+            "pacs_triage_instances_refused", "C-STOREs the gateway refused, by reason", labels=["reason"]
+        )
+        completed = CounterMetricFamily(
+            "pacs_triage_studies_completed",
+            "Study versions the gateway declared complete, by rule",
+            labels=["completed_by"],
+        )
         counts = self.journal.counts()
         received.add_metric(["stored"], float(counts.stored))
         received.add_metric(["duplicate"], float(counts.duplicates))
@@ -190,16 +201,22 @@ class TriageCollector(Collector):
     # ------------------------------------------------------------------ workers' results
 
     def _workers(self) -> Iterator[Metric]:
-        studies = GaugeMetricFamily("pacs_triage_studies", "Studies on the worklist, by worker state",
-                                    labels=["state"])
-        latency = HistogramMetricFamily("pacs_triage_inference_seconds",
-                                        "Model inference time per study and model (from the timeline)",
-                                        labels=["model"])
-        failures = CounterMetricFamily("pacs_triage_delivery_failures",
-                                       "Failed deliveries to the PACS: retried attempts and dead letters",
-                                       labels=["kind"])
-        letters = GaugeMetricFamily("pacs_triage_dead_letters", "Dead letters waiting for a replay",
-                                    labels=["task"])
+        studies = GaugeMetricFamily(
+            "pacs_triage_studies", "Studies on the worklist, by worker state", labels=["state"]
+        )
+        latency = HistogramMetricFamily(
+            "pacs_triage_inference_seconds",
+            "Model inference time per study and model (from the timeline)",
+            labels=["model"],
+        )
+        failures = CounterMetricFamily(
+            "pacs_triage_delivery_failures",
+            "Failed deliveries to the PACS: retried attempts and dead letters",
+            labels=["kind"],
+        )
+        letters = GaugeMetricFamily(
+            "pacs_triage_dead_letters", "Dead letters waiting for a replay", labels=["task"]
+        )
         counts = self.results.counts()
         for state, n in sorted(counts.studies_by_state.items()):
             studies.add_metric([state], float(n))
@@ -232,8 +249,9 @@ class TriageCollector(Collector):
     # ------------------------------------------------------------------ broker
 
     def _queues(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily("pacs_triage_queue_depth", "Messages waiting in each broker queue",
-                                  labels=["queue"])
+        depth = GaugeMetricFamily(
+            "pacs_triage_queue_depth", "Messages waiting in each broker queue", labels=["queue"]
+        )
         up = GaugeMetricFamily("pacs_triage_broker_up", "1 when the broker answered this scrape")
         try:
             depths = queue_depths(self.settings)
@@ -249,8 +267,10 @@ class TriageCollector(Collector):
     # ------------------------------------------------------------------ stuck studies
 
     def _oldest_unfinished(self) -> Metric:
-        gauge = GaugeMetricFamily("pacs_triage_oldest_unfinished_study_age_seconds",
-                                  "Seconds since the first instance of the oldest study not yet finished")
+        gauge = GaugeMetricFamily(
+            "pacs_triage_oldest_unfinished_study_age_seconds",
+            "Seconds since the first instance of the oldest study not yet finished",
+        )
         oldest = oldest_unfinished_since(self.journal, self.results)
         gauge.add_metric([], max(0.0, self.clock() - oldest) if oldest is not None else 0.0)
         return gauge

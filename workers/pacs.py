@@ -41,12 +41,19 @@ _WARNINGS = (0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007)
 #: How :func:`deliver` reads each C-STORE response (the conformance statement prints this table).
 DELIVERY_STATUSES: tuple[tuple[str, str], ...] = (
     ("0x0000, warnings " + " ".join(f"0x{s:04X}" for s in _WARNINGS), "stored"),
-    (f"0x{_DUPLICATE_SOP_INSTANCE:04X} Duplicate SOP Instance",
-     "stored: UIDs are deterministic, so the PACS already holds this object"),
-    (", ".join(f"0x{s:04X}" for s in _TRANSIENT_FAILURES) + f", 0x{_OUT_OF_RESOURCES.start >> 8:02X}xx",
-     "retried with capped exponential backoff, then dead-lettered"),
+    (
+        f"0x{_DUPLICATE_SOP_INSTANCE:04X} Duplicate SOP Instance",
+        "stored: UIDs are deterministic, so the PACS already holds this object",
+    ),
+    (
+        ", ".join(f"0x{s:04X}" for s in _TRANSIENT_FAILURES) + f", 0x{_OUT_OF_RESOURCES.start >> 8:02X}xx",
+        "retried with capped exponential backoff, then dead-lettered",
+    ),
     ("any other failure", "dead-lettered at once (can be replayed)"),
-    ("no association, rejection, abort, timeout", "retried with capped exponential backoff, then dead-lettered"),
+    (
+        "no association, rejection, abort, timeout",
+        "retried with capped exponential backoff, then dead-lettered",
+    ),
 )
 
 
@@ -206,7 +213,7 @@ def deliver(
 
     def _remember_rejection(event: Event) -> None:
         primitive = getattr(event, "primitive", None)
-        if getattr(primitive, "result", None) in (0x01, 0x02):
+        if primitive is not None and getattr(primitive, "result", None) in (0x01, 0x02):
             rejection.append(f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}")
 
     tls_args = None
@@ -231,9 +238,7 @@ def deliver(
 
     results: list[DeliveryResult] = []
     try:
-        accepted = {
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
-        }
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         accepted_classes = {sop_class for sop_class, _ in accepted}
         for dataset in datasets:
             sop_uid, sop_class = str(dataset.SOPInstanceUID), str(dataset.SOPClassUID)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -30,12 +30,12 @@ from gateway.inflate import read_header
 from gateway.messages import InstanceRef, StudyJob
 from gateway.settings import Settings
 from plugins.host import ModelHost, RunTimings, pixel_budget_reason
-from plugins.preprocess import decode_frames, image_ref_from_header, to_grey
+from plugins.preprocess import FramePolicy, decode_frames, image_ref_from_header, to_grey
 from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage, failure_reason
 from workers import uids
 from workers.identity import SERIES_KINDS, AlgorithmIdentity
-from workers.previews import write_preview
 from workers.outputs import MANUFACTURER, ReportedModel, build_extra_map_scs, build_heatmap_sc
+from workers.previews import write_preview
 from workers.study_report import ModelResults, Triage, build_study_sr, load_records, save_records
 from workers.triage import TriageDecision
 
@@ -86,8 +86,9 @@ def is_own_output(header: pydicom.Dataset) -> bool:
     The PACS may forward a whole study back, our SR and SCs included; they must never start an
     analysis.  Both marks are needed: another program may use pydicom's UID root too.
     """
-    return (str(header.get("Manufacturer", "") or "") == MANUFACTURER
-            and str(header.get("SOPInstanceUID", "")).startswith(uids.ORG_ROOT))
+    return str(header.get("Manufacturer", "") or "") == MANUFACTURER and str(
+        header.get("SOPInstanceUID", "")
+    ).startswith(uids.ORG_ROOT)
 
 
 def read_sources(job: StudyJob, timings: StudyTimings | None = None) -> list[Source]:
@@ -120,8 +121,10 @@ def adds_new_source(job: StudyJob, sources: Sequence[Source]) -> bool:
     """
     if job.study_version <= 1:
         return True
-    return any(s.ref is not None and not s.own_output and s.instance.study_version in (0, job.study_version)
-               for s in sources)
+    return any(
+        s.ref is not None and not s.own_output and s.instance.study_version in (0, job.study_version)
+        for s in sources
+    )
 
 
 # -------------------------------------------------------------------------
@@ -142,12 +145,20 @@ class StudyTimings:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "header_read_s": round(self.header_read, 4), "decode_s": round(self.decode, 4),
-            "digest_s": round(self.digest, 4), "decodes": self.decodes,
-            "models": {name: {"preprocess_s": round(t.preprocess, 4), "forward_s": round(t.forward, 4),
-                              "postprocess_s": round(t.postprocess, 4), "batches": t.batches,
-                              "outputs_s": round(self.outputs.get(name, 0.0), 4)}
-                       for name, t in self.models.items()},
+            "header_read_s": round(self.header_read, 4),
+            "decode_s": round(self.decode, 4),
+            "digest_s": round(self.digest, 4),
+            "decodes": self.decodes,
+            "models": {
+                name: {
+                    "preprocess_s": round(t.preprocess, 4),
+                    "forward_s": round(t.forward, 4),
+                    "postprocess_s": round(t.postprocess, 4),
+                    "batches": t.batches,
+                    "outputs_s": round(self.outputs.get(name, 0.0), 4),
+                }
+                for name, t in self.models.items()
+            },
         }
 
 
@@ -169,7 +180,10 @@ class DecodedImages:
         if key not in self._frames:
             started = time.perf_counter()
             try:
-                self._frames[key] = [(replace(ref, frame_index=i), image) for i, image in decode_frames(ref.path, policy)]
+                self._frames[key] = [
+                    (replace(ref, frame_index=i), image)
+                    for i, image in decode_frames(ref.path, cast(FramePolicy, policy))
+                ]
             except Exception as exc:  # decode_frames names the file; each failure is this image's alone
                 self._frames[key] = failure_reason("decoding", exc)
             self.timings.decode += time.perf_counter() - started
@@ -232,7 +246,8 @@ def study_budget_refusals(host: ModelHost, refs: Sequence[ImageRef], settings: S
         if total > limit:
             refusals[ref.sop_instance_uid] = (
                 f"the study's images declare more pixels than the per-study budget of {limit / 2**20:.0f} MiB "
-                "(worker.max_study_pixel_bytes); this image is past it")
+                "(worker.max_study_pixel_bytes); this image is past it"
+            )
             total -= ref.declared_pixel_bytes
     return refusals
 
@@ -242,8 +257,9 @@ def accepting_models(host: ModelHost, refs: Sequence[ImageRef]) -> list[str]:
     return [p.name for p in host.models if any(host.skip_reason(p, ref) is None for ref in refs)]
 
 
-def skip_reasons(host: ModelHost, sources: Sequence[Source], refusals: dict[str, str] | None = None
-                 ) -> dict[str, dict[str, str]]:
+def skip_reasons(
+    host: ModelHost, sources: Sequence[Source], refusals: dict[str, str] | None = None
+) -> dict[str, dict[str, str]]:
     """For each instance, why no model analyses it: SOP Instance UID -> {model or "all": reason}."""
     reasons: dict[str, dict[str, str]] = {}
     for source in sources:
@@ -267,9 +283,15 @@ def combine_risk(risks: Sequence[float], policy: str) -> float | None:
     return max(risks)
 
 
-def analyse_study(host: ModelHost, models: Iterable[str], sources: Sequence[Source], settings: Settings,
-                  output_dir: Path, timings: StudyTimings | None = None,
-                  on_model_done: Callable[[ModelRun], None] | None = None) -> list[ModelRun]:
+def analyse_study(
+    host: ModelHost,
+    models: Iterable[str],
+    sources: Sequence[Source],
+    settings: Settings,
+    output_dir: Path,
+    timings: StudyTimings | None = None,
+    on_model_done: Callable[[ModelRun], None] | None = None,
+) -> list[ModelRun]:
     """Run *models* over the study's *sources* and write each model's SR and heatmap SCs under
     ``output_dir / <model>``.
 
@@ -323,8 +345,15 @@ def _done() -> Future[None]:
     return future
 
 
-def _run_one(host: ModelHost, model: str, refs: Sequence[ImageRef], refusals: dict[str, str],
-             images: DecodedImages, run: ModelRun, timings: RunTimings) -> None:
+def _run_one(
+    host: ModelHost,
+    model: str,
+    refs: Sequence[ImageRef],
+    refusals: dict[str, str],
+    images: DecodedImages,
+    run: ModelRun,
+    timings: RunTimings,
+) -> None:
     plugin = host.plugin(model)
     accepted = []
     for ref in refs:
@@ -371,22 +400,39 @@ def heatmap_model(host: ModelHost, refs: Sequence[ImageRef], settings: Settings)
     return accepting[0] if accepting else None
 
 
-def _build_outputs(host: ModelHost, run: ModelRun, by_uid: dict[str, Source], images: DecodedImages,
-                   output_dir: Path, timings: StudyTimings, settings: Settings | None = None,
-                   shown: str | None = None) -> None:
+def _build_outputs(
+    host: ModelHost,
+    run: ModelRun,
+    by_uid: dict[str, Source],
+    images: DecodedImages,
+    output_dir: Path,
+    timings: StudyTimings,
+    settings: Settings | None = None,
+    shown: str | None = None,
+) -> None:
     per_model = settings is None or settings.outputs.report == "per-model"
     try:
-        run.outputs = write_outputs(host, run.model, run.predictions, by_uid, images, output_dir, timings,
-                                    report=per_model, heatmaps=per_model or shown == run.model,
-                                    max_points=settings.outputs.max_points if settings else 5,
-                                    extra_maps=settings is not None and settings.outputs.extra_maps != "none")
+        run.outputs = write_outputs(
+            host,
+            run.model,
+            run.predictions,
+            by_uid,
+            images,
+            output_dir,
+            timings,
+            report=per_model,
+            heatmaps=per_model or shown == run.model,
+            max_points=settings.outputs.max_points if settings else 5,
+            extra_maps=settings is not None and settings.outputs.extra_maps != "none",
+        )
     except Exception as exc:  # a writer bug must fail this model's outputs, not the study
         # The type and our words only: highdicom and pydicom quote the source's patient attributes
         # ("Unable to convert '1958-11-23' to 'DA' object"), here and in the journal alike.
         run.outputs_error = failure_reason("building outputs failed", exc)
         log.error("outputs.failed", model=run.model, error=run.outputs_error)
-        run.failures.append(ImageFailure(model_name=run.model, image=run.predictions[0].image,
-                                         error=run.outputs_error))
+        run.failures.append(
+            ImageFailure(model_name=run.model, image=run.predictions[0].image, error=run.outputs_error)
+        )
 
 
 #: The predictions of one model on one study, kept in its output folder for the study report.
@@ -395,10 +441,20 @@ PREDICTIONS_FILE = "predictions.json"
 STUDY_REPORT_DIR = "study-report"
 
 
-def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction], by_uid: dict[str, Source],
-                  images: DecodedImages, output_dir: Path, timings: StudyTimings | None = None, *,
-                  report: bool = True, heatmaps: bool = True, max_points: int = 5,
-                  extra_maps: bool = False) -> list[Path]:
+def write_outputs(
+    host: ModelHost,
+    model: str,
+    predictions: Sequence[Prediction],
+    by_uid: dict[str, Source],
+    images: DecodedImages,
+    output_dir: Path,
+    timings: StudyTimings | None = None,
+    *,
+    report: bool = True,
+    heatmaps: bool = True,
+    max_points: int = 5,
+    extra_maps: bool = False,
+) -> list[Path]:
     """Build the model's heatmap SCs (one per prediction with a heatmap, when *heatmaps*; with *extra_maps*
     also one SC per further map) and, when *report* (``outputs.report: per-model``), its own SR with its
     heatmaps in a series of their own, from the kept headers and display images (no source is read again);
@@ -421,20 +477,38 @@ def write_outputs(host: ModelHost, model: str, predictions: Sequence[Prediction]
     scs: list[pydicom.Dataset] = []
     for index, prediction in enumerate(p for p in predictions if p.heatmap is not None and heatmaps):
         uid = prediction.image.sop_instance_uid
-        sc = build_heatmap_sc(headers[uid], images.display(prediction.image), prediction, identity=identity,
-                              per_model_series=report, instance_number=index + 1, source_digest=digests[uid])
+        sc = build_heatmap_sc(
+            headers[uid],
+            images.display(prediction.image),
+            prediction,
+            identity=identity,
+            per_model_series=report,
+            instance_number=index + 1,
+            source_digest=digests[uid],
+        )
         scs.append(sc)
         written.append(_save(sc, output_dir))
     for prediction in (p for p in predictions if p.extra_maps and heatmaps and extra_maps):
         uid = prediction.image.sop_instance_uid
-        for extra in build_extra_map_scs(headers[uid], images.display(prediction.image), prediction,
-                                         identity=identity, source_digest=digests[uid]):
+        for extra in build_extra_map_scs(
+            headers[uid],
+            images.display(prediction.image),
+            prediction,
+            identity=identity,
+            source_digest=digests[uid],
+        ):
             written.append(_save(extra, output_dir))
     save_records(output_dir / PREDICTIONS_FILE, predictions, reported, None, identity)
     if report:
         results = [ModelResults(model=reported, predictions=predictions, heatmaps=scs, identity=identity)]
-        sr = build_study_sr(list(headers.values()), results, max_points=max_points, source_digests=digests,
-                            series_key=(reported.model_id, reported.version), model_series=model)
+        sr = build_study_sr(
+            list(headers.values()),
+            results,
+            max_points=max_points,
+            source_digests=digests,
+            series_key=(reported.model_id, reported.version),
+            model_series=model,
+        )
         written.insert(0, _save(sr, output_dir))
     return written
 
@@ -446,8 +520,13 @@ def _is_heatmap(header: pydicom.Dataset) -> bool:
     return not is_sr and SERIES_KINDS["heatmap"] <= number < SERIES_KINDS["extra_map"]
 
 
-def write_study_report(sources: Sequence[Source], output_root: Path, decision: TriageDecision | None,
-                       settings: Settings, triage: Triage | None = None) -> Path | None:
+def write_study_report(
+    sources: Sequence[Source],
+    output_root: Path,
+    decision: TriageDecision | None,
+    settings: Settings,
+    triage: Triage | None = None,
+) -> Path | None:
     """Build and save the study SR from every model's kept predictions and heatmap SCs under *output_root*.
 
     Called once the last stage is done; ``None`` when no model predicted anything.
@@ -464,15 +543,23 @@ def write_study_report(sources: Sequence[Source], output_root: Path, decision: T
             continue
         written = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(kept.parent.glob("*.dcm"))]
         scs = [sc for sc in written if _is_heatmap(sc)]
-        results.append(ModelResults(model=reported, predictions=predictions, score=score, heatmaps=scs,
-                                    identity=identity))
+        results.append(
+            ModelResults(
+                model=reported, predictions=predictions, score=score, heatmaps=scs, identity=identity
+            )
+        )
     if not results:
         return None
     used = sorted({p.image.sop_instance_uid for r in results for p in r.predictions})
     evidence = [header for uid in used if (header := by_uid[uid].header) is not None]
-    sr = build_study_sr(evidence, results, decision=decision, triage=triage,
-                        max_points=settings.outputs.max_points,
-                        source_digests={uid: by_uid[uid].digest for uid in used})
+    sr = build_study_sr(
+        evidence,
+        results,
+        decision=decision,
+        triage=triage,
+        max_points=settings.outputs.max_points,
+        source_digests={uid: by_uid[uid].digest for uid in used},
+    )
     directory = output_root / STUDY_REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     return _save(sr, directory)

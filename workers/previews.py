@@ -23,10 +23,12 @@ def write_preview(dataset: pydicom.Dataset, dicom_path: Path) -> Path | None:
 
     Returns the preview's path, or None for anything else (an SR, a grey or compressed image).
     """
-    if (str(dataset.get("PhotometricInterpretation", "")) != "RGB"
-            or int(dataset.get("BitsAllocated", 0) or 0) != 8
-            or dataset.file_meta.TransferSyntaxUID.is_compressed
-            or "PixelData" not in dataset):
+    if (
+        str(dataset.get("PhotometricInterpretation", "")) != "RGB"
+        or int(dataset.get("BitsAllocated", 0) or 0) != 8
+        or dataset.file_meta.TransferSyntaxUID.is_compressed
+        or "PixelData" not in dataset
+    ):
         return None
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     frame = np.frombuffer(dataset.PixelData, dtype=np.uint8, count=rows * columns * 3)

@@ -128,8 +128,10 @@ _TRIAGE_COLUMNS = (
     ("triage_explanation", "TEXT"),
 )
 #: Worklist order: triage category (most urgent first), then risk, unanalysed studies last.
-_WORKLIST_ORDER = ("risk IS NULL AND triage_category IS NULL, CASE triage_category WHEN 'high' THEN 0"
-                   " WHEN 'intermediate' THEN 1 WHEN 'routine' THEN 2 ELSE 3 END, risk DESC, updated_at ASC")
+_WORKLIST_ORDER = (
+    "risk IS NULL AND triage_category IS NULL, CASE triage_category WHEN 'high' THEN 0"
+    " WHEN 'intermediate' THEN 1 WHEN 'routine' THEN 2 ELSE 3 END, risk DESC, updated_at ASC"
+)
 
 
 def _add_missing_columns(db: sqlite3.Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
@@ -179,8 +181,11 @@ class ResultsStore:
     def bump_attempt(self, task_key: str) -> int:
         """Count one more start of *task_key* and return the count (redeliveries included)."""
         with self._transaction() as db:
-            db.execute("INSERT INTO attempts (task_key, count) VALUES (?, 1)"
-                       " ON CONFLICT(task_key) DO UPDATE SET count = count + 1", (task_key,))
+            db.execute(
+                "INSERT INTO attempts (task_key, count) VALUES (?, 1)"
+                " ON CONFLICT(task_key) DO UPDATE SET count = count + 1",
+                (task_key,),
+            )
             return int(db.execute("SELECT count FROM attempts WHERE task_key = ?", (task_key,)).fetchone()[0])
 
     def reset_attempts(self, task_key: str) -> None:
@@ -191,15 +196,27 @@ class ResultsStore:
 
     def event(self, job_id: str, event: str, detail: str = "", at: float | None = None) -> None:
         with self._transaction() as db:
-            db.execute("INSERT INTO timeline (job_id, at, event, detail) VALUES (?, ?, ?, ?)",
-                       (job_id, time.time() if at is None else at, event, detail))
+            db.execute(
+                "INSERT INTO timeline (job_id, at, event, detail) VALUES (?, ?, ?, ?)",
+                (job_id, time.time() if at is None else at, event, detail),
+            )
 
     def timeline(self, job_id: str) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM timeline WHERE job_id = ? ORDER BY at", (job_id,))
 
-    def upsert_study(self, *, study_uid: str, job_id: str, version: int, priority: int, state: str,
-                     risk: float | None = None, findings: list[dict[str, Any]] | None = None,
-                     demo_weights: bool | None = None, triage: TriageDecision | None = None) -> None:
+    def upsert_study(
+        self,
+        *,
+        study_uid: str,
+        job_id: str,
+        version: int,
+        priority: int,
+        state: str,
+        risk: float | None = None,
+        findings: list[dict[str, Any]] | None = None,
+        demo_weights: bool | None = None,
+        triage: TriageDecision | None = None,
+    ) -> None:
         """Create or update the worklist row of a study; ``None`` arguments keep the stored value."""
         with self._transaction() as db:
             row = db.execute("SELECT * FROM worklist WHERE study_uid = ?", (study_uid,)).fetchone()
@@ -210,14 +227,27 @@ class ResultsStore:
             db.execute(
                 "INSERT OR REPLACE INTO worklist (study_uid, job_id, version, risk, priority, state, findings,"
                 " demo_weights, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (study_uid, job_id, version, risk if risk is not None else keep.get("risk"), priority, state,
-                 json.dumps(findings) if findings is not None else keep.get("findings", "[]"),
-                 int(demo_weights) if demo_weights is not None else keep.get("demo_weights", 0), time.time()),
+                (
+                    study_uid,
+                    job_id,
+                    version,
+                    risk if risk is not None else keep.get("risk"),
+                    priority,
+                    state,
+                    json.dumps(findings) if findings is not None else keep.get("findings", "[]"),
+                    int(demo_weights) if demo_weights is not None else keep.get("demo_weights", 0),
+                    time.time(),
+                ),
             )
-            columns = _triage_values(triage) if triage is not None else {
-                name: keep.get(name) for name, _ in _TRIAGE_COLUMNS}
+            columns = (
+                _triage_values(triage)
+                if triage is not None
+                else {name: keep.get(name) for name, _ in _TRIAGE_COLUMNS}
+            )
             assignments = ", ".join(f"{name} = ?" for name in columns)
-            db.execute(f"UPDATE worklist SET {assignments} WHERE study_uid = ?", (*columns.values(), study_uid))
+            db.execute(
+                f"UPDATE worklist SET {assignments} WHERE study_uid = ?", (*columns.values(), study_uid)
+            )
 
     def worklist(self) -> list[sqlite3.Row]:
         """Studies, most urgent triage category first, then highest risk (unanalysed last), then oldest."""
@@ -229,12 +259,28 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ analyses
 
-    def record_analysis(self, job_id: str, model: str, risk: float | None, predictions: list[dict[str, Any]],
-                        failures: list[dict[str, Any]], outputs: list[str]) -> None:
+    def record_analysis(
+        self,
+        job_id: str,
+        model: str,
+        risk: float | None,
+        predictions: list[dict[str, Any]],
+        failures: list[dict[str, Any]],
+        outputs: list[str],
+    ) -> None:
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO analyses VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (job_id, model, risk, json.dumps(predictions), json.dumps(failures), json.dumps(outputs),
-                        time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO analyses VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    model,
+                    risk,
+                    json.dumps(predictions),
+                    json.dumps(failures),
+                    json.dumps(outputs),
+                    time.time(),
+                ),
+            )
 
     def analyses(self, job_id: str) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM analyses WHERE job_id = ? ORDER BY model", (job_id,))
@@ -245,7 +291,9 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ deliveries
 
-    def record_delivery(self, *, sop_uid: str, destination: str, job_id: str, status: str, error: str = "") -> None:
+    def record_delivery(
+        self, *, sop_uid: str, destination: str, job_id: str, status: str, error: str = ""
+    ) -> None:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO deliveries (sop_uid, destination, job_id, status, error, attempts, updated_at)"
@@ -263,9 +311,12 @@ class ResultsStore:
         """
         found: set[tuple[str, str]] = set()
         for start in range(0, len(sop_uids), 500):  # SQLite's limit on bound parameters
-            chunk = sop_uids[start:start + 500]
-            rows = self._query("SELECT sop_uid, destination FROM deliveries WHERE status = 'stored'"
-                               f" AND sop_uid IN ({','.join('?' * len(chunk))})", tuple(chunk))
+            chunk = sop_uids[start : start + 500]
+            rows = self._query(
+                "SELECT sop_uid, destination FROM deliveries WHERE status = 'stored'"
+                f" AND sop_uid IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
             found.update((r["sop_uid"], r["destination"]) for r in rows)
         return found
 
@@ -276,8 +327,9 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ notifications
 
-    def record_notification(self, *, job_id: str, endpoint: str, study_uid: str, status: str,
-                            error: str = "") -> None:
+    def record_notification(
+        self, *, job_id: str, endpoint: str, study_uid: str, status: str, error: str = ""
+    ) -> None:
         """The latest try to notify *endpoint* of a study version: notified, retrying or dead-lettered."""
         with self._transaction() as db:
             db.execute(
@@ -285,7 +337,8 @@ class ResultsStore:
                 " VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT(job_id, endpoint) DO UPDATE SET"
                 " status = excluded.status, error = excluded.error, attempts = attempts + 1,"
                 " updated_at = excluded.updated_at",
-                (job_id, endpoint, study_uid, status, error, time.time()))
+                (job_id, endpoint, study_uid, status, error, time.time()),
+            )
 
     def notifications(self, job_id: str) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM notifications WHERE job_id = ? ORDER BY endpoint", (job_id,))
@@ -293,15 +346,17 @@ class ResultsStore:
     def notified_endpoints(self) -> dict[str, list[str]]:
         """Per job id, the endpoints that acknowledged its notification: the worklist's "notified"."""
         notified: dict[str, list[str]] = {}
-        for row in self._query("SELECT job_id, endpoint FROM notifications WHERE status = 'notified'"
-                               " ORDER BY endpoint"):
+        for row in self._query(
+            "SELECT job_id, endpoint FROM notifications WHERE status = 'notified' ORDER BY endpoint"
+        ):
             notified.setdefault(str(row["job_id"]), []).append(str(row["endpoint"]))
         return notified
 
     # ------------------------------------------------------------------ storage commitment
 
-    def record_commitment(self, *, job_id: str, destination: str, transaction_uid: str, committed: list[str],
-                          failed: list[str]) -> None:
+    def record_commitment(
+        self, *, job_id: str, destination: str, transaction_uid: str, committed: list[str], failed: list[str]
+    ) -> None:
         """Journal a Storage Commitment report: which instances the PACS committed, which it did not."""
         now = time.time()
         with self._transaction() as db:
@@ -309,15 +364,19 @@ class ResultsStore:
                 "INSERT OR REPLACE INTO commitments (sop_uid, destination, job_id, status, transaction_uid,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                 [(uid, destination, job_id, "committed", transaction_uid, now) for uid in committed]
-                + [(uid, destination, job_id, "failed", transaction_uid, now) for uid in failed])
+                + [(uid, destination, job_id, "failed", transaction_uid, now) for uid in failed],
+            )
 
     def committed_at(self, sop_uids: list[str]) -> set[tuple[str, str]]:
         """(SOP UID, destination) pairs the PACS committed to keep, whichever job sent them."""
         found: set[tuple[str, str]] = set()
         for start in range(0, len(sop_uids), 500):  # SQLite's limit on bound parameters
-            chunk = sop_uids[start:start + 500]
-            rows = self._query("SELECT sop_uid, destination FROM commitments WHERE status = 'committed'"
-                               f" AND sop_uid IN ({','.join('?' * len(chunk))})", tuple(chunk))
+            chunk = sop_uids[start : start + 500]
+            rows = self._query(
+                "SELECT sop_uid, destination FROM commitments WHERE status = 'committed'"
+                f" AND sop_uid IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
             found.update((r["sop_uid"], r["destination"]) for r in rows)
         return found
 
@@ -326,8 +385,15 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ outputs sent per study version
 
-    def record_sent(self, *, study_uid: str, version: int, job_id: str, destination: str,
-                    instances: list[tuple[str, str, str]]) -> None:
+    def record_sent(
+        self,
+        *,
+        study_uid: str,
+        version: int,
+        job_id: str,
+        destination: str,
+        instances: list[tuple[str, str, str]],
+    ) -> None:
         """Journal outputs stored at *destination* for one study version.
 
         :param instances: ``(SOP Instance UID, SOP Class UID, Series Instance UID)`` of each.
@@ -338,30 +404,40 @@ class ResultsStore:
             db.executemany(
                 "INSERT OR IGNORE INTO sent_outputs (sop_uid, destination, study_uid, version, job_id,"
                 " sop_class_uid, series_uid) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(uid, destination, study_uid, version, job_id, sop_class, series)
-                 for uid, sop_class, series in instances])
+                [
+                    (uid, destination, study_uid, version, job_id, sop_class, series)
+                    for uid, sop_class, series in instances
+                ],
+            )
 
-    def superseded_outputs(self, *, study_uid: str, version: int, destination: str,
-                           current: set[str]) -> list[sqlite3.Row]:
+    def superseded_outputs(
+        self, *, study_uid: str, version: int, destination: str, current: set[str]
+    ) -> list[sqlite3.Row]:
         """Outputs of earlier versions of a study stored at *destination*, not among *current* and not
         rejected yet: the results a newer version replaces."""
         rows = self._query(
             "SELECT * FROM sent_outputs WHERE study_uid = ? AND destination = ? AND version < ?"
-            " AND rejected_by IS NULL ORDER BY version, sop_uid", (study_uid, destination, version))
+            " AND rejected_by IS NULL ORDER BY version, sop_uid",
+            (study_uid, destination, version),
+        )
         return [r for r in rows if r["sop_uid"] not in current]
 
     def mark_rejected(self, *, destination: str, sop_uids: list[str], rejected_by: str) -> None:
         """Record that a rejection KOS stored at *destination* names these outputs."""
         with self._transaction() as db:
-            db.executemany("UPDATE sent_outputs SET rejected_by = ? WHERE sop_uid = ? AND destination = ?",
-                           [(rejected_by, uid, destination) for uid in sop_uids])
+            db.executemany(
+                "UPDATE sent_outputs SET rejected_by = ? WHERE sop_uid = ? AND destination = ?",
+                [(rejected_by, uid, destination) for uid in sop_uids],
+            )
 
     # ------------------------------------------------------------------ dead letters
 
     def dead_letter(self, task: str, job_id: str, kwargs: dict[str, Any], error: str) -> int:
         with self._transaction() as db:
-            cur = db.execute("INSERT INTO deadletters (task, job_id, kwargs, error, at) VALUES (?, ?, ?, ?, ?)",
-                             (task, job_id, json.dumps(kwargs), error, time.time()))
+            cur = db.execute(
+                "INSERT INTO deadletters (task, job_id, kwargs, error, at) VALUES (?, ?, ?, ?, ?)",
+                (task, job_id, json.dumps(kwargs), error, time.time()),
+            )
             return int(cur.lastrowid or 0)
 
     def dead_letters(self, include_replayed: bool = False) -> list[sqlite3.Row]:
@@ -395,10 +471,18 @@ def stored_triage(row: sqlite3.Row) -> TriageDecision | None:
     """The triage decision a worklist row holds, for a study version that takes over an earlier one's."""
     if row["triage_category"] is None:
         return None
-    point = (None if row["triage_operating_point"] is None else
-             OperatingPoint(name=row["triage_operating_point"], threshold=float(row["triage_threshold"])))
-    return TriageDecision(category=row["triage_category"], risk=row["risk"], model=row["triage_model"],
-                          operating_point=point, policy=POLICY)
+    point = (
+        None
+        if row["triage_operating_point"] is None
+        else OperatingPoint(name=row["triage_operating_point"], threshold=float(row["triage_threshold"]))
+    )
+    return TriageDecision(
+        category=row["triage_category"],
+        risk=row["risk"],
+        model=row["triage_model"],
+        operating_point=point,
+        policy=POLICY,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,10 +508,18 @@ class WorklistEntry:
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> WorklistEntry:
         triage = {name: row[name] for name, _ in _TRIAGE_COLUMNS if name in row.keys()}  # noqa: SIM118
-        return cls(study_uid=row["study_uid"], job_id=row["job_id"], version=int(row["version"]),
-                   risk=row["risk"], priority=int(row["priority"]), state=row["state"],
-                   findings=json.loads(row["findings"] or "[]"), demo_weights=bool(row["demo_weights"]),
-                   updated_at=float(row["updated_at"]), **triage)
+        return cls(
+            study_uid=row["study_uid"],
+            job_id=row["job_id"],
+            version=int(row["version"]),
+            risk=row["risk"],
+            priority=int(row["priority"]),
+            state=row["state"],
+            findings=json.loads(row["findings"] or "[]"),
+            demo_weights=bool(row["demo_weights"]),
+            updated_at=float(row["updated_at"]),
+            **triage,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,9 +537,15 @@ class Analysis:
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> Analysis:
-        return cls(job_id=row["job_id"], model=row["model"], risk=row["risk"],
-                   predictions=json.loads(row["predictions"]), failures=json.loads(row["failures"]),
-                   outputs=json.loads(row["outputs"]), finished_at=float(row["finished_at"]))
+        return cls(
+            job_id=row["job_id"],
+            model=row["model"],
+            risk=row["risk"],
+            predictions=json.loads(row["predictions"]),
+            failures=json.loads(row["failures"]),
+            outputs=json.loads(row["outputs"]),
+            finished_at=float(row["finished_at"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -560,8 +658,9 @@ class ResultsReader:
                 return []
             have = {row[1] for row in db.execute("PRAGMA table_info(worklist)")}
             # A journal no worker of this version has opened yet has no triage columns: order by risk.
-            order = (_WORKLIST_ORDER if "triage_category" in have
-                     else "risk IS NULL, risk DESC, updated_at ASC")
+            order = (
+                _WORKLIST_ORDER if "triage_category" in have else "risk IS NULL, risk DESC, updated_at ASC"
+            )
             rows = db.execute(f"SELECT * FROM worklist ORDER BY {order} LIMIT ?", (limit,)).fetchall()
         return [WorklistEntry._from_row(r) for r in rows]
 
@@ -569,8 +668,9 @@ class ResultsReader:
         """Every worklist row, by Study Instance UID."""
         return {r["study_uid"]: WorklistEntry._from_row(r) for r in self._rows("SELECT * FROM worklist")}
 
-    def worklist_entry(self, *, job_id: str | None = None,
-                       study_uid: str | None = None) -> WorklistEntry | None:
+    def worklist_entry(
+        self, *, job_id: str | None = None, study_uid: str | None = None
+    ) -> WorklistEntry | None:
         """The worklist row of one job id, or of one study whichever version it holds."""
         if (job_id is None) == (study_uid is None):
             raise ValueError("give exactly one of job_id and study_uid")
@@ -582,7 +682,8 @@ class ResultsReader:
         """For each study on the worklist, its version there and whether the workers are done with it."""
         rows = self._rows(
             "SELECT w.study_uid, w.version, w.state, EXISTS (SELECT 1 FROM analyses a"
-            " WHERE a.job_id = w.job_id AND a.outputs != '[]') AS has_outputs FROM worklist w")
+            " WHERE a.job_id = w.job_id AND a.outputs != '[]') AS has_outputs FROM worklist w"
+        )
         progress = {}
         for r in rows:
             nothing_to_deliver = r["state"] == "analysed" and not r["has_outputs"]
@@ -594,8 +695,10 @@ class ResultsReader:
 
     def analyses(self, job_id: str) -> list[Analysis]:
         """Every model's analysis of one job, by model name."""
-        return [Analysis._from_row(r) for r in self._rows(
-            "SELECT * FROM analyses WHERE job_id = ? ORDER BY model", (job_id,))]
+        return [
+            Analysis._from_row(r)
+            for r in self._rows("SELECT * FROM analyses WHERE job_id = ? ORDER BY model", (job_id,))
+        ]
 
     def analysis(self, job_id: str, model: str) -> Analysis | None:
         rows = self._rows("SELECT * FROM analyses WHERE job_id = ? AND model = ?", (job_id, model))
@@ -603,41 +706,79 @@ class ResultsReader:
 
     def timeline(self, job_id: str) -> list[TimelineEntry]:
         """The workers' timeline of one job, oldest first."""
-        return [TimelineEntry(float(r["at"]), str(r["event"]), str(r["detail"])) for r in self._rows(
-            "SELECT at, event, detail FROM timeline WHERE job_id = ? ORDER BY at", (job_id,))]
+        return [
+            TimelineEntry(float(r["at"]), str(r["event"]), str(r["detail"]))
+            for r in self._rows(
+                "SELECT at, event, detail FROM timeline WHERE job_id = ? ORDER BY at", (job_id,)
+            )
+        ]
 
     def deliveries(self, job_id: str) -> list[Delivery]:
         """Where one job's outputs went, oldest attempt first."""
-        return [Delivery(str(r["destination"]), str(r["status"]), str(r["error"]), int(r["attempts"]),
-                         float(r["updated_at"])) for r in self._rows(
-            "SELECT destination, status, error, attempts, updated_at FROM deliveries WHERE job_id = ?"
-            " ORDER BY updated_at", (job_id,))]
+        return [
+            Delivery(
+                str(r["destination"]),
+                str(r["status"]),
+                str(r["error"]),
+                int(r["attempts"]),
+                float(r["updated_at"]),
+            )
+            for r in self._rows(
+                "SELECT destination, status, error, attempts, updated_at FROM deliveries WHERE job_id = ?"
+                " ORDER BY updated_at",
+                (job_id,),
+            )
+        ]
 
     def notified_jobs(self) -> set[str]:
         """Job ids that at least one RIS endpoint acknowledged (the worklist's "notified")."""
-        return {str(r["job_id"]) for r in self._rows(
-            "SELECT DISTINCT job_id FROM notifications WHERE status = 'notified'")}
+        return {
+            str(r["job_id"])
+            for r in self._rows("SELECT DISTINCT job_id FROM notifications WHERE status = 'notified'")
+        }
 
     def notifications(self, job_id: str) -> list[Notification]:
         """Where one job's triage flag went (one row per RIS endpoint)."""
-        return [Notification(str(r["endpoint"]), str(r["status"]), str(r["error"]), int(r["attempts"]),
-                             float(r["updated_at"])) for r in self._rows(
-            "SELECT endpoint, status, error, attempts, updated_at FROM notifications WHERE job_id = ?"
-            " ORDER BY endpoint", (job_id,))]
+        return [
+            Notification(
+                str(r["endpoint"]),
+                str(r["status"]),
+                str(r["error"]),
+                int(r["attempts"]),
+                float(r["updated_at"]),
+            )
+            for r in self._rows(
+                "SELECT endpoint, status, error, attempts, updated_at FROM notifications WHERE job_id = ?"
+                " ORDER BY endpoint",
+                (job_id,),
+            )
+        ]
 
     def committed_jobs(self) -> set[str]:
         """Job ids whose every output the PACS confirmed by Storage Commitment (the ``committed`` event)."""
-        return {str(r["job_id"]) for r in self._rows(
-            "SELECT DISTINCT job_id FROM timeline WHERE event = ?", (COMMITTED,))}
+        return {
+            str(r["job_id"])
+            for r in self._rows("SELECT DISTINCT job_id FROM timeline WHERE event = ?", (COMMITTED,))
+        }
 
     # ------------------------------------------------------------------ dead letters
 
     def dead_letters(self, include_replayed: bool = False) -> list[DeadLetterSummary]:
         """Dead letters, oldest first; those already replayed only when asked."""
         where = "" if include_replayed else " WHERE replayed_at IS NULL"
-        return [DeadLetterSummary(int(r["id"]), str(r["task"]), str(r["job_id"]), str(r["error"]),
-                                  float(r["at"]), r["replayed_at"]) for r in self._rows(
-            f"SELECT id, task, job_id, error, at, replayed_at FROM deadletters{where} ORDER BY at")]
+        return [
+            DeadLetterSummary(
+                int(r["id"]),
+                str(r["task"]),
+                str(r["job_id"]),
+                str(r["error"]),
+                float(r["at"]),
+                r["replayed_at"],
+            )
+            for r in self._rows(
+                f"SELECT id, task, job_id, error, at, replayed_at FROM deadletters{where} ORDER BY at"
+            )
+        ]
 
     # ------------------------------------------------------------------ metrics
 
@@ -647,12 +788,15 @@ class ResultsReader:
             if db is None:
                 return ResultsCounts(studies_by_state={}, waiting_letters_by_task={}, dead_deliveries=0)
             states = db.execute("SELECT state, count(*) AS n FROM worklist GROUP BY state").fetchall()
-            waiting = db.execute("SELECT task, count(*) AS n FROM deadletters WHERE replayed_at IS NULL"
-                                 " GROUP BY task").fetchall()
+            waiting = db.execute(
+                "SELECT task, count(*) AS n FROM deadletters WHERE replayed_at IS NULL GROUP BY task"
+            ).fetchall()
             dead = db.execute("SELECT count(*) FROM deadletters WHERE task = 'deliver'").fetchone()[0]
-        return ResultsCounts(studies_by_state={str(r["state"]): int(r["n"]) for r in states},
-                             waiting_letters_by_task={str(r["task"]): int(r["n"]) for r in waiting},
-                             dead_deliveries=int(dead))
+        return ResultsCounts(
+            studies_by_state={str(r["state"]): int(r["n"]) for r in states},
+            waiting_letters_by_task={str(r["task"]): int(r["n"]) for r in waiting},
+            dead_deliveries=int(dead),
+        )
 
     def timeline_tail(self, after: int) -> TimelineTail:
         """The model timings and delivery retries past position *after* (a rowid), oldest first."""
@@ -662,6 +806,9 @@ class ResultsReader:
             newest = db.execute("SELECT coalesce(max(rowid), 0) FROM timeline").fetchone()[0]
             rows = db.execute(
                 "SELECT rowid, event, detail FROM timeline WHERE rowid > ? AND (event LIKE ? OR event = ?)"
-                " ORDER BY rowid", (after, MODEL_DONE_PREFIX + "%", DELIVERY_RETRY)).fetchall()
-        return TimelineTail(newest=int(newest),
-                            events=[(int(r["rowid"]), str(r["event"]), str(r["detail"])) for r in rows])
+                " ORDER BY rowid",
+                (after, MODEL_DONE_PREFIX + "%", DELIVERY_RETRY),
+            ).fetchall()
+        return TimelineTail(
+            newest=int(newest), events=[(int(r["rowid"]), str(r["event"]), str(r["detail"])) for r in rows]
+        )

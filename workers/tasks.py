@@ -81,13 +81,15 @@ def worker_device(settings: Settings) -> str:
     return os.environ.get("PACS_TRIAGE_WORKER_DEVICE") or settings.worker.device
 
 
-def _too_many_attempts(store: ResultsStore, settings: Settings, key: str, task: str, job_id: str,
-                       kwargs: dict[str, Any]) -> bool:
+def _too_many_attempts(
+    store: ResultsStore, settings: Settings, key: str, task: str, job_id: str, kwargs: dict[str, Any]
+) -> bool:
     attempt = store.bump_attempt(key)
     if attempt <= settings.worker.max_redeliveries:
         return False
-    letter = store.dead_letter(task, job_id, kwargs, f"started {attempt} times without finishing "
-                                                      "(the worker died each time)")
+    letter = store.dead_letter(
+        task, job_id, kwargs, f"started {attempt} times without finishing (the worker died each time)"
+    )
     store.event(job_id, "dead-lettered", f"letter {letter}")
     log.error("task.dead_lettered", task=task, job_id=job_id, attempts=attempt, letter=letter)
     return True
@@ -114,8 +116,13 @@ def analyse(self: Task, job: dict[str, Any], stage: str = "first") -> None:
     key = f"analyse:{study.job_id}:{stage}"
 
     def give_up(error: str) -> None:
-        store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
-                           priority=int(study.priority), state="dead-lettered")
+        store.upsert_study(
+            study_uid=study.study_instance_uid,
+            job_id=study.job_id,
+            version=study.study_version,
+            priority=int(study.priority),
+            state="dead-lettered",
+        )
 
     if _too_many_attempts(store, settings, key, "analyse", study.job_id, {"job": job, "stage": stage}):
         give_up("too many attempts")
@@ -144,8 +151,9 @@ def analyse(self: Task, job: dict[str, Any], stage: str = "first") -> None:
         give_up(str(exc))
 
 
-def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Settings, store: ResultsStore,
-             key: str) -> None:
+def _analyse(
+    study: StudyJob, job: dict[str, Any], stage: str, settings: Settings, store: ResultsStore, key: str
+) -> None:
     """One stage of a study version; it ends in a final state (done, delivered via the delivery
     task, skipped, dead-lettered) or hands the rest to the next stage."""
     store.event(study.job_id, f"analysis_start:{stage}")
@@ -154,17 +162,28 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
     if stage == "first" and not adds_new_source(study, sources):
         _inherit_earlier_version(study, job, store, key)
         return
-    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
-                       priority=int(study.priority), state="analysing")
+    store.upsert_study(
+        study_uid=study.study_instance_uid,
+        job_id=study.job_id,
+        version=study.study_version,
+        priority=int(study.priority),
+        state="analysing",
+    )
     host = model_host(settings, worker_device(settings))
-    unreadable = [{"sop_instance_uid": s.instance.sop_instance_uid, "error": s.error} for s in sources if s.error]
+    unreadable = [
+        {"sop_instance_uid": s.instance.sop_instance_uid, "error": s.error} for s in sources if s.error
+    ]
     for problem in unreadable:
-        log.warning("instance.unreadable", sop_uid_hash=problem["sop_instance_uid"][-8:], error=problem["error"])
+        log.warning(
+            "instance.unreadable", sop_uid_hash=problem["sop_instance_uid"][-8:], error=problem["error"]
+        )
     models = accepting_models(host, [s.ref for s in sources if s.ref is not None])
     if not models:
         if unreadable:
-            raise PermanentError("no model accepts any readable image; unreadable: "
-                                 + "; ".join(str(u["error"]) for u in unreadable[:5]))
+            raise PermanentError(
+                "no model accepts any readable image; unreadable: "
+                + "; ".join(str(u["error"]) for u in unreadable[:5])
+            )
         _finish_skipped(store, study, skip_reasons(host, sources), key)
         return
     first = settings.triage.first_stage_model
@@ -177,17 +196,33 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
 
     def journal(run: ModelRun, done: bool = True) -> None:
         # Unreadable instances are every model's failures: journalled and shown, not only logged.
-        store.record_analysis(study.job_id, run.model, run.risk, [prediction_summary(p) for p in run.predictions],
-                              [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error}
-                               for f in run.failures] + unreadable, [str(p) for p in run.outputs])
+        store.record_analysis(
+            study.job_id,
+            run.model,
+            run.risk,
+            [prediction_summary(p) for p in run.predictions],
+            [{"sop_instance_uid": f.image.sop_instance_uid, "error": f.error} for f in run.failures]
+            + unreadable,
+            [str(p) for p in run.outputs],
+        )
         if not done:
             return
-        store.event(study.job_id, f"{MODEL_DONE_PREFIX}{run.model}",
-                    json.dumps({"inference_s": round(run.seconds_inference, 3),
-                                "outputs_s": round(run.seconds_outputs, 3), "failures": len(run.failures),
-                                # Why this model left images out (its rules, the routing, the pixel budget).
-                                "skipped": [{"sop_instance_uid": k.image.sop_instance_uid, "reason": k.reason}
-                                            for k in run.skipped]}))
+        store.event(
+            study.job_id,
+            f"{MODEL_DONE_PREFIX}{run.model}",
+            json.dumps(
+                {
+                    "inference_s": round(run.seconds_inference, 3),
+                    "outputs_s": round(run.seconds_outputs, 3),
+                    "failures": len(run.failures),
+                    # Why this model left images out (its rules, the routing, the pixel budget).
+                    "skipped": [
+                        {"sop_instance_uid": k.image.sop_instance_uid, "reason": k.reason}
+                        for k in run.skipped
+                    ],
+                }
+            ),
+        )
 
     output_root = Path(settings.gateway.data_dir).resolve() / "outputs" / study.job_id
     try:
@@ -202,10 +237,18 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
         # Every stage is done: one SR for the study, over every model's kept predictions.  Journalled with
         # the last model's outputs before the study is "analysed", so its delivery is waited for.
         try:
-            report = write_study_report(sources, output_root, decision, settings, triage=partial(
-                decide, high_point=settings.triage.high_operating_point,
-                intermediate_point=settings.triage.intermediate_operating_point,
-                fallback_threshold=settings.triage.high_risk_threshold))
+            report = write_study_report(
+                sources,
+                output_root,
+                decision,
+                settings,
+                triage=partial(
+                    decide,
+                    high_point=settings.triage.high_operating_point,
+                    intermediate_point=settings.triage.intermediate_operating_point,
+                    fallback_threshold=settings.triage.high_risk_threshold,
+                ),
+            )
         except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
             raise PermanentError(failure_reason("building the study report failed", exc)) from exc
         if report is not None:
@@ -220,15 +263,25 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
     findings = json.loads(previous["findings"]) if previous and previous["job_id"] == study.job_id else []
     findings += _findings(runs)
     demo = any(f.get("demo_weights") for f in findings)
-    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
-                       priority=int(priority), state="analysed" if not later else "analysing",
-                       risk=risk, findings=findings, demo_weights=demo, triage=decision)
+    store.upsert_study(
+        study_uid=study.study_instance_uid,
+        job_id=study.job_id,
+        version=study.study_version,
+        priority=int(priority),
+        state="analysed" if not later else "analysing",
+        risk=risk,
+        findings=findings,
+        demo_weights=demo,
+        triage=decision,
+    )
     store.event(study.job_id, f"analysis_end:{stage}", f"risk={risk}; triage {decision.explanation}")
 
     if risk is not None and decision.category == "high" and stage == "first":
         host.plugin_manager.hook.pacs_triage_high_risk_study(
-            study_instance_uid=study.study_instance_uid, risk=risk,
-            predictions=[p for run in runs for p in run.predictions])
+            study_instance_uid=study.study_instance_uid,
+            risk=risk,
+            predictions=[p for run in runs for p in run.predictions],
+        )
 
     unbuilt = [f"{run.model}: {run.outputs_error}" for run in runs if run.outputs_error]
     if unbuilt:
@@ -243,29 +296,50 @@ def _analyse(study: StudyJob, job: dict[str, Any], stage: str, settings: Setting
             raise PermanentError(f"no model could analyse any image: {'; '.join(failed[:5])}")
         # Nothing failed and nothing was found: every image was declined (routing, pixel budget).
         refs = [s.ref for s in sources if s.ref is not None]
-        _finish_skipped(store, study, skip_reasons(host, sources, study_budget_refusals(host, refs, settings)), key)
+        _finish_skipped(
+            store, study, skip_reasons(host, sources, study_budget_refusals(host, refs, settings)), key
+        )
         return
     outputs = [str(p) for run in runs for p in run.outputs]
     if not outputs and not later:
         # This stage adds nothing to deliver; the first stage's outputs may all be stored already.
         _mark_delivered(store, study.study_instance_uid, study.job_id)
     if outputs:
-        app.send_task("workers.tasks.deliver", kwargs={"job_id": study.job_id, "paths": outputs,
-                                                       "study_uid": study.study_instance_uid,
-                                                       "study_version": study.study_version},
-                      queue=DELIVERY_QUEUE, priority=int(priority), retry=True,
-                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+        app.send_task(
+            "workers.tasks.deliver",
+            kwargs={
+                "job_id": study.job_id,
+                "paths": outputs,
+                "study_uid": study.study_instance_uid,
+                "study_version": study.study_version,
+            },
+            queue=DELIVERY_QUEUE,
+            priority=int(priority),
+            retry=True,
+            retry_policy=WORKER_PUBLISH.kombu_retry_policy(),
+        )
     if later:
-        app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "rest"},
-                      queue=ANALYSIS_QUEUE, priority=int(priority), retry=True,
-                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+        app.send_task(
+            "workers.tasks.analyse",
+            kwargs={"job": job, "stage": "rest"},
+            queue=ANALYSIS_QUEUE,
+            priority=int(priority),
+            retry=True,
+            retry_policy=WORKER_PUBLISH.kombu_retry_policy(),
+        )
     else:
         _queue_notifications(study, sources, settings, store, priority, decision)
     store.reset_attempts(key)
 
 
-def _queue_notifications(study: StudyJob, sources: list[Any], settings: Settings, store: ResultsStore,
-                         priority: Priority, decision: TriageDecision | None = None) -> None:
+def _queue_notifications(
+    study: StudyJob,
+    sources: list[Any],
+    settings: Settings,
+    store: ResultsStore,
+    priority: Priority,
+    decision: TriageDecision | None = None,
+) -> None:
     """Queue the study's triage flag for each RIS endpoint, on the delivery queue at the study's priority
     and after its delivery, so the RIS hears of studies in triage order too."""
     if decision is None:
@@ -275,13 +349,22 @@ def _queue_notifications(study: StudyJob, sources: list[Any], settings: Settings
         return
     header = next((s.header for s in sources if s.header is not None and not s.own_output), None)
     notice = StudyNotice.from_decision(
-        job_id=study.job_id, study_uid=study.study_instance_uid, decision=decision,
+        job_id=study.job_id,
+        study_uid=study.study_instance_uid,
+        decision=decision,
         accession_number=str(header.get("AccessionNumber", "") or "") if header is not None else "",
-        patient_id=str(header.get("PatientID", "") or "") if header is not None else "")
+        patient_id=str(header.get("PatientID", "") or "") if header is not None else "",
+    )
     for endpoint in settings.notifications.hl7:
         kwargs = {"notice": notice.to_json_dict(), "endpoint": endpoint.name}
-        app.send_task("workers.tasks.notify", kwargs=kwargs, queue=DELIVERY_QUEUE, priority=int(priority),
-                      retry=True, retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+        app.send_task(
+            "workers.tasks.notify",
+            kwargs=kwargs,
+            queue=DELIVERY_QUEUE,
+            priority=int(priority),
+            retry=True,
+            retry_policy=WORKER_PUBLISH.kombu_retry_policy(),
+        )
 
 
 def study_triage(host: ModelHost, store: ResultsStore, job_id: str, settings: Settings) -> TriageDecision:
@@ -297,9 +380,12 @@ def study_triage(host: ModelHost, store: ResultsStore, job_id: str, settings: Se
         except PluginError:  # disabled or unloadable since it ran: the site-wide threshold stands in
             points = ()
         models.append(ModelRisk(model=name, risk=float(analysis["risk"]), operating_points=points))
-    return decide(models, high_point=settings.triage.high_operating_point,
-                  intermediate_point=settings.triage.intermediate_operating_point,
-                  fallback_threshold=settings.triage.high_risk_threshold)
+    return decide(
+        models,
+        high_point=settings.triage.high_operating_point,
+        intermediate_point=settings.triage.intermediate_operating_point,
+        fallback_threshold=settings.triage.high_risk_threshold,
+    )
 
 
 #: How long a version that adds no new source waits before it looks again at the earlier one.
@@ -319,28 +405,51 @@ def _inherit_earlier_version(study: StudyJob, job: dict[str, Any], store: Result
         # Taking its row now would refuse the earlier version's own updates (they are older): wait.
         store.event(study.job_id, "waiting", f"for version {earlier['version']} to finish")
         store.reset_attempts(key)
-        app.send_task("workers.tasks.analyse", kwargs={"job": job, "stage": "first"}, queue=ANALYSIS_QUEUE,
-                      priority=int(study.priority), countdown=_EARLIER_VERSION_POLL_SECONDS, retry=True,
-                      retry_policy=WORKER_PUBLISH.kombu_retry_policy())
+        app.send_task(
+            "workers.tasks.analyse",
+            kwargs={"job": job, "stage": "first"},
+            queue=ANALYSIS_QUEUE,
+            priority=int(study.priority),
+            countdown=_EARLIER_VERSION_POLL_SECONDS,
+            retry=True,
+            retry_policy=WORKER_PUBLISH.kombu_retry_policy(),
+        )
         return
-    detail = ("this study version adds no new source image (only our own outputs or instances an earlier "
-              "version already had)")
+    detail = (
+        "this study version adds no new source image (only our own outputs or instances an earlier "
+        "version already had)"
+    )
     store.event(study.job_id, "not_analysed", detail)
     if earlier is None:  # nothing on the worklist to take over (a fresh results journal): say why, finished
         _finish_skipped(store, study, {"all": {"all": detail}}, key)
         return
-    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
-                       priority=int(earlier["priority"]), state=str(earlier["state"]), risk=earlier["risk"],
-                       findings=json.loads(earlier["findings"]), demo_weights=bool(earlier["demo_weights"]),
-                       triage=stored_triage(earlier))
+    store.upsert_study(
+        study_uid=study.study_instance_uid,
+        job_id=study.job_id,
+        version=study.study_version,
+        priority=int(earlier["priority"]),
+        state=str(earlier["state"]),
+        risk=earlier["risk"],
+        findings=json.loads(earlier["findings"]),
+        demo_weights=bool(earlier["demo_weights"]),
+        triage=stored_triage(earlier),
+    )
     store.reset_attempts(key)
 
 
-def _finish_skipped(store: ResultsStore, study: StudyJob, reasons: dict[str, dict[str, str]], key: str) -> None:
+def _finish_skipped(
+    store: ResultsStore, study: StudyJob, reasons: dict[str, dict[str, str]], key: str
+) -> None:
     """Final state ``skipped``: no model analyses any image; each image's reasons are journalled."""
     store.event(study.job_id, "skipped", json.dumps(reasons, sort_keys=True))
-    store.upsert_study(study_uid=study.study_instance_uid, job_id=study.job_id, version=study.study_version,
-                       priority=int(study.priority), state="skipped", findings=[])
+    store.upsert_study(
+        study_uid=study.study_instance_uid,
+        job_id=study.job_id,
+        version=study.study_version,
+        priority=int(study.priority),
+        state="skipped",
+        findings=[],
+    )
     log.info("analysis.skipped", images=len(reasons))
     store.reset_attempts(key)
 
@@ -365,7 +474,9 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "", stud
     if _too_many_attempts(store, settings, key, "deliver", job_id, kwargs):
         return
     if not settings.delivery.destinations:
-        store.event(job_id, "outputs_kept_locally", f"{len(paths)} objects; no delivery destination configured")
+        store.event(
+            job_id, "outputs_kept_locally", f"{len(paths)} objects; no delivery destination configured"
+        )
         _mark_delivered(store, study_uid, job_id)
         store.reset_attempts(key)
         return
@@ -384,16 +495,26 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "", stud
         except TransientError as exc:
             pending_error = exc
             for ds in datasets:
-                store.record_delivery(sop_uid=ds.SOPInstanceUID, destination=where, job_id=job_id,
-                                      status="retrying", error=str(exc))
+                store.record_delivery(
+                    sop_uid=ds.SOPInstanceUID,
+                    destination=where,
+                    job_id=job_id,
+                    status="retrying",
+                    error=str(exc),
+                )
             continue
         except PermanentError as exc:
             store.dead_letter("deliver", job_id, kwargs, f"{where}: {exc}")
             store.event(job_id, "dead-lettered", where)
             return
         for result in results:
-            store.record_delivery(sop_uid=result.sop_instance_uid, destination=where, job_id=job_id,
-                                  status="stored" if result.ok else "failed", error=str(result.error or ""))
+            store.record_delivery(
+                sop_uid=result.sop_instance_uid,
+                destination=where,
+                job_id=job_id,
+                status="stored" if result.ok else "failed",
+                error=str(result.error or ""),
+            )
         refused = [r for r in results if not r.ok and not r.retryable]
         if refused:
             store.dead_letter("deliver", job_id, kwargs, f"{where}: {refused[0].error}")
@@ -421,13 +542,20 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "", stud
         retries = self.request.retries
         policy = delivery_policy(settings.delivery)
         if policy.exhausted(retries):
-            letter = store.dead_letter("deliver", job_id, kwargs, f"gave up after {retries + 1} tries: {pending_error}")
+            letter = store.dead_letter(
+                "deliver", job_id, kwargs, f"gave up after {retries + 1} tries: {pending_error}"
+            )
             store.event(job_id, "dead-lettered", f"letter {letter}")
             if study_uid:
                 row = store.study(study_uid)
                 if row is not None:
-                    store.upsert_study(study_uid=study_uid, job_id=job_id, version=row["version"],
-                                       priority=row["priority"], state="dead-lettered")
+                    store.upsert_study(
+                        study_uid=study_uid,
+                        job_id=job_id,
+                        version=row["version"],
+                        priority=row["priority"],
+                        state="dead-lettered",
+                    )
             store.reset_attempts(key)
             return
         delay = policy.delay(retries)
@@ -469,57 +597,92 @@ def notify(self: Task, notice: dict[str, Any], endpoint: str) -> None:
         if policy.exhausted(retries):
             reason = f"gave up after {retries + 1} tries: {exc}"
             letter = store.dead_letter("notify", study.job_id, kwargs, reason)
-            store.record_notification(job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid,
-                                      status="dead-lettered", error=str(exc))
+            store.record_notification(
+                job_id=study.job_id,
+                endpoint=endpoint,
+                study_uid=study.study_uid,
+                status="dead-lettered",
+                error=str(exc),
+            )
             store.event(study.job_id, "dead-lettered", f"letter {letter}")
             log.error("notification.dead_lettered", letter=letter, error=str(exc))
             store.reset_attempts(key)
             return
         delay = policy.delay(retries)
-        store.record_notification(job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid,
-                                  status="retrying", error=str(exc))
+        store.record_notification(
+            job_id=study.job_id,
+            endpoint=endpoint,
+            study_uid=study.study_uid,
+            status="retrying",
+            error=str(exc),
+        )
         store.event(study.job_id, "notification_retry", f"{endpoint} in {delay:.1f}s: {exc}")
         store.reset_attempts(key)
         raise self.retry(countdown=delay, exc=exc) from exc
-    store.record_notification(job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid,
-                              status="notified")
+    store.record_notification(
+        job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid, status="notified"
+    )
     store.event(study.job_id, "notified", f"{endpoint} ({target.message})")
     log.info("notification.acknowledged", message=target.message)
     store.reset_attempts(key)
 
 
-def _remember_sent(store: ResultsStore, datasets: list[pydicom.FileDataset], results: list[Any], where: str,
-                   job_id: str, study_uid: str, study_version: int) -> None:
+def _remember_sent(
+    store: ResultsStore,
+    datasets: list[pydicom.FileDataset],
+    results: list[Any],
+    where: str,
+    job_id: str,
+    study_uid: str,
+    study_version: int,
+) -> None:
     """Journal which outputs of which study version are stored where, for superseding them later."""
     row = store.study(study_uid) if study_uid else None
     version = study_version or (int(row["version"]) if row is not None and row["job_id"] == job_id else 0)
     if not version:
         return  # a delivery queued before versions were passed along: nothing to supersede by
     series = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for ds in datasets}
-    store.record_sent(study_uid=study_uid, version=version, job_id=job_id, destination=where,
-                      instances=[(r.sop_instance_uid, r.sop_class_uid, series[r.sop_instance_uid])
-                                 for r in results if r.ok])
+    store.record_sent(
+        study_uid=study_uid,
+        version=version,
+        job_id=job_id,
+        destination=where,
+        instances=[
+            (r.sop_instance_uid, r.sop_class_uid, series[r.sop_instance_uid]) for r in results if r.ok
+        ],
+    )
 
 
-def _commit(store: ResultsStore, settings: Settings, destination: DestinationSettings, results: list[Any],
-            job_id: str) -> None:
+def _commit(
+    store: ResultsStore, settings: Settings, destination: DestinationSettings, results: list[Any], job_id: str
+) -> None:
     """Storage Commitment for what was just stored at *destination*; a TransientError unless all committed."""
     where = _destination_key(destination)
-    report = request_commitment([(r.sop_class_uid, r.sop_instance_uid) for r in results], destination,
-                                calling_ae_title=settings.delivery.ae_title,
-                                listen_port=settings.delivery.commitment_port)
-    store.record_commitment(job_id=job_id, destination=where, transaction_uid=report.transaction_uid,
-                            committed=sorted(report.committed),
-                            failed=sorted({*report.failed, *report.missing}))
+    report = request_commitment(
+        [(r.sop_class_uid, r.sop_instance_uid) for r in results],
+        destination,
+        calling_ae_title=settings.delivery.ae_title,
+        listen_port=settings.delivery.commitment_port,
+    )
+    store.record_commitment(
+        job_id=job_id,
+        destination=where,
+        transaction_uid=report.transaction_uid,
+        committed=sorted(report.committed),
+        failed=sorted({*report.failed, *report.missing}),
+    )
     if not report.complete:
         reasons = ", ".join(sorted({f"0x{reason:04X}" for reason in report.failed.values()})) or "none given"
-        raise TransientError(f"{where} did not commit {len(report.failed) + len(report.missing)} of "
-                             f"{len(results)} instances (failure reasons: {reasons})")
+        raise TransientError(
+            f"{where} did not commit {len(report.failed) + len(report.missing)} of "
+            f"{len(results)} instances (failure reasons: {reasons})"
+        )
     store.event(job_id, "commitment", f"{len(report.committed)} objects at {where}")
 
 
-def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_uid: str,
-                  datasets: list[pydicom.FileDataset]) -> TransientError | None:
+def _after_stored(
+    store: ResultsStore, settings: Settings, job_id: str, study_uid: str, datasets: list[pydicom.FileDataset]
+) -> TransientError | None:
     """Once the study version is delivered: mark it committed when every destination that does Storage
     Commitment confirmed every output, and supersede earlier versions' outputs (``delivery.supersede``).
 
@@ -530,8 +693,9 @@ def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_ui
     row = store.study(study_uid) if study_uid else None
     if row is None or row["job_id"] != job_id or row["state"] != "delivered":
         return None
-    wanted = sorted({Path(p).stem for analysis in store.analyses(job_id)
-                     for p in json.loads(analysis["outputs"])})
+    wanted = sorted(
+        {Path(p).stem for analysis in store.analyses(job_id) for p in json.loads(analysis["outputs"])}
+    )
     committing = [_destination_key(d) for d in settings.delivery.destinations if d.storage_commitment]
     if committing and not any(e["event"] == COMMITTED for e in store.timeline(job_id)):
         committed = store.committed_at(wanted)
@@ -542,12 +706,19 @@ def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_ui
     error: TransientError | None = None
     for destination in settings.delivery.destinations:
         where = _destination_key(destination)
-        earlier = store.superseded_outputs(study_uid=study_uid, version=int(row["version"]),
-                                           destination=where, current=set(wanted))
+        earlier = store.superseded_outputs(
+            study_uid=study_uid, version=int(row["version"]), destination=where, current=set(wanted)
+        )
         if not earlier:
             continue
-        superseded = [SupersededOutput(sop_instance_uid=r["sop_uid"], sop_class_uid=r["sop_class_uid"],
-                                       series_instance_uid=r["series_uid"]) for r in earlier]
+        superseded = [
+            SupersededOutput(
+                sop_instance_uid=r["sop_uid"],
+                sop_class_uid=r["sop_class_uid"],
+                series_instance_uid=r["series_uid"],
+            )
+            for r in earlier
+        ]
         kos = rejection_kos(superseded, datasets[0])
         try:
             (result,) = deliver_to_pacs([kos], destination, calling_ae_title=settings.delivery.ae_title)
@@ -559,10 +730,12 @@ def _after_stored(store: ResultsStore, settings: Settings, job_id: str, study_ui
                 error = TransientError(f"{where}: rejection KOS not stored: {result.error}")
                 continue
             raise PermanentError(f"{where} refused the rejection KOS: {result.error}")
-        store.mark_rejected(destination=where, sop_uids=[r["sop_uid"] for r in earlier],
-                            rejected_by=str(kos.SOPInstanceUID))
-        store.event(job_id, "superseded",
-                    f"{len(earlier)} earlier outputs rejected at {where} by an IOCM KOS")
+        store.mark_rejected(
+            destination=where, sop_uids=[r["sop_uid"] for r in earlier], rejected_by=str(kos.SOPInstanceUID)
+        )
+        store.event(
+            job_id, "superseded", f"{len(earlier)} earlier outputs rejected at {where} by an IOCM KOS"
+        )
         log.info("delivery.superseded", destination=where, rejected=len(earlier))
     return error
 
@@ -573,11 +746,18 @@ def _mark_delivered(store: ResultsStore, study_uid: str, job_id: str) -> None:
     if row is None or row["job_id"] != job_id or row["state"] != "analysed":
         return
     settings = current_settings()
-    wanted = {Path(path).stem for analysis in store.analyses(job_id) for path in json.loads(analysis["outputs"])}
+    wanted = {
+        Path(path).stem for analysis in store.analyses(job_id) for path in json.loads(analysis["outputs"])
+    }
     # By SOP UID, not by job: outputs a new study version shares with the previous one were stored
     # by the previous version's delivery (their journal rows keep that job id).
     stored = store.stored_at(sorted(wanted))
     destinations = [_destination_key(d) for d in settings.delivery.destinations]
     if all((uid, where) in stored for uid in wanted for where in destinations):
-        store.upsert_study(study_uid=study_uid, job_id=job_id, version=row["version"], priority=row["priority"],
-                           state="delivered" if destinations else "done")
+        store.upsert_study(
+            study_uid=study_uid,
+            job_id=job_id,
+            version=row["version"],
+            priority=row["priority"],
+            state="delivered" if destinations else "done",
+        )

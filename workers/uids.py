@@ -63,7 +63,11 @@ def sr_instance_uid(
     """
     digests = _sorted_unique(source_digests)
     return derive_uid(
-        "sr-instance", study_uid, *_sorted_unique(source_sop_instance_uids), model_id, model_version,
+        "sr-instance",
+        study_uid,
+        *_sorted_unique(source_sop_instance_uids),
+        model_id,
+        model_version,
         *(["content", *digests] if digests else []),
     )
 
@@ -97,7 +101,12 @@ def sc_instance_uid(
         give a new heatmap UID (see :func:`sr_instance_uid`).
     """
     return derive_uid(
-        "sc-instance", study_uid, source_sop_instance_uid, model_id, model_version, str(frame_index),
+        "sc-instance",
+        study_uid,
+        source_sop_instance_uid,
+        model_id,
+        model_version,
+        str(frame_index),
         *(["content", source_digest] if source_digest else []),
     )
 

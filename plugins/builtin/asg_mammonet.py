@@ -145,8 +145,9 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
         # Trained with balanced sampling: p(malignant) is a probability only once calibrated at a prevalence.
-        "score": ScoreMeaning(kind="suspicion_score", description="p(malignant), uncalibrated",
-                              concept=CERTAINTY_OF_FINDING),
+        "score": ScoreMeaning(
+            kind="suspicion_score", description="p(malignant), uncalibrated", concept=CERTAINTY_OF_FINDING
+        ),
         "calibrated_score": calibrated_probability(),
         "paper": "ASG-MammoNet (Ahmed & Nandi group); docs/models/asg-mammonet.md",
         "license": "Apache-2.0",

@@ -450,8 +450,11 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
         # Labels are pathology (malignant vs benign or normal), so calibrated p(malignant) is a probability.
-        "score": ScoreMeaning(kind="suspicion_score", description="p(malignant) of normal/benign/malignant, "
-                              "uncalibrated", concept=CERTAINTY_OF_FINDING),
+        "score": ScoreMeaning(
+            kind="suspicion_score",
+            description="p(malignant) of normal/benign/malignant, uncalibrated",
+            concept=CERTAINTY_OF_FINDING,
+        ),
         "calibrated_score": calibrated_probability("calibrated p(malignant) of normal/benign/malignant"),
         "paper": (
             "CLGB-Net: ResNet-50 + Swin Transformer + FPN + CAM for mammography; docs/models/clgb-net.md"

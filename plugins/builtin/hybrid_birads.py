@@ -522,8 +522,9 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         # The reported prediction is the argmax, as in the paper; the risk is p(BI-RADS 4) + p(BI-RADS 5).
         "thresholds": {},
         # A BI-RADS suspicion, not a malignancy probability, calibrated or not (its labels are BI-RADS).
-        "score": ScoreMeaning(kind="suspicion_score", description="p(BI-RADS 4) + p(BI-RADS 5)",
-                              concept=CERTAINTY_OF_FINDING),
+        "score": ScoreMeaning(
+            kind="suspicion_score", description="p(BI-RADS 4) + p(BI-RADS 5)", concept=CERTAINTY_OF_FINDING
+        ),
         "paper": (
             "Singh et al., Sci Rep 16 (2026), doi:10.1038/s41598-026-40906-8; docs/models/hybrid-birads.md"
         ),

@@ -741,8 +741,11 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
         # Trained on BI-RADS >= 4 labels (INbreast): a suspicion score even once calibrated.
-        "score": ScoreMeaning(kind="suspicion_score", description="sigmoid of the LEM score for BI-RADS >= 4",
-                              concept=CERTAINTY_OF_FINDING),
+        "score": ScoreMeaning(
+            kind="suspicion_score",
+            description="sigmoid of the LEM score for BI-RADS >= 4",
+            concept=CERTAINTY_OF_FINDING,
+        ),
         "paper": (
             "Zhu et al., Bioengineering 12(4) 325 (2025), doi:10.3390/bioengineering12040325; "
             "docs/models/lem.md"

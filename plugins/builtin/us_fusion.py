@@ -537,8 +537,9 @@ def _cfg(**kwargs: Any) -> ModelSpec:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "thresholds": {"malignant": 0.5},
-        "score": ScoreMeaning(kind="suspicion_score", description="p(malignant), uncalibrated",
-                              concept=CERTAINTY_OF_FINDING),
+        "score": ScoreMeaning(
+            kind="suspicion_score", description="p(malignant), uncalibrated", concept=CERTAINTY_OF_FINDING
+        ),
         "calibrated_score": calibrated_probability(),
         "paper": (
             "Asif et al., Acad Radiol 32(9) 2025, doi:10.1016/j.acra.2025.05.007; docs/models/us-fusion.md"

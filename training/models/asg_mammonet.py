@@ -115,7 +115,7 @@ def class_balanced_sampler(
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
     weights = 1.0 / counts[np.asarray(labels)]
     return WeightedRandomSampler(
-        torch.as_tensor(weights, dtype=torch.double),
+        weights.tolist(),
         num_samples=len(labels),
         replacement=True,
         generator=generator,
@@ -203,7 +203,7 @@ class AsgMammoNetRecipe(Recipe):
         return AsgAugment(self.spec.mean, self.spec.std, (height, width), config, random.Random(seed))
 
     def augmented_input(self, prepared: np.ndarray, seed: int) -> torch.Tensor:
-        return self._augmenter(seed)(prepared)  # type: ignore[no-any-return]
+        return self._augmenter(seed)(prepared)
 
     def fit_normalisation(self, prepared_train_images: Sequence[np.ndarray]) -> None:
         if self.hp["normalisation"] == "imagenet":

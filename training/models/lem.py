@@ -32,10 +32,10 @@ from training.recipes import (
 )
 
 __all__ = [
+    "LemRecipe",
     "alpha_schedule",
     "build_scheduler",
     "lem_loss",
-    "LemRecipe",
     "pacs_triage_training_recipes",
     "sparse_loss",
     "train_transform",

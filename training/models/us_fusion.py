@@ -23,11 +23,11 @@ from training.datasets import Record
 from training.recipes import DemoProfile, Hyper, Recipe, Stage, adam_factory, all_trainable, seeded_torch
 
 __all__ = [
+    "UsFusionRecipe",
     "class_weights",
     "make_scheduler",
     "pacs_triage_training_recipes",
     "train_transform",
-    "UsFusionRecipe",
 ]
 
 EPOCHS = 50
