@@ -76,6 +76,19 @@ def test_hook_pacs_triage_register_models() -> None:
     assert all(isinstance(p, TorchModelPlugin) for p in registered)
 
 
+def test_hook_pacs_triage_training_recipes() -> None:
+    """Every registered model has the recipe that trains it (the built-ins are plugins of this hook);
+    tests/test_training.py shows an extra plugin bringing its own."""
+    from training.recipes import Recipe
+    from training.registry import recipe_classes
+
+    pm = get_plugin_manager(make_settings(), load_entrypoints=False)
+    recipes = recipe_classes(pm)
+    models = {p.spec.name for returned in pm.hook.pacs_triage_register_models() for p in returned}
+    assert models and models <= set(recipes)
+    assert all(issubclass(recipe, Recipe) and recipe.name == name for name, recipe in recipes.items())
+
+
 def test_hook_pacs_triage_high_risk_study(mammogram: ImageRef) -> None:
     pm = get_plugin_manager(make_settings(), load_entrypoints=False)
     prediction = Prediction(
