@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 
@@ -302,10 +303,6 @@ def test_imagenet_checkpoints_load_with_only_head_keys_left(tmp_path: Path) -> N
 # --- oracle 10 ------------------------------------------------------------------------------------------
 
 
-
-
-
-
 def _mammo_dataset(pixels: np.ndarray, photometric: str) -> Dataset:
     ds = Dataset()
     ds.Rows, ds.Columns = pixels.shape
@@ -319,10 +316,6 @@ def _mammo_dataset(pixels: np.ndarray, photometric: str) -> Dataset:
     ds.file_meta = Dataset()
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
     return ds
-
-
-
-
 
 
 def test_train_transform_shapes_and_flips() -> None:
@@ -345,7 +338,9 @@ def test_label_map_order() -> None:
 def test_optimizer_and_restarting_cosine_schedule() -> None:
     net = torch.nn.Linear(4, 3)
     # The recipe's own optimiser at its defaults.
-    optimizer = sgd_or_adam({k: h.default for k, h in ClgbNetRecipe.HYPERPARAMETERS.items()}, list(net.parameters()))
+    optimizer = sgd_or_adam(
+        {k: h.default for k, h in ClgbNetRecipe.HYPERPARAMETERS.items()}, list(net.parameters())
+    )
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-3, 0.9, 1e-4)
     assert group["nesterov"] is False
@@ -357,7 +352,7 @@ def test_optimizer_and_restarting_cosine_schedule() -> None:
         scheduler.step()
     assert lrs[0] == pytest.approx(1e-3)
     assert lrs[24] < 1e-4 and lrs[25] == pytest.approx(1e-3) and lrs[50] == pytest.approx(1e-3)
-    assert all(a > b for a, b in zip(lrs[:24], lrs[1:25], strict=True))
+    assert all(a > b for a, b in itertools.pairwise(lrs[:25]))
 
 
 def test_staged_training_freezes_later_blocks() -> None:
@@ -373,10 +368,6 @@ def test_staged_training_freezes_later_blocks() -> None:
     assert all(p.requires_grad for p in net.parameters())
     with pytest.raises(ValueError, match="stage"):
         set_training_stage(net, 4)
-
-
-
-
 
 
 # --- the plugin through the host -----------------------------------------------------------------------
@@ -423,8 +414,7 @@ def test_plugin_runs_through_host_and_ignores_us(tmp_path: Path) -> None:
     assert prediction.heatmap_method == "CAM"
     assert float(prediction.heatmap.min()) >= 0 and float(prediction.heatmap.max()) <= 1
     assert float(prediction.heatmap.max()) > 0.9  # the CAM's peak survives the trip back to the source grid
-    assert set(prediction.extra_maps) == {"attention"}
-    assert prediction.extra_maps["attention"].shape == (128, 104)
+    assert prediction.extra_maps == {}, "the attention map is attached only on request"
 
 
 def test_checkpoint_options_reach_the_host(tmp_path: Path, channel_checkpoint: tuple[Path, CLGBNet]) -> None:
@@ -447,3 +437,17 @@ def test_plugin_forward_without_explanation(model: CLGBNet, batch: torch.Tensor)
     assert output.logits.shape == (1, 3) and output.heatmap is None
     benign = plugin.forward(model, batch[:1], {**BASE_OPTIONS, "cam_target_class": "benign"})
     assert benign.heatmap is not None and benign.heatmap.shape == (1, SIZE, SIZE)
+
+
+def test_attention_map_only_on_request(model: CLGBNet, batch: torch.Tensor, outputs: tuple) -> None:
+    plugin = CLGBNetPlugin(MODEL_CFGS["clgb_net.v1"])
+    assert plugin.default_options["attention_map"] is False
+    plain = plugin.forward(model, batch, plugin.default_options)
+    assert plain.heatmap is not None and plain.extra_maps == {}
+    asked = plugin.forward(model, batch, {**plugin.default_options, "attention_map": True})
+    assert set(asked.extra_maps) == {"attention"}
+    attention = asked.extra_maps["attention"]
+    assert attention.shape == (batch.shape[0], SIZE, SIZE)
+    assert float(attention.min()) >= 0.0 and float(attention.max()) <= 1.0
+    torch.testing.assert_close(attention, attention_heatmap(outputs[1]["attention"], (SIZE, SIZE))[:, 0])
+    torch.testing.assert_close(asked.heatmap, plain.heatmap)

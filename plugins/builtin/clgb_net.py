@@ -471,11 +471,18 @@ MODEL_CFGS: dict[str, ModelSpec] = {
 
 class CLGBNetPlugin(TorchModelPlugin):
     """The host's view of CLGB-Net: plain resize to 224, the model's own CAM as heat map, the fusion attention
-    as a second map."""
+    as a second map on request (``attention_map``)."""
 
     # Full-field image stretched to 224x224 (the paper's eval transform keeps no aspect ratio); no crop, no
     # laterality flip, no CLAHE.
-    default_options: ClassVar[Mapping[str, Any]] = {**BASE_OPTIONS, "keep_aspect": False, **MODEL_OPTIONS}
+    default_options: ClassVar[Mapping[str, Any]] = {
+        **BASE_OPTIONS,
+        "keep_aspect": False,
+        **MODEL_OPTIONS,
+        # The fusion attention A in extra_maps: a by-product of the forward pass, but nothing delivers it unless
+        # the site asks (docs/outputs.md, "Heatmaps"), so it is attached only on request.
+        "attention_map": False,
+    }
 
     def build_model(self, options: Mapping[str, Any]) -> nn.Module:
         height, width = self.spec.input_size
@@ -488,7 +495,8 @@ class CLGBNetPlugin(TorchModelPlugin):
         )
 
     def forward(self, model: nn.Module, batch: torch.Tensor, options: Mapping[str, Any]) -> ModelOutput:
-        """Logits, the CAM heat map of the predicted class (or ``cam_target_class``) and the attention A."""
+        """Logits, the CAM heat map of the predicted class (or ``cam_target_class``) and, with
+        ``attention_map``, the attention A as an extra map."""
         if not isinstance(model, CLGBNet):
             raise TypeError(f"{self!r} runs a CLGBNet, got {type(model).__name__}")
         with torch.inference_mode():
@@ -501,10 +509,12 @@ class CLGBNetPlugin(TorchModelPlugin):
                 target = logits.argmax(dim=1)
             size = (batch.shape[-2], batch.shape[-1])
             heatmap = cam_heatmap(extras["cam"], target, size)[:, 0]
-            attention = attention_heatmap(extras["attention"], size)[:, 0]
-        return ModelOutput(
-            logits=logits, heatmap=heatmap, heatmap_method="CAM", extra_maps={"attention": attention}
-        )
+            extra_maps = (
+                {"attention": attention_heatmap(extras["attention"], size)[:, 0]}
+                if options.get("attention_map", False)
+                else {}
+            )
+        return ModelOutput(logits=logits, heatmap=heatmap, heatmap_method="CAM", extra_maps=extra_maps)
 
 
 @hookimpl
