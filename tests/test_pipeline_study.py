@@ -24,6 +24,7 @@ from tests.pipeline_cases import (  # noqa: F401
 )
 from tests.utils import write
 from workers import pipeline
+from workers.triage import TriageDecision
 
 
 def _outputs(harness: Harness, job_id: str) -> list[Path]:
@@ -50,17 +51,25 @@ def test_a_study_two_models_accept_is_done_with_one_decode_per_image(harness: Ha
         host = pipeline.model_host(harness.settings, "cpu")
         timings = pipeline.StudyTimings()
         sources = pipeline.read_sources(job, timings)
+        images = pipeline.DecodedImages(timings)
+        output_root = harness.store_dir.parent / "outputs"
         runs = pipeline.analyse_study(host, ["triage_probe", "triage_probe_heavy"], sources, harness.settings,
-                                      harness.store_dir.parent / "outputs", timings)
+                                      output_root, timings, images=images)
         assert [len(r.predictions) for r in runs] == [4, 4]
         assert sorted(map(str, decoded)) == sorted(str(Path(job.storage_root) / i.path) for i in job.instances)
         assert timings.decodes == 4
+        # Each stage keeps its predictions and maps; the heatmap SCs and the study SR are built once every
+        # stage is done (tasks), when the study's triage says which model's maps to show.
+        assert [len(r.outputs) for r in runs] == [0, 0]
+        decision = TriageDecision(category="routine", risk=0.5, model="triage_probe_heavy", operating_point=None,
+                                  policy="test")
+        written = pipeline.write_study_report(sources, output_root, decision, harness.settings, images=images)
+        assert len(written) == 5  # 4 heatmap SCs and the study SR
         # Each source read twice in all: its header (read_sources), then its pixels (the one decode).
-        # Building the 4 heatmap SCs (the first-stage model's) reads none of them again; the study SR is
-        # built once every stage is done (tasks), from the kept predictions.
+        # Building the heatmap SCs and the SR from the kept display images reads none of them again.
+        assert timings.decodes == 4
         sources_read = [r for r in reads if str(r[0]).startswith(job.storage_root)]
         assert sorted(header_only for _, header_only in sources_read) == [False] * 4 + [True] * 4
-        assert [len(r.outputs) for r in runs] == [4, 0]
 
     row = harness.run(job)
     assert row["state"] == "done"
@@ -147,7 +156,7 @@ def test_our_own_outputs_sent_back_start_no_analysis(harness: Harness) -> None:
     first = harness.job([source])
     assert harness.run(first)["state"] == "done"
     outputs = [pydicom.dcmread(p) for p in _outputs(harness, first.job_id)]
-    assert len(outputs) == 2  # the study SR over both models and the first-stage model's heatmap SC
+    assert len(outputs) == 2  # the study SR over both models and the deciding model's heatmap SC
     assert all(pipeline.is_own_output(ds) for ds in outputs)
 
     # The PACS forwards the whole study back: the source (version 1) and our outputs (version 2).

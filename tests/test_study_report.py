@@ -411,6 +411,49 @@ def test_a_mammogram_gives_one_study_report_and_one_heatmap_series(harness: Harn
     assert len({str(ds.SeriesInstanceUID) for ds in heatmaps}) == 1
 
 
+def test_the_heatmap_series_shows_the_model_that_set_the_triage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The heavier probe runs first here.  Both probes score the same brightness, so neither crosses a point
+    # and the triage names the model with the highest risk, the first by name on a tie: the later stage's.
+    settings = harness_settings(
+        tmp_path, triage={"first_stage_model": "triage_probe_heavy", "high_risk_threshold": 0.99}
+    )
+    for runner in _harness(tmp_path, monkeypatch, settings):
+        views = four_views()
+        job = runner.job(views)
+        row = runner.run(job)
+        assert row["state"] == "done"
+        deciding = str(row["triage_model"])
+        assert deciding and deciding != settings.triage.first_stage_model
+        series = _series(runner, job.job_id)
+        assert len(series) <= 3
+        heatmaps = [ds for members in series.values() for ds in members if ds.Modality != "SR"]
+        assert len(heatmaps) == len(views)
+        assert len({str(ds.SeriesInstanceUID) for ds in heatmaps}) == 1
+        # Each SC identifies the deciding model (IHE AIR), and only it.
+        for sc in heatmaps:
+            (algorithm,) = [e for e in sc.ContributingEquipmentSequence if "DeviceUID" in e]
+            assert f"({deciding}.test)" in str(algorithm.ManufacturerModelName)
+        # The study SR references exactly those SCs.
+        (sr_path,) = [
+            Path(p)
+            for a in runner.store.analyses(job.job_id)
+            for p in json.loads(a["outputs"])
+            if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"
+        ]
+        sr = pydicom.dcmread(sr_path)
+        illustrations = {
+            str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for i in walk(sr)
+            if i.ValueType == "IMAGE" and name(i) == ("121200", "DCM")
+        }
+        assert illustrations == {str(ds.SOPInstanceUID) for ds in heatmaps}
+        # Every output was queued for delivery once.
+        delivered = [p for a in runner.store.analyses(job.job_id) for p in json.loads(a["outputs"])]
+        assert len(delivered) == len(set(delivered)) == len(views) + 1
+
+
 def test_per_model_reports_stay_available_through_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

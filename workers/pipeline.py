@@ -33,7 +33,7 @@ from plugins.host import ModelHost, RunTimings, pixel_budget_reason
 from plugins.preprocess import FramePolicy, decode_frames, image_ref_from_header, to_grey
 from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage, failure_reason
 from workers import uids
-from workers.identity import SERIES_KINDS, AlgorithmIdentity
+from workers.identity import AlgorithmIdentity
 from workers.outputs import MANUFACTURER, ReportedModel, build_extra_map_scs, build_heatmap_sc
 from workers.previews import write_preview
 from workers.study_report import ModelResults, Triage, build_study_sr, load_records, save_records
@@ -291,9 +291,10 @@ def analyse_study(
     output_dir: Path,
     timings: StudyTimings | None = None,
     on_model_done: Callable[[ModelRun], None] | None = None,
+    images: DecodedImages | None = None,
 ) -> list[ModelRun]:
-    """Run *models* over the study's *sources* and write each model's SR and heatmap SCs under
-    ``output_dir / <model>``.
+    """Run *models* over the study's *sources* and keep each model's predictions and maps under
+    ``output_dir / <model>`` (with ``outputs.report: per-model``, also write its SR and heatmap SCs there).
 
     Each image is decoded at most once per frame policy, whichever models read it; images the
     pixel budget refuses are never decoded.  Nothing raises for a bad image or a failing model.
@@ -303,19 +304,19 @@ def analyse_study(
     on a GPU, or with a core to spare, the outputs cost little besides the models.
 
     :param on_model_done: Called with each model's run, in order, once its outputs are written (the journal).
+    :param images: The study's decoded images, to share them with :func:`write_study_report` afterwards.
     """
     timings = timings if timings is not None else StudyTimings()
     refs = [s.ref for s in sources if s.ref is not None]
     refusals = study_budget_refusals(host, refs, settings)
     by_uid = {s.instance.sop_instance_uid: s for s in sources}
-    images = DecodedImages(timings)
+    decoded = images if images is not None else DecodedImages(timings)
     runs: list[ModelRun] = []
     building: list[tuple[ModelRun, Future[None]]] = []
-    shown = heatmap_model(host, refs, settings)
 
     def build(run: ModelRun) -> None:
         started = time.perf_counter()
-        _build_outputs(host, run, by_uid, images, output_dir / run.model, timings, settings, shown)
+        _build_outputs(host, run, by_uid, decoded, output_dir / run.model, timings, settings)
         run.seconds_outputs = time.perf_counter() - started
         timings.outputs[run.model] = run.seconds_outputs
 
@@ -330,7 +331,9 @@ def analyse_study(
         for model in models:
             run = ModelRun(model=model)
             started = time.perf_counter()
-            _run_one(host, model, refs, refusals, images, run, timings.models.setdefault(model, RunTimings()))
+            _run_one(
+                host, model, refs, refusals, decoded, run, timings.models.setdefault(model, RunTimings())
+            )
             run.seconds_inference = time.perf_counter() - started
             runs.append(run)
             building.append((run, builder.submit(build, run) if run.predictions else _done()))
@@ -385,19 +388,25 @@ def _run_one(
             run.skipped.append(result)
 
 
-def heatmap_model(host: ModelHost, refs: Sequence[ImageRef], settings: Settings) -> str | None:
-    """The model whose heatmaps make the study's heatmap series (``None``: every model's, per-model reports).
+def study_heatmap_model(
+    kept: Sequence[str], decision: TriageDecision | None, settings: Settings, accepting: Sequence[str] = ()
+) -> str | None:
+    """The model whose heatmaps make the study's heatmap series, chosen once every stage is done.
 
-    ``outputs.heatmap_model`` when it reads the study, else the first-stage model when it does, else the
-    first model that does: the same answer in every stage, so one series holds one model's maps.
+    ``outputs.heatmap_model`` when it predicted on the study, else the model that set the study's triage
+    (:attr:`TriageDecision.model`), else the first of *accepting* (the enabled models that read the study,
+    in their order) that predicted, else the first model that did.  ``None`` when no model predicted, and
+    with ``outputs.report: per-model`` (each model then shows its own heatmaps in its own series).
+
+    :param kept: The models with kept predictions on this study.
     """
     if settings.outputs.report == "per-model":
         return None
-    accepting = accepting_models(host, refs)
-    for wanted in (settings.outputs.heatmap_model, settings.triage.first_stage_model):
-        if wanted and wanted in accepting:
+    deciding = decision.model if decision is not None else None
+    for wanted in (settings.outputs.heatmap_model, deciding, *accepting, *kept):
+        if wanted and wanted in kept:
             return wanted
-    return accepting[0] if accepting else None
+    return None
 
 
 def _build_outputs(
@@ -408,7 +417,6 @@ def _build_outputs(
     output_dir: Path,
     timings: StudyTimings,
     settings: Settings | None = None,
-    shown: str | None = None,
 ) -> None:
     per_model = settings is None or settings.outputs.report == "per-model"
     try:
@@ -421,7 +429,8 @@ def _build_outputs(
             output_dir,
             timings,
             report=per_model,
-            heatmaps=per_model or shown == run.model,
+            heatmaps=per_model,
+            keep_maps=not per_model,
             max_points=settings.outputs.max_points if settings else 5,
             extra_maps=settings is not None and settings.outputs.extra_maps != "none",
         )
@@ -437,6 +446,9 @@ def _build_outputs(
 
 #: The predictions of one model on one study, kept in its output folder for the study report.
 PREDICTIONS_FILE = "predictions.json"
+#: The heatmaps (and kept extra maps) of one model on one study, beside its predictions, for the study's
+#: heatmap series: which model it shows is known only once every stage is done.
+HEATMAPS_FILE = "heatmaps.npz"
 #: The folder, beside the models' ones, that holds the study report.
 STUDY_REPORT_DIR = "study-report"
 
@@ -452,6 +464,7 @@ def write_outputs(
     *,
     report: bool = True,
     heatmaps: bool = True,
+    keep_maps: bool = False,
     max_points: int = 5,
     extra_maps: bool = False,
 ) -> list[Path]:
@@ -459,7 +472,8 @@ def write_outputs(
     also one SC per further map) and, when *report* (``outputs.report: per-model``), its own SR with its
     heatmaps in a series of their own, from the kept headers and display images (no source is read again);
     save them as DICOM files.  The predictions are kept as JSON beside them for the study report
-    (:func:`write_study_report`), which is built once every stage is done."""
+    (:func:`write_study_report`), which is built once every stage is done; with *keep_maps* the maps are
+    kept too (:data:`HEATMAPS_FILE`), for the study's heatmap series built then."""
     # The loaded model's spec: its version names the checkpoint it runs with, as its predictions do.
     plugin = host.load(model).plugin
     sources = {p.image.sop_instance_uid: by_uid[p.image.sop_instance_uid] for p in predictions}
@@ -498,6 +512,9 @@ def write_outputs(
             source_digest=digests[uid],
         ):
             written.append(_save(extra, output_dir))
+    if keep_maps:
+        frames = str(host.load(model).options["frames"])
+        save_maps(output_dir / HEATMAPS_FILE, predictions, frames, extra_maps=extra_maps)
     save_records(output_dir / PREDICTIONS_FILE, predictions, reported, None, identity)
     if report:
         results = [ModelResults(model=reported, predictions=predictions, heatmaps=scs, identity=identity)]
@@ -513,11 +530,92 @@ def write_outputs(
     return written
 
 
-def _is_heatmap(header: pydicom.Dataset) -> bool:
-    """A heatmap SC (study-level or a model's own series), not an SR nor an extra map's SC."""
-    number = int(header.get("SeriesNumber", 0) or 0)
-    is_sr = str(header.get("Modality", "")) == "SR"
-    return not is_sr and SERIES_KINDS["heatmap"] <= number < SERIES_KINDS["extra_map"]
+def save_maps(path: Path, predictions: Sequence[Prediction], frames: str, *, extra_maps: bool) -> None:
+    """Keep *predictions*' heatmaps (and, with *extra_maps*, their further maps) as float16 in a compressed
+    NumPy archive at *path*, keyed by the prediction's index in the kept predictions, with the model's
+    frame policy (*frames*): what :func:`load_maps` gives back to render them once every stage is done."""
+    arrays: dict[str, np.ndarray] = {"frames": np.array(frames)}
+    for index, prediction in enumerate(predictions):
+        if prediction.heatmap is not None:
+            arrays[f"{index}:heatmap"] = prediction.heatmap.astype(np.float16)
+        for name, extra in sorted(prediction.extra_maps.items()) if extra_maps else ():
+            arrays[f"{index}:extra:{name}"] = extra.astype(np.float16)
+    temp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(temp, allow_pickle=False, **arrays)
+    temp.replace(path)
+
+
+def load_maps(path: Path, predictions: Sequence[Prediction]) -> tuple[str, list[Prediction]]:
+    """What :func:`save_maps` kept: the frame policy, and *predictions* (as kept, in order) with their maps."""
+    with np.load(path) as archive:
+        maps = {key: archive[key] for key in archive.files}
+    with_maps = []
+    for index, prediction in enumerate(predictions):
+        heatmap = maps.get(f"{index}:heatmap")
+        prefix = f"{index}:extra:"
+        extra = {k[len(prefix) :]: v.astype(np.float32) for k, v in maps.items() if k.startswith(prefix)}
+        with_maps.append(
+            replace(
+                prediction,
+                heatmap=None if heatmap is None else heatmap.astype(np.float32),
+                extra_maps=extra,
+            )
+        )
+    return str(maps["frames"]), with_maps
+
+
+def write_study_heatmaps(
+    model_dir: Path,
+    predictions: Sequence[Prediction],
+    identity: AlgorithmIdentity | None,
+    by_uid: dict[str, Source],
+    images: DecodedImages,
+    *,
+    extra_maps: bool = False,
+) -> tuple[list[pydicom.Dataset], list[Path]]:
+    """Build and save the study's heatmap SCs from one model's kept maps (:func:`save_maps`) in *model_dir*,
+    over the display images the model saw (decoded once more only where this stage did not decode them).
+
+    :param predictions: The model's kept predictions, in the order they were kept.
+    :returns: The heatmap SCs (for the SR to reference), and the paths of every SC written.
+    """
+    kept = model_dir / HEATMAPS_FILE
+    if not kept.exists():
+        return [], []
+    frames, with_maps = load_maps(kept, predictions)
+    heatmaps: list[pydicom.Dataset] = []
+    written: list[Path] = []
+    index = 0
+    for prediction in with_maps:
+        source = by_uid.get(prediction.image.sop_instance_uid)
+        if source is None or source.header is None or source.ref is None:
+            continue
+        if prediction.heatmap is None and not (extra_maps and prediction.extra_maps):
+            continue
+        decoded = images.frames(source.ref, frames)
+        if isinstance(decoded, str):
+            raise ValueError(f"a source image of the heatmap series cannot be decoded again: {decoded}")
+        display = images.display(prediction.image)
+        if display is None:
+            raise ValueError("the frame a heatmap belongs to is not among the frames its model reads")
+        if prediction.heatmap is not None:
+            index += 1
+            sc = build_heatmap_sc(
+                source.header,
+                display,
+                prediction,
+                identity=identity,
+                instance_number=index,
+                source_digest=source.digest,
+            )
+            written.append(_save(sc, model_dir))
+            heatmaps.append(sc)
+        if extra_maps:
+            for extra in build_extra_map_scs(
+                source.header, display, prediction, identity=identity, source_digest=source.digest
+            ):
+                written.append(_save(extra, model_dir))
+    return heatmaps, written
 
 
 def write_study_report(
@@ -526,35 +624,51 @@ def write_study_report(
     decision: TriageDecision | None,
     settings: Settings,
     triage: Triage | None = None,
-) -> Path | None:
-    """Build and save the study SR from every model's kept predictions and heatmap SCs under *output_root*.
+    *,
+    images: DecodedImages | None = None,
+    accepting: Sequence[str] = (),
+) -> list[Path]:
+    """Build and save the study's heatmap series and its SR from every model's kept predictions and maps
+    under *output_root*; return their paths, the SCs first.
 
-    Called once the last stage is done; ``None`` when no model predicted anything.
+    Called once the last stage is done, so the heatmap series can show the model that set the study's
+    triage (:func:`study_heatmap_model`); the SR references those SCs.  Empty when no model predicted.
 
     :param decision: The study's triage decision, stated in the study conclusion.
     :param triage: The same policy for one breast's images (the breast conclusions' triage category).
+    :param images: The last stage's decoded images (their display images are the heatmaps' underlay);
+        by default the study's images are decoded here.
+    :param accepting: The enabled models that read the study, in order (the heatmap model's last fallback).
     """
     by_uid = {s.instance.sop_instance_uid: s for s in sources if s.header is not None}
-    results: list[ModelResults] = []
-    for kept in sorted(output_root.glob(f"*/{PREDICTIONS_FILE}")):
-        reported, score, identity, predictions = load_records(kept)
-        predictions = [p for p in predictions if p.image.sop_instance_uid in by_uid]
-        if not predictions:
-            continue
-        written = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(kept.parent.glob("*.dcm"))]
-        scs = [sc for sc in written if _is_heatmap(sc)]
-        results.append(
-            ModelResults(
-                model=reported, predictions=predictions, score=score, heatmaps=scs, identity=identity
-            )
+    kept: dict[str, tuple[Path, ModelResults, list[Prediction]]] = {}
+    for path in sorted(output_root.glob(f"*/{PREDICTIONS_FILE}")):
+        reported, score, identity, as_kept = load_records(path)
+        predictions = [p for p in as_kept if p.image.sop_instance_uid in by_uid]
+        if predictions:
+            results = ModelResults(model=reported, predictions=predictions, score=score, identity=identity)
+            kept[path.parent.name] = (path.parent, results, as_kept)
+    if not kept:
+        return []
+    written: list[Path] = []
+    shown = study_heatmap_model(list(kept), decision, settings, accepting)
+    if shown is not None:
+        model_dir, results, as_kept = kept[shown]
+        scs, written = write_study_heatmaps(
+            model_dir,
+            as_kept,
+            results.identity,
+            by_uid,
+            images if images is not None else DecodedImages(StudyTimings()),
+            extra_maps=settings.outputs.extra_maps != "none",
         )
-    if not results:
-        return None
-    used = sorted({p.image.sop_instance_uid for r in results for p in r.predictions})
+        kept[shown] = (model_dir, replace(results, heatmaps=scs), as_kept)
+    reports = [results for _, results, _ in kept.values()]
+    used = sorted({p.image.sop_instance_uid for r in reports for p in r.predictions})
     evidence = [header for uid in used if (header := by_uid[uid].header) is not None]
     sr = build_study_sr(
         evidence,
-        results,
+        reports,
         decision=decision,
         triage=triage,
         max_points=settings.outputs.max_points,
@@ -562,7 +676,7 @@ def write_study_report(
     )
     directory = output_root / STUDY_REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    return _save(sr, directory)
+    return [*written, _save(sr, directory)]
 
 
 def file_digest(path: str | Path) -> str:

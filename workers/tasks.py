@@ -38,6 +38,7 @@ from workers.notify import (
 )
 from workers.pacs import deliver as deliver_to_pacs
 from workers.pipeline import (
+    DecodedImages,
     ModelRun,
     StudyTimings,
     accepting_models,
@@ -225,17 +226,20 @@ def _analyse(
         )
 
     output_root = Path(settings.gateway.data_dir).resolve() / "outputs" / study.job_id
+    images = DecodedImages(timings)
     try:
-        runs = analyse_study(host, this_stage, sources, settings, output_root, timings, on_model_done=journal)
+        runs = analyse_study(
+            host, this_stage, sources, settings, output_root, timings, on_model_done=journal, images=images
+        )
     except SoftTimeLimitExceeded:
         store.event(study.job_id, "analysis_timeout", stage)
         raise
-    store.event(study.job_id, f"timings:{stage}", json.dumps(timings.as_dict()))
 
     decision = study_triage(host, store, study.job_id, settings)
     if not later and runs and settings.outputs.report == "study":
-        # Every stage is done: one SR for the study, over every model's kept predictions.  Journalled with
-        # the last model's outputs before the study is "analysed", so its delivery is waited for.
+        # Every stage is done: the heatmap series of the model that set the triage and one SR for the study,
+        # over every model's kept predictions and maps.  Journalled with the last model's outputs before the
+        # study is "analysed", so their delivery (this stage's one delivery) is waited for.
         try:
             report = write_study_report(
                 sources,
@@ -248,12 +252,15 @@ def _analyse(
                     intermediate_point=settings.triage.intermediate_operating_point,
                     fallback_threshold=settings.triage.high_risk_threshold,
                 ),
+                images=images,
+                accepting=models,
             )
         except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
             raise PermanentError(failure_reason("building the study report failed", exc)) from exc
-        if report is not None:
-            runs[-1].outputs.append(report)
+        if report:
+            runs[-1].outputs.extend(report)
             journal(runs[-1], done=False)
+    store.event(study.job_id, f"timings:{stage}", json.dumps(timings.as_dict()))
 
     risk = decision.risk
     priority = study.priority
