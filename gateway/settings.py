@@ -372,8 +372,8 @@ class OutputsSettings(_Section):
     #: ``study``: one SR per study holding every model's results, built once every stage is done;
     #: ``per-model``: one SR per model (and each model's heatmaps in a series of its own).
     report: Literal["study", "per-model"] = "study"
-    #: The model whose heatmap SCs make the study's heatmap series; empty: the first-stage model when it
-    #: reads the study, else the first model that does.  Ignored with ``report: per-model`` (every model's).
+    #: The model whose heatmap SCs make the study's heatmap series; empty: the model that set the study's
+    #: triage, else the first model that read it.  Ignored with ``report: per-model`` (every model's).
     heatmap_model: str = ""
     #: At most this many localisation points per image and model in the SR (highest score first).
     max_points: int = Field(default=5, ge=0, le=100)
