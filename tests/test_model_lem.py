@@ -8,6 +8,7 @@ import math
 import socket
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pluggy
 import pytest
@@ -34,17 +35,19 @@ from plugins.builtin.lem import (
     extremum_list,
     extremum_seed,
     lesion_boxes,
+    lesion_outlines,
     load_imagenet_backbone,
     local_extrema,
     pacs_triage_register_models,
     select_extrema,
     two_class_logits,
+    visible_polygon,
 )
 from plugins.host import ModelHost
 from plugins.manager import get_plugin_manager
-from plugins.preprocess import read_image_ref
+from plugins.preprocess import map_to_source, read_image_ref
 from plugins.synthetic import make_mg_image
-from plugins.types import ImageRef, Prediction, SkippedImage
+from plugins.types import ImageRef, LocalisationRegion, Prediction, SkippedImage
 from plugins.weights import load_model, save_checkpoint
 from tests.plugin_fixtures.dicom import write_ultrasound
 from training.models.lem import (
@@ -519,10 +522,6 @@ def synthetic_mammogram() -> tuple[np.ndarray, tuple[int, int, int, int]]:
     return image, (top, left, height, width)
 
 
-
-
-
-
 # --- oracle 12 ------------------------------------------------------------------------------------------
 
 
@@ -573,7 +572,7 @@ def test_imagenet_checkpoint_loads_with_only_head_keys_left(tmp_path: Path, back
         assert torch.equal(tensor, reference.state_dict()[name])
     state = {k: v for k, v in reference.state_dict().items() if "conv" not in k.split(".")[0]}
     torch.save({**state, "neck.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="does not fit: .* 1 unexpected keys \\['neck.weight'\\]"):
+    with pytest.raises(ValueError, match=r"does not fit: .* 1 unexpected keys \['neck.weight'\]"):
         load_imagenet_backbone(model, tmp_path / "bad.pth")
 
 
@@ -582,7 +581,9 @@ def test_imagenet_checkpoint_loads_with_only_head_keys_left(tmp_path: Path, back
 
 def test_optimizer_and_step_decay() -> None:
     net = nn.Linear(3, 1)
-    optimizer = sgd_or_adam({k: h.default for k, h in LemRecipe.HYPERPARAMETERS.items()}, list(net.parameters()))
+    optimizer = sgd_or_adam(
+        {k: h.default for k, h in LemRecipe.HYPERPARAMETERS.items()}, list(net.parameters())
+    )
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-3, 0.9, 1e-4)
     scheduler = build_scheduler(optimizer)
@@ -612,10 +613,6 @@ def test_train_augmentation() -> None:
     assert all(float(r.min()) >= -1e-5 and float(r.max()) <= 1 + 1e-5 for r in raw)
     left_bright = [bool(r[0, :, :24].mean() > r[0, :, 24:].mean()) for r in raw]
     assert any(left_bright) and not all(left_bright)
-
-
-
-
 
 
 def test_lem_learns_a_synthetic_bright_spot_task() -> None:
@@ -687,8 +684,8 @@ def test_plugin_runs_through_host_and_ignores_us(tmp_path: Path, small_checkpoin
     assert prediction.risk == pytest.approx(prediction.probabilities[1])
     assert prediction.heatmap is not None and prediction.heatmap.shape == (256, 208)
     assert prediction.heatmap_method == "LEM excitation backprop"
-    assert 0 <= float(prediction.heatmap.min()) and float(prediction.heatmap.max()) <= 1
-    assert prediction.extra_maps["score_map"].shape == (256, 208)
+    assert float(prediction.heatmap.min()) >= 0 and float(prediction.heatmap.max()) <= 1
+    assert prediction.extra_maps == {}, "the score map is attached only on request"
     assert prediction.points, "the chosen extrema become points"
     kind = "maximum" if prediction.probabilities[1] >= 0.5 else "minimum"
     for point in prediction.points:
@@ -696,16 +693,19 @@ def test_plugin_runs_through_host_and_ignores_us(tmp_path: Path, small_checkpoin
         assert 0 <= point.x < 208 and 0 <= point.y < 256
     assert 1 <= len(prediction.regions) <= 5
     for region in prediction.regions:
+        assert prediction.predicted_class in region.label  # only the predicted branch's regions
         xs, ys = zip(*region.points, strict=True)
         assert 0 <= min(xs) <= max(xs) <= 208 and 0 <= min(ys) <= max(ys) <= 256
+        assert max(xs) - min(xs) >= 32 and max(ys) - min(ys) >= 32
     assert again.points == prediction.points  # batching changes nothing
+    assert again.regions == prediction.regions
 
 
 @pytest.mark.slow
 def test_full_size_demo_model_runs_through_host(tmp_path: Path) -> None:
     mammogram = tmp_path / "mg.dcm"
     make_mg_image(6, size=(512, 416), birads=4).dataset.save_as(mammogram, enforce_file_format=True)
-    (prediction,) = _host().run("lem", [read_image_ref(mammogram)])
+    (prediction,) = _host(options={"score_map": True}).run("lem", [read_image_ref(mammogram)])
     assert isinstance(prediction, Prediction) and prediction.demo_weights
     assert prediction.heatmap is not None and prediction.heatmap.shape == (512, 416)
     assert prediction.extra_maps["score_map"].shape == (512, 416)
@@ -748,3 +748,130 @@ def _stub_ref() -> ImageRef:
         sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
         modality="MG",
     )
+
+
+# --- regions: outlines of the smoothed location map ----------------------------------------------------
+
+
+def _blob(shape: tuple[int, int], centre: tuple[float, float], sigma: float) -> np.ndarray:
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    return np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+def _lesion_output(heatmap: np.ndarray, malignant: bool, kind: str = "max") -> LEMImageOutput:
+    """What the network gives for an image with a synthetic lesion: its location map, and one extremum
+    of the branch *kind*."""
+    extremum = lem_module.Extremum(
+        row=0, col=0, x=16.0, y=16.0, score=1.0 if kind == "max" else -1.0, kind=kind
+    )
+    logit = 2.0 if malignant else -2.0
+    return LEMImageOutput(logits=np.array([0.0, logit]), heatmap=heatmap, extrema=(extremum,))
+
+
+def _polygon_mask(region: LocalisationRegion, shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=np.uint8)
+    cv2.fillPoly(mask, [np.round(np.asarray(region.points)).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+@pytest.mark.parametrize("input_size", [SMALL, (1024, 832)], ids=["source-larger", "source-smaller"])
+def test_regions_are_visible_polygons_on_the_maps_high_areas(input_size: tuple[int, int]) -> None:
+    """Two synthetic lesions (a strong and a weak blob) under pixel-scale speckle: two regions, strongest
+    first, each a polygon at least region_min_pixels across that holds its lesion's peak and covers the
+    high part of the (source-mapped) map around it; the speckle makes none."""
+    plugin = LEMPlugin(dataclasses.replace(MODEL_CFGS["lem.v1"], input_size=input_size))
+    options = plugin.default_options
+    image, _ = synthetic_mammogram()
+    _, box = plugin.preprocess(image, _stub_ref(), options)
+    height, width = input_size
+    strong_at, weak_at = (0.3 * height, 0.4 * width), (0.75 * height, 0.6 * width)
+    lesions = [_blob(input_size, strong_at, height / 40), 0.8 * _blob(input_size, weak_at, height / 30)]
+    speckle = np.random.default_rng(3).random(input_size) < 0.002
+    heatmap = np.where(speckle, np.maximum(sum(lesions), 0.7), sum(lesions)).astype(np.float32)
+    prediction = plugin.postprocess(_lesion_output(heatmap, malignant=True), box, _stub_ref(), options)
+    assert prediction.heatmap is not None
+    regions = prediction.regions
+    assert len(regions) == 2, "one region per lesion, none for the speckle"
+    assert regions[0].score >= regions[1].score
+    top, left, crop_h, crop_w = box.crop
+    min_pixels = options["region_min_pixels"]
+    for region, lesion, lesion_at in zip(regions, lesions, (strong_at, weak_at), strict=True):
+        assert len(region.points) >= 3 and "suspected malignant" in region.label
+        xs, ys = np.asarray(region.points).T
+        assert xs.max() - xs.min() >= min_pixels and ys.max() - ys.min() >= min_pixels
+        assert left <= xs.min() and xs.max() <= left + crop_w
+        assert top <= ys.min() and ys.max() <= top + crop_h
+        peak_x, peak_y = box.to_source(lesion_at[1] + 0.5, lesion_at[0] + 0.5)
+        polygon = np.asarray(region.points, dtype=np.float32)
+        assert cv2.pointPolygonTest(polygon, (peak_x, peak_y), False) >= 0, "the lesion's peak is inside"
+        # The lesion's high part (at least 0.6 of its peak), mapped onto the source as the host maps the
+        # heatmap, lies inside its polygon.
+        on_source = map_to_source(lesion, box)
+        high = on_source >= 0.6 * float(on_source.max())
+        assert (_polygon_mask(region, on_source.shape) & high).sum() >= 0.95 * high.sum()
+
+
+def test_regions_follow_the_predicted_branch_and_the_cap() -> None:
+    plugin = LEMPlugin(dataclasses.replace(MODEL_CFGS["lem.v1"], input_size=SMALL))
+    image, _ = synthetic_mammogram()
+    _, box = plugin.preprocess(image, _stub_ref(), plugin.default_options)
+    heatmap = sum(
+        (1.0 - 0.1 * i) * _blob(SMALL, (20 + 30 * i, 20 + 20 * (i % 3)), 3.0) for i in range(4)
+    ).astype(np.float32)
+    capped = plugin.postprocess(
+        _lesion_output(heatmap, malignant=True),
+        box,
+        _stub_ref(),
+        {**plugin.default_options, "max_regions": 2},
+    )
+    assert len(capped.regions) == 2 and capped.regions[0].score > capped.regions[1].score
+    benign = plugin.postprocess(
+        _lesion_output(heatmap, False, "min"), box, _stub_ref(), plugin.default_options
+    )
+    assert benign.regions and all("suspected benign" in r.label for r in benign.regions)
+    # A map of the branch the model did not predict (cam_target_class forced it) gives no regions.
+    forced = plugin.postprocess(
+        _lesion_output(heatmap, False, "max"), box, _stub_ref(), plugin.default_options
+    )
+    assert forced.regions == () and forced.points
+    empty = plugin.postprocess(
+        _lesion_output(np.zeros(SMALL, np.float32), True), box, _stub_ref(), plugin.default_options
+    )
+    assert empty.regions == ()
+
+
+def test_lesion_outlines_trace_the_thresholded_smoothed_map() -> None:
+    location = np.zeros((60, 80), dtype=np.float32)
+    location[10:30, 20:50] = 1.0  # a 30 x 20 rectangle
+    location[45, 70] = 0.9  # one speck
+    (outline, speck) = lesion_outlines(location, threshold=0.5, sigma=0)
+    assert outline.score == 1.0 and outline.area == 600 and speck.area == 1
+    xs, ys = outline.polygon.T
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (20.5, 49.5, 10.5, 29.5)  # edge pixels' centres
+    assert speck.polygon.shape == (4, 2)  # too thin to outline: its pixel's square
+    smoothed = lesion_outlines(location, threshold=0.5, sigma=4.0)
+    assert len(smoothed) == 1, "smoothing leaves the speck below the threshold"
+    assert lesion_outlines(np.zeros((8, 8), np.float32)) == []
+    assert len(lesion_outlines(location, 0.5, 0, limit=1)) == 1
+
+
+def test_visible_polygon_stretches_and_stays_inside() -> None:
+    triangle = np.array([(1.0, 1.0), (3.0, 1.0), (3.0, 2.0)])
+    wide = visible_polygon(triangle, 8, (0, 0, 100, 100))
+    assert np.ptp(wide, axis=0).tolist() == [8.0, 8.0] and wide.min() >= 0
+    big = np.array([(10.0, 10.0), (60.0, 10.0), (60.0, 40.0)])
+    np.testing.assert_array_equal(visible_polygon(big, 8, (0, 0, 100, 100)), big)
+    clipped = visible_polygon(triangle, 8, (0, 0, 5, 100))
+    assert np.ptp(clipped, axis=0).tolist() == [5.0, 8.0]
+    with pytest.raises(ValueError, match="extent"):
+        visible_polygon(np.array([(1.0, 1.0), (2.0, 1.0), (3.0, 1.0)]), 8, (0, 0, 10, 10))
+
+
+def test_score_map_only_on_request(small_model: LEM, small_batch: torch.Tensor) -> None:
+    plugin = LEMPlugin(dataclasses.replace(MODEL_CFGS["lem.v1"], input_size=SMALL))
+    assert plugin.default_options["score_map"] is False
+    plain = plugin.forward(small_model, small_batch, plugin.default_options)
+    assert plain.heatmap is not None and plain.extra_maps == {}
+    asked = plugin.forward(small_model, small_batch, {**plugin.default_options, "score_map": True})
+    score = small_model.localise(small_batch).score_map[:, 0]
+    torch.testing.assert_close(asked.extra_maps["score_map"], torch.sigmoid(score))

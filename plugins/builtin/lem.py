@@ -60,16 +60,19 @@ __all__ = [
     "LEMLocalisation",
     "LEMModelOutput",
     "LEMPlugin",
+    "LesionOutline",
     "aggregate_extrema",
     "checkpoint_metadata",
     "excitation_backprop",
     "extremum_list",
     "extremum_seed",
     "lesion_boxes",
+    "lesion_outlines",
     "load_imagenet_backbone",
     "local_extrema",
     "select_extrema",
     "two_class_logits",
+    "visible_polygon",
 ]
 
 #: Image-level labels [P]: 0 = benign (in practice "not malignant", normal included), 1 = malignant.
@@ -499,6 +502,93 @@ def lesion_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 
 @dataclass(frozen=True)
+class LesionOutline:
+    """One connected area of the smoothed location map, as a polygon in model-input pixel coordinates."""
+
+    #: (N, 2) vertices (x, y), N >= 3, continuous coordinates (pixel (r, c) covers [c, c+1) x [r, r+1)).
+    polygon: np.ndarray
+    #: The location map's highest value inside the area, in [0, 1].
+    score: float
+    #: The area's size in model-input pixels.
+    area: int
+
+
+def lesion_outlines(
+    location: np.ndarray, threshold: float = 0.5, sigma: float = 16.0, limit: int | None = None
+) -> list[LesionOutline]:
+    """Outlines of the areas where the smoothed location map reaches *threshold* of its maximum [D], highest
+    score first (then largest).
+
+    Excitation backprop gives a speckled map at pixel scale, whose thresholded pixels are specks too small to
+    see; a Gaussian of about half a score-map cell merges them into the area around each chosen extremum
+    before the threshold.  Each area's outer contour (OpenCV ``findContours``) is simplified to within a
+    pixel (``approxPolyDP``); an area too thin to outline (a line of pixels) becomes its bounding box.
+
+    :param location: 2-D non-negative map at model-input resolution.
+    :param threshold: fraction of the smoothed map's maximum that belongs to an area.
+    :param sigma: standard deviation of the smoothing Gaussian in model-input pixels; 0 = no smoothing.
+    :param limit: outline only this many areas (the highest); ``None`` = all.
+    """
+    values = np.ascontiguousarray(location, dtype=np.float32)
+    smoothed = cv2.GaussianBlur(values, (0, 0), sigmaX=sigma, sigmaY=sigma) if sigma > 0 else values
+    peak = float(smoothed.max()) if smoothed.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return []
+    mask = (smoothed >= threshold * peak).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    peaks = np.zeros(count, dtype=np.float32)
+    np.maximum.at(peaks, np.asarray(labels, dtype=np.intp).ravel(), values.ravel())
+    # Label 0 is the background.
+    ranked = sorted(range(1, count), key=lambda label: (-peaks[label], -stats[label, cv2.CC_STAT_AREA]))
+    outlines = []
+    for label in ranked[:limit]:
+        component = (labels == label).astype(np.uint8)
+        contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contour = max(contours, key=cv2.contourArea)
+        # The contour runs through the centres of the area's edge pixels.
+        polygon = cv2.approxPolyDP(contour, 1.0, True).reshape(-1, 2).astype(np.float64) + 0.5
+        if len(polygon) < 3 or cv2.contourArea(polygon.astype(np.float32)) <= 0.0:
+            x, y, w, h = (int(v) for v in stats[label, :4])
+            polygon = np.array([(x, y), (x + w, y), (x + w, y + h), (x, y + h)], dtype=np.float64)
+        outlines.append(
+            LesionOutline(
+                polygon=polygon,
+                score=float(np.clip(peaks[label], 0.0, 1.0)),
+                area=int(stats[label, cv2.CC_STAT_AREA]),
+            )
+        )
+    return outlines
+
+
+def visible_polygon(
+    polygon: np.ndarray, min_size: float, bounds: tuple[float, float, float, float]
+) -> np.ndarray:
+    """*polygon* stretched about its centre to at least *min_size* along x and along y, then moved (never
+    cut) to lie inside *bounds* ``(x0, y0, x1, y1)`` where it fits, clipped where it does not.
+
+    :param polygon: (N, 2) vertices (x, y), with some extent along both axes.
+    :param min_size: the smallest extent in each direction.
+    :param bounds: the rectangle the polygon must lie in.
+    :raises ValueError: for a polygon flat along an axis (no shape to stretch).
+    """
+    points = np.asarray(polygon, dtype=np.float64).copy()
+    if len(points) < 3 or np.any(np.ptp(points, axis=0) <= 0):
+        raise ValueError("a polygon needs three vertices and some extent along x and y")
+    low = np.array(bounds[:2], dtype=np.float64)
+    high = np.array(bounds[2:], dtype=np.float64)
+    for axis in (0, 1):
+        lo, hi = points[:, axis].min(), points[:, axis].max()
+        target = min(min_size, high[axis] - low[axis])
+        centre = (lo + hi) / 2
+        if hi - lo < target:
+            points[:, axis] = centre + (points[:, axis] - centre) * (target / (hi - lo))
+        lo, hi = points[:, axis].min(), points[:, axis].max()
+        shift = max(low[axis] - lo, 0.0) - max(hi - high[axis], 0.0)
+        points[:, axis] += shift
+    return np.clip(points, low, high)
+
+
+@dataclass(frozen=True)
 class LEMLocalisation:
     """The localisation outputs of one batch (all tensors on CPU)."""
 
@@ -763,6 +853,12 @@ _KIND_LABELS = {
     "max": "LEM local maximum (suspected malignant)",
     "min": "LEM local minimum (suspected benign)",
 }
+_REGION_LABELS = {
+    "max": "LEM lesion region (suspected malignant)",
+    "min": "LEM region (suspected benign)",
+}
+#: The class each branch of Algorithm 2 stands for.
+_BRANCH_CLASS = {"max": "malignant", "min": "benign"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -804,7 +900,8 @@ def two_class_logits(z_lem: Tensor) -> Tensor:
 
 class LEMPlugin(TorchModelPlugin):
     """The host's view of LEM: breast crop and plain resize to 1024x832, the Algorithm 2 location map as
-    heat map, the score map as a second map, the chosen extrema as points and the lesion boxes as regions."""
+    heat map, the chosen extrema as points, the outlines of the smoothed location map's high areas as regions,
+    and the score map as a second map on request (``score_map``)."""
 
     # Spec 2: crop to the breast, resize (stretched) to the standard size, no laterality flip.
     default_options: ClassVar[Mapping[str, Any]] = {
@@ -812,8 +909,16 @@ class LEMPlugin(TorchModelPlugin):
         "crop": "breast",
         "keep_aspect": False,
         **MODEL_OPTIONS,
-        # At most this many lesion boxes (largest first) become regions [D].
+        # At most this many outlines of the smoothed location map (highest first) become regions [D].
         "max_regions": 5,
+        # Sigma, in model-input pixels, of the Gaussian that merges the pixel-scale specks of the location map
+        # into areas before they are outlined: half a score-map cell [D].
+        "region_smoothing": 16.0,
+        # The smallest extent of a region along x and along y, in source pixels, so a viewer shows it [D].
+        "region_min_pixels": 32,
+        # The sigmoid of the score map in extra_maps: a by-product of the forward pass, but nothing delivers it
+        # unless the site asks (docs/outputs.md, "Heatmaps"), so it is attached only on request.
+        "score_map": False,
     }
 
     def build_model(self, options: Mapping[str, Any]) -> nn.Module:
@@ -842,11 +947,16 @@ class LEMPlugin(TorchModelPlugin):
                 raise ValueError(f"cam_target_class {target!r} is not one of {self.spec.classes}")
             force_max = torch.full((batch.shape[0],), target == "malignant", device=batch.device)
         localisation = model.localise(batch, force_max)
+        extra_maps = (
+            {"score_map": torch.sigmoid(localisation.score_map[:, 0])}
+            if options.get("score_map", False)
+            else {}
+        )
         return LEMModelOutput(
             logits=two_class_logits(localisation.z_lem),
             heatmap=localisation.location_map[:, 0],
             heatmap_method="LEM excitation backprop",
-            extra_maps={"score_map": torch.sigmoid(localisation.score_map[:, 0])},
+            extra_maps=extra_maps,
             extrema=localisation.extrema,
             boxes=localisation.boxes,
         )
@@ -854,7 +964,8 @@ class LEMPlugin(TorchModelPlugin):
     def postprocess(
         self, output: ImageOutput, box: Letterbox, ref: ImageRef, options: Mapping[str, Any]
     ) -> Prediction:
-        """The base prediction plus the extrema as points and the lesion boxes as regions (source pixels)."""
+        """The base prediction plus the extrema as points and, when the location map is of the predicted
+        branch, the outlines of its high areas as regions (source pixels)."""
         prediction = super().postprocess(output, box, ref, options)
         if not isinstance(output, LEMImageOutput):
             return prediction
@@ -863,18 +974,43 @@ class LEMPlugin(TorchModelPlugin):
             x, y = box.to_source(extremum.x, extremum.y)
             score = 1.0 / (1.0 + float(np.exp(-extremum.score)))
             points.append(LocalisationPoint(x=x, y=y, score=score, label=_KIND_LABELS[extremum.kind]))
+        return dataclasses.replace(
+            prediction, points=tuple(points), regions=self._regions(output, box, prediction, options)
+        )
+
+    @staticmethod
+    def _regions(
+        output: LEMImageOutput, box: Letterbox, prediction: Prediction, options: Mapping[str, Any]
+    ) -> tuple[LocalisationRegion, ...]:
+        """The k highest areas of the smoothed location map as polygons on the source, each at least
+        ``region_min_pixels`` across and inside the crop; none when the map is of the branch the model did
+        not predict (``cam_target_class`` forcing the other one)."""
+        if output.heatmap is None or not output.extrema:
+            return ()
+        branch = output.extrema[0].kind
+        if _BRANCH_CLASS[branch] != prediction.predicted_class:
+            return ()
+        top, left, height, width = box.crop
+        outlines = lesion_outlines(
+            output.heatmap,
+            float(options["location_threshold"]),
+            float(options["region_smoothing"]),
+            limit=max(0, int(options["max_regions"])),
+        )
         regions = []
-        for x0, y0, x1, y1 in output.boxes[: int(options["max_regions"])]:
-            corners = ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
-            location = output.heatmap[y0:y1, x0:x1] if output.heatmap is not None else np.ones(1)
+        for outline in outlines:
+            source = np.array([box.to_source(float(x), float(y)) for x, y in outline.polygon])
+            polygon = visible_polygon(
+                source, float(options["region_min_pixels"]), (left, top, left + width, top + height)
+            )
             regions.append(
                 LocalisationRegion(
-                    points=tuple(box.to_source(float(cx), float(cy)) for cx, cy in corners),
-                    score=float(location.max()),
-                    label="LEM lesion region",
+                    points=tuple((float(x), float(y)) for x, y in polygon),
+                    score=outline.score,
+                    label=_REGION_LABELS[branch],
                 )
             )
-        return dataclasses.replace(prediction, points=tuple(points), regions=tuple(regions))
+        return tuple(regions)
 
 
 @hookimpl
