@@ -180,6 +180,7 @@ class ClgbNetRecipe(Recipe):
         "vflip_p": Hyper(0.5, "default", "vertical flip probability"),
     }
     split: ClassVar[dict[str, float]] = {"train": 0.8, "val": 0.1, "test": 0.1}
+    runtime_options = frozenset({"attention_map"})
     imagenet_backbones: ClassVar[dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "cnn": ("cnn", "resnet50", ("fc.",)),
         "swin": ("swin", "swin_tiny_patch4_window7_224", ("head.",)),

@@ -236,6 +236,7 @@ class LemRecipe(Recipe):
     # The paper has no validation set; 10 % of the training part calibrates the temperature only.
     split: ClassVar[dict[str, float]] = {"train": 0.72, "val": 0.08, "test": 0.2}
     localises = True
+    runtime_options = frozenset({"max_regions", "region_smoothing", "region_min_pixels", "score_map"})
 
     @property
     def imagenet_backbones(self) -> dict[str, tuple[str, str, tuple[str, ...]]]:  # type: ignore[override]
