@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import cv2
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -326,6 +328,28 @@ def test_kept_predictions_round_trip(images: list[Dataset], tmp_path: Path) -> N
         prediction.risk,
         prediction.classes,
     )
+
+
+def test_kept_maps_draw_the_heatmap_the_full_map_draws(images: list[Dataset], tmp_path: Path) -> None:
+    # A full-field-sized map (larger than an SC's image part) with a sparse peak, as LEM's extrema are.
+    rng = np.random.default_rng(1)
+    full = cv2.resize(rng.random((12, 9)).astype(np.float32), (2200, 2700), interpolation=cv2.INTER_LINEAR)
+    full[1300, 1000] = 1.0
+    with_map = dataclasses.replace(make_prediction(images[0]), heatmap=full, extra_maps={"saliency": full})
+    without_map = dataclasses.replace(with_map, heatmap=None, extra_maps={})
+    pipeline.save_maps(tmp_path / pipeline.HEATMAPS_FILE, [without_map, with_map], "all", extra_maps=True)
+    frames, (none, back) = pipeline.load_maps(tmp_path / pipeline.HEATMAPS_FILE, [without_map, without_map])
+    assert frames == "all"
+    assert none.heatmap is None and none.extra_maps == {}
+    assert back.heatmap is not None and set(back.extra_maps) == {"saliency"}
+    assert back.heatmap.shape == outputs.image_part_size(*full.shape) != full.shape  # the size the SC shows
+    display = rng.integers(0, 256, full.shape, dtype=np.uint8)
+    drawn = [
+        outputs.render_heatmap_overlay(display, outputs.heatmap_values(p), caption_lines=["test"]).astype(int)
+        for p in (with_map, back)
+    ]
+    assert drawn[0].shape == drawn[1].shape
+    assert np.abs(drawn[0] - drawn[1]).max() <= 2  # float16 rounding, nothing else
 
 
 @pytest.mark.peers

@@ -108,7 +108,7 @@ def _analyse(
         assert run.predictions, f"{run.model} evaluated nothing: {[s.reason for s in run.skipped]}"
     study_report = getattr(pipeline, "write_study_report", None)
     if study_report is not None:  # the study SR, from every model's kept predictions
-        assert study_report(sources, tmp_path / "out", None, settings) is not None, "no study SR was written"
+        assert study_report(sources, tmp_path / "out", None, settings), "no study SR was written"
     outputs = sorted({path for run in runs for path in run.outputs})
     outputs += sorted(p for p in (tmp_path / "out").rglob("*.dcm") if p not in outputs)
     assert outputs, "the pipeline wrote nothing"

@@ -300,6 +300,30 @@ def _resize_keeping_peaks(heat: np.ndarray, rows: int, columns: int) -> np.ndarr
     return np.asarray(cv2.resize(heat, (columns, rows), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
 
 
+def image_part_size(
+    rows: int, columns: int, *, max_dimension: int = 2048, min_width: int = 384
+) -> tuple[int, int]:
+    """The (rows, columns) of the image part of an SC over a display image of *rows* x *columns*: at least
+    *min_width* wide and, where that allows, at most *max_dimension* on its longer side."""
+    factor = min(1.0, max_dimension / max(rows, columns))
+    factor = max(factor, min_width / columns)
+    if factor == 1.0:
+        return rows, columns
+    return max(1, round(rows * factor)), max(1, round(columns * factor))
+
+
+def map_for_display(heat: np.ndarray, *, max_dimension: int = 2048) -> np.ndarray:
+    """*heat* clipped to [0, 1] and, when the SC over an image of its shape shows fewer pixels, shrunk to
+    them as :func:`render_heatmap_overlay` would (its peaks kept): what a map kept for a later SC needs,
+    at a fraction of a full-field map's size.  The SC drawn from it is the one drawn from *heat*, since
+    shrinking commutes with the risk weighting (:func:`heatmap_values`)."""
+    values = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
+    rows, columns = image_part_size(*values.shape, max_dimension=max_dimension)
+    if rows >= values.shape[0] and columns >= values.shape[1]:
+        return values
+    return _resize_keeping_peaks(values, rows, columns)
+
+
 def render_heatmap_overlay(
     display: np.ndarray,
     heatmap: np.ndarray,
@@ -334,12 +358,12 @@ def render_heatmap_overlay(
     if not caption_lines:
         raise ValueError("caption_lines must hold at least one line")
     rows, columns = display.shape
-    factor = min(1.0, max_dimension / max(rows, columns))
-    factor = max(factor, min_width / columns)
-    if factor != 1.0:
-        size = (max(1, round(columns * factor)), max(1, round(rows * factor)))
-        shrinking = factor < 1.0
-        display = cv2.resize(display, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    part = image_part_size(rows, columns, max_dimension=max_dimension, min_width=min_width)
+    if part != (rows, columns):
+        shrinking = part[1] < columns
+        display = cv2.resize(
+            display, part[::-1], interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        )
         rows, columns = display.shape
     # Resized first: a full-field map is shrunk to the image part before any per-pixel arithmetic.
     heat = np.asarray(heatmap, dtype=np.float32)
