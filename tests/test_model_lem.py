@@ -23,6 +23,7 @@ from plugins import hookspecs
 from plugins.base import BASE_OPTIONS
 from plugins.builtin.lem import (
     BACKBONES,
+    CELL_PIXELS,
     CLASSES,
     LEM,
     MODEL_CFGS,
@@ -799,6 +800,10 @@ def test_regions_are_visible_polygons_on_the_maps_high_areas(input_size: tuple[i
         assert len(region.points) >= 3 and "suspected malignant" in region.label
         xs, ys = np.asarray(region.points).T
         assert xs.max() - xs.min() >= min_pixels and ys.max() - ys.min() >= min_pixels
+        # At least a score-map cell across, measured back in model-input pixels.
+        scale_y = box.scale if box.scale_y is None else box.scale_y
+        assert (xs.max() - xs.min()) * box.scale >= CELL_PIXELS - 1e-6
+        assert (ys.max() - ys.min()) * scale_y >= CELL_PIXELS - 1e-6
         assert left <= xs.min() and xs.max() <= left + crop_w
         assert top <= ys.min() and ys.max() <= top + crop_h
         peak_x, peak_y = box.to_source(lesion_at[1] + 0.5, lesion_at[0] + 0.5)

@@ -50,6 +50,7 @@ from plugins.weights import CheckpointMetadata
 
 __all__ = [
     "BACKBONES",
+    "CELL_PIXELS",
     "CLASSES",
     "LEM",
     "MODEL_CFGS",
@@ -859,6 +860,9 @@ _REGION_LABELS = {
 }
 #: The class each branch of Algorithm 2 stands for.
 _BRANCH_CLASS = {"max": "malignant", "min": "benign"}
+#: Side of a score-map cell in model-input pixels: the output stride of every trunk in BACKBONES.  A region
+#: is never smaller than the unit the model localises in.
+CELL_PIXELS = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -982,9 +986,9 @@ class LEMPlugin(TorchModelPlugin):
     def _regions(
         output: LEMImageOutput, box: Letterbox, prediction: Prediction, options: Mapping[str, Any]
     ) -> tuple[LocalisationRegion, ...]:
-        """The k highest areas of the smoothed location map as polygons on the source, each at least
-        ``region_min_pixels`` across and inside the crop; none when the map is of the branch the model did
-        not predict (``cam_target_class`` forcing the other one)."""
+        """The k highest areas of the smoothed location map as polygons on the source, each at least a
+        score-map cell and ``region_min_pixels`` across and inside the crop; none when the map is of the
+        branch the model did not predict (``cam_target_class`` forcing the other one)."""
         if output.heatmap is None or not output.extrema:
             return ()
         branch = output.extrema[0].kind
@@ -997,9 +1001,11 @@ class LEMPlugin(TorchModelPlugin):
             float(options["region_smoothing"]),
             limit=max(0, int(options["max_regions"])),
         )
+        rows, columns = output.heatmap.shape
         regions = []
         for outline in outlines:
-            source = np.array([box.to_source(float(x), float(y)) for x, y in outline.polygon])
+            cell_wide = visible_polygon(outline.polygon, CELL_PIXELS, (0, 0, columns, rows))
+            source = np.array([box.to_source(float(x), float(y)) for x, y in cell_wide])
             polygon = visible_polygon(
                 source, float(options["region_min_pixels"]), (left, top, left + width, top + height)
             )
