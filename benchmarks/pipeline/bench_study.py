@@ -128,9 +128,13 @@ def run_study(host: ModelHost, models: list[str], job: StudyJob, settings: Setti
     timings = pipeline.StudyTimings()
     started = time.perf_counter()
     sources = pipeline.read_sources(job, timings)
-    runs = pipeline.analyse_study(host, models, sources, settings, out, timings)
+    images = pipeline.DecodedImages(timings)
+    runs = pipeline.analyse_study(host, models, sources, settings, out, timings, images=images)
+    report: list[Path] = []
+    if settings.outputs.report == "study":  # what the last stage adds: the heatmap series and the study SR
+        report = pipeline.write_study_report(sources, out, None, settings, images=images, accepting=models)
     delivery_started = time.perf_counter()
-    paths = [p for run in runs for p in run.outputs]
+    paths = [p for run in runs for p in run.outputs] + report
     results = deliver([pydicom.dcmread(p) for p in paths], destination)
     delivery = time.perf_counter() - delivery_started
     total = time.perf_counter() - started
