@@ -28,6 +28,18 @@ def _strict_pydicom() -> Iterator[None]:
     pydicom.config.settings.writing_validation_mode = old
 
 
+@pytest.fixture(autouse=True)
+def _own_address_space() -> Iterator[None]:
+    """An in-process solo Celery worker caps this process's address space (worker_process_init);
+    the cap must not outlive its test, or later tests and the children they start inherit it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    yield
+    if resource.getrlimit(resource.RLIMIT_AS) != (soft, hard):
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a module's tests: other jobs share the CI machine's two cores, and float sums

@@ -42,6 +42,9 @@ def settings_for(tmp: Path) -> Settings:
         "broker.url": "embedded", "http.tokens": [TOKEN], "triage.first_stage_model": "triage_probe",
         "plugins.drop_in_dir": str(REPO / "tests" / "triage_plugins"), "plugins.load_entrypoints": False,
         "plugins.disabled": BUILTIN_MODELS, "plugins.allow_demo_weights": True,
+        # The solo worker runs in this process: an address-space cap would also bind the Chromium it
+        # starts, whose V8 reserves far more address space than it uses (it dies with SIGTRAP).
+        "worker.memory_limit_mb": 0,
     })
 
 
