@@ -185,13 +185,13 @@ class BoundedAssociationSocket(AssociationSocket):
         got = 0
         try:
             while got < nr_bytes:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._refuse("a PDU did not arrive whole before its deadline")
-                raw.settimeout(remaining)
+                # Past the deadline, bytes already waiting are still taken (timeout 0: no wait): under
+                # load a connection's thread may start late, and only a peer that did not send in time
+                # is refused.
+                raw.settimeout(max(deadline - time.monotonic(), 0.0))
                 try:
                     count = raw.recv_into(view[got:], nr_bytes - got)
-                except TimeoutError:
+                except (TimeoutError, BlockingIOError):
                     self._refuse("a PDU did not arrive whole before its deadline")
                 if not count:
                     break  # the peer closed: the DUL sees a short PDU, as with the stock socket

@@ -583,6 +583,10 @@ class Trainer:
             generator=torch.Generator().manual_seed(epoch_seed),
             num_workers=workers,
             worker_init_fn=_loader_worker_init if workers > 0 else None,
+            # Spawned, not forked: a process that has run threads (tqdm's monitor, a host's output builder,
+            # a test suite's servers) can hand a forked worker a lock held for ever; seen as a loader that
+            # waited on its workers for good.
+            multiprocessing_context="spawn" if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
             # Not persistent: a loader serves one epoch (its sampler is that epoch's), and a worker keeps the
             # copy of the data set it started with, so a persistent one would augment with a stale epoch.
