@@ -396,16 +396,13 @@ class JournalCounts:
     refused: dict[str, int]
 
 
-class JournalReader:
-    """The journal's answers for the web service and the metrics, read without the gateway.
+class ExistingDatabaseReader:
+    """Read-only access to a SQLite file another process writes: opened per read, never created.
 
-    Each call opens the file and closes it again, so a reader never holds the journal open
-    between requests; a journal the gateway has not made yet reads as empty.
-
-    :param path: The gateway's ``journal.sqlite``.
+    A subclass names the tables it reads in ``_TABLES``; until they all exist, ``_read`` yields None.
     """
 
-    _TABLES = ("studies", "instances", "events", "refusals")
+    _TABLES: tuple[str, ...] = ()
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -418,6 +415,18 @@ class JournalReader:
         finally:
             if db is not None:
                 db.close()
+
+
+class JournalReader(ExistingDatabaseReader):
+    """The journal's answers for the web service and the metrics, read without the gateway.
+
+    Each call opens the file and closes it again, so a reader never holds the journal open
+    between requests; a journal the gateway has not made yet reads as empty.
+
+    :param path: The gateway's ``journal.sqlite``.
+    """
+
+    _TABLES = ("studies", "instances", "events", "refusals")
 
     def first_instance_path(self, study_uid: str) -> str | None:
         """The stored path (relative to the data directory) of one instance of the study, if any."""

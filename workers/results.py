@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.journal import connect_existing
+from gateway.journal import ExistingDatabaseReader
 from plugins.types import OperatingPoint
 from workers.triage import POLICY, TriageDecision
 
@@ -623,7 +623,7 @@ class TimelineTail:
     events: list[tuple[int, str, str]]
 
 
-class ResultsReader:
+class ResultsReader(ExistingDatabaseReader):
     """The results journal's answers for the web service and the metrics, read without a worker.
 
     Each call opens the file and closes it again; a journal no worker has made yet reads as empty.
@@ -632,18 +632,6 @@ class ResultsReader:
     """
 
     _TABLES = ("worklist", "timeline", "attempts", "analyses", "deliveries", "notifications", "deadletters")
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection | None]:
-        db = connect_existing(self.path, self._TABLES)
-        try:
-            yield db
-        finally:
-            if db is not None:
-                db.close()
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._read() as db:
