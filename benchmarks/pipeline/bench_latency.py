@@ -1,7 +1,8 @@
 """Latency from the last instance received to the SR stored in the PACS, split by stage.
 
-Runs the real processes: Orthanc as the PACS, ``pacs-triage gateway`` and ``pacs-triage worker``
-on a Redis (or the embedded) broker, DCMTK ``storescu`` as the modality.  Sends one 4-view
+Runs the real processes: Orthanc as the PACS, ``pacs-triage gateway`` and ``--workers`` separate
+``pacs-triage worker`` processes on a private ``redis-server`` it starts on a free loopback port
+(never a Redis it did not start), DCMTK ``storescu`` as the modality.  Sends one 4-view
 synthetic mammogram alone, then a burst of N studies, and reads every timestamp back from the
 gateway journal and the workers' journal:
 
@@ -11,7 +12,7 @@ gateway journal and the workers' journal:
     outputs         = SR + SC building
     delivery        = SR stored in the PACS - analysis end
 
-Usage: .venv/bin/python benchmarks/pipeline/bench_latency.py [--burst 50] [--broker redis://127.0.0.1:6379/12]
+Usage: .venv/bin/python benchmarks/pipeline/bench_latency.py [--burst 50] [--workers 2] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from plugins import synthetic  # noqa: E402
-from tests.peers import Orthanc  # noqa: E402
+from tests.peers import Orthanc, RedisServer  # noqa: E402
 from tests.utils import get_port  # noqa: E402
 
 MODELS = ["asg_mammonet", "clgb_net", "lem", "hybrid_birads", "us_fusion"]
@@ -46,9 +47,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
+def start(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with log.open("ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True, env=env
+        )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -64,8 +67,12 @@ def send(studies: list[list], port: int, workdir: Path) -> None:
         for ds in study:
             ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     env = {**os.environ, "TCP_NODELAY": "1"}
-    subprocess.run(["storescu", "-aec", "PACS_TRIAGE", "+sd", "127.0.0.1", str(port), str(folder)],
-                   check=True, env=env, timeout=600)
+    subprocess.run(
+        ["storescu", "-aec", "PACS_TRIAGE", "+sd", "127.0.0.1", str(port), str(folder)],
+        check=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def measure(data_dir: Path, study_uids: list[str], timeout: float) -> list[dict[str, float]]:
@@ -75,9 +82,16 @@ def measure(data_dir: Path, study_uids: list[str], timeout: float) -> list[dict[
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if results.exists():
-            done = sqlite3.connect(results).execute(
-                "SELECT COUNT(*) FROM worklist WHERE state = 'delivered' AND study_uid IN (%s)"
-                % ",".join("?" * len(study_uids)), study_uids).fetchone()[0]
+            done = (
+                sqlite3.connect(results)
+                .execute(
+                    "SELECT COUNT(*) FROM worklist WHERE state = 'delivered' AND study_uid IN ({})".format(
+                        ",".join("?" * len(study_uids))
+                    ),
+                    study_uids,
+                )
+                .fetchone()[0]
+            )
             if done == len(study_uids):
                 break
         time.sleep(0.5)
@@ -88,87 +102,145 @@ def measure(data_dir: Path, study_uids: list[str], timeout: float) -> list[dict[
     for uid in study_uids:
         last, completed = gw.execute(
             "SELECT MAX(i.received_at), s.completed_at FROM instances i JOIN studies s ON s.study_uid = i.study_uid"
-            " WHERE i.study_uid = ?", (uid,)).fetchone()
+            " WHERE i.study_uid = ?",
+            (uid,),
+        ).fetchone()
         (job_id,) = res.execute("SELECT job_id FROM worklist WHERE study_uid = ?", (uid,)).fetchone()
         events = {}
         model = {}
-        for at, event, detail in res.execute("SELECT at, event, detail FROM timeline WHERE job_id = ? ORDER BY at",
-                                             (job_id,)):
+        for at, event, detail in res.execute(
+            "SELECT at, event, detail FROM timeline WHERE job_id = ? ORDER BY at", (job_id,)
+        ):
             events.setdefault(event, at)
             if event.startswith("model_done"):
                 model = json.loads(detail)
-        rows.append({
-            "completion_wait": completed - last,
-            "queue": events["analysis_start:first"] - completed,
-            "inference": model["inference_s"],
-            "outputs": model["outputs_s"],
-            "delivery": events["delivered"] - events["analysis_end:first"],
-            "total": events["delivered"] - last,
-        })
+        rows.append(
+            {
+                "completion_wait": completed - last,
+                "queue": events["analysis_start:first"] - completed,
+                "inference": model["inference_s"],
+                "outputs": model["outputs_s"],
+                "delivery": events["delivered"] - events["analysis_end:first"],
+                "total": events["delivered"] - last,
+            }
+        )
     return rows
 
 
 def summarise(name: str, rows: list[dict[str, float]]) -> dict[str, object]:
     totals = [r["total"] for r in rows]
     return {
-        "scenario": name, "studies": len(rows),
-        "p50_s": percentile(totals, 50), "p95_s": percentile(totals, 95), "p99_s": percentile(totals, 99),
-        **{f"mean_{k}_s": statistics.mean(r[k] for r in rows)
-           for k in ("completion_wait", "queue", "inference", "outputs", "delivery")},
+        "scenario": name,
+        "studies": len(rows),
+        "p50_s": percentile(totals, 50),
+        "p95_s": percentile(totals, 95),
+        "p99_s": percentile(totals, 99),
+        **{
+            f"mean_{k}_s": statistics.mean(r[k] for r in rows)
+            for k in ("completion_wait", "queue", "inference", "outputs", "delivery")
+        },
         "mean_inference_s": statistics.mean(r["inference"] for r in rows),
     }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--burst", type=int, default=50)
-    parser.add_argument("--broker", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--workers", type=int, default=2, help="separate `pacs-triage worker` processes")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS of each worker (0: cores / workers, at least 1)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--quiet-seconds", type=float, default=10.0)
     parser.add_argument("--size", type=int, nargs=2, default=(512, 416), help="rows cols of each MG view")
     args = parser.parse_args()
-    if args.broker.startswith("redis://"):
-        import redis
-
-        redis.Redis.from_url(args.broker).flushdb()
     workdir = Path(tempfile.mkdtemp(prefix="pacs-triage-bench-"))
-    orthanc = Orthanc(workdir / "orthanc")
+    # Its own broker on a free port: a shared Redis (6379) may hold other jobs' queues.
+    redis_server = RedisServer(workdir / "redis", persistent=False)
+    try:
+        orthanc = Orthanc(workdir / "orthanc")
+    except BaseException:
+        redis_server.stop()
+        raise
     port = get_port()
     config = workdir / "bench.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateway": {"port": port, "host": "127.0.0.1", "data_dir": str(workdir / "data")},
-        "assembly": {"quiet_seconds": args.quiet_seconds, "tick_seconds": 0.2},
-        "broker": {"url": args.broker}, "dispatch": {"kind": "celery"},
-        "logging": {"level": "WARNING", "json_output": True},
-        "plugins": {"allow_demo_weights": True, "load_entrypoints": False,
-                    "disabled": [m for m in MODELS if m != "asg_mammonet"]},
-        "triage": {"first_stage_model": "asg_mammonet"},
-        "delivery": {"destinations": [{"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"port": port, "host": "127.0.0.1", "data_dir": str(workdir / "data")},
+                "assembly": {"quiet_seconds": args.quiet_seconds, "tick_seconds": 0.2},
+                "broker": {"url": redis_server.url},
+                "dispatch": {"kind": "celery"},
+                "logging": {"level": "WARNING", "json_output": True},
+                "plugins": {
+                    "allow_demo_weights": True,
+                    "load_entrypoints": False,
+                    "disabled": [m for m in MODELS if m != "asg_mammonet"],
+                },
+                "triage": {"first_stage_model": "asg_mammonet"},
+                "delivery": {
+                    "destinations": [
+                        {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+                    ]
+                },
+            }
+        )
+    )
     log = workdir / "processes.log"
     cli = [sys.executable, "-m", "workers.cli"]
     gateway = start([*cli, "gateway", "--config", str(config)], log)
-    worker = start([*cli, "worker", "--config", str(config)], log)
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.workers)
+    worker_env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    workers = [
+        start([*cli, "worker", "--config", str(config), "--concurrency", "1"], log, worker_env)
+        for _ in range(args.workers)
+    ]
     summaries = []
     try:
         time.sleep(8)
         size = tuple(args.size)
-        warm = [synthetic.make_mg_study(seed=999, size=size)]
-        send(warm, port, workdir)  # loads the model once; not measured
-        measure(workdir / "data", [str(warm[0][0].StudyInstanceUID)], 600)
+        # One study per worker loads the model in each (most likely: the broker hands them out in turn); not measured.
+        warm = [synthetic.make_mg_study(seed=990 + i, size=size) for i in range(args.workers)]
+        send(warm, port, workdir)
+        measure(workdir / "data", [str(s[0].StudyInstanceUID) for s in warm], 600)
         alone = [synthetic.make_mg_study(seed=1, size=size)]
         send(alone, port, workdir)
-        summaries.append(summarise("1 study alone", measure(workdir / "data", [str(alone[0][0].StudyInstanceUID)],
-                                                             600)))
-        burst = [synthetic.make_mg_study(seed=100 + i, size=size, label="benign" if i % 2 else "malignant")
-                 for i in range(args.burst)]
+        summaries.append(
+            summarise("1 study alone", measure(workdir / "data", [str(alone[0][0].StudyInstanceUID)], 600))
+        )
+        burst = [
+            synthetic.make_mg_study(seed=100 + i, size=size, label="benign" if i % 2 else "malignant")
+            for i in range(args.burst)
+        ]
         send(burst, port, workdir)
-        summaries.append(summarise(f"{args.burst} studies in a burst",
-                                   measure(workdir / "data", [str(s[0].StudyInstanceUID) for s in burst], 1800)))
+        summaries.append(
+            summarise(
+                f"{args.burst} studies in a burst",
+                measure(workdir / "data", [str(s[0].StudyInstanceUID) for s in burst], 1800),
+            )
+        )
     finally:
-        stop(worker)
+        for worker in workers:
+            stop(worker)
         stop(gateway)
         orthanc.stop()
-    print(json.dumps(summaries, indent=2))
+        redis_server.stop()
+    report = {
+        "workers": args.workers,
+        "torch_threads_per_worker": threads,
+        "quiet_seconds": args.quiet_seconds,
+        "size": list(args.size),
+        "load_average": os.getloadavg(),
+        "scenarios": summaries,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 
