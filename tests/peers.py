@@ -1,4 +1,5 @@
-"""Real peers for tests: an Orthanc PACS, a DCMTK storescp and a Redis broker, each on free loopback ports.
+"""Real peers for tests: an Orthanc PACS, a DCMTK storescp, a Redis broker and an MLLP listener (a RIS), each
+on free loopback ports.
 
 All run as child processes with temporary storage and are stopped with ``terminate`` (then ``kill``) on
 exit.  ``TCP_NODELAY=1`` is set in the DICOM peers' environment, as in production.  The suite connects
@@ -8,11 +9,13 @@ someone else uses.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +23,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import hl7
+import hl7.mllp
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 _issued_ports: set[int] = set()
@@ -306,6 +312,63 @@ class RedisServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class MllpListener:
+    """A RIS stand-in: python-hl7's asyncio MLLP server, answering each message with ``answer``."""
+
+    def __init__(self, answer: str = "AA") -> None:
+        #: ``AA``/``AE``/``AR`` answers with that ACK code; ``silent`` reads and never answers.
+        self.answer = answer
+        self.received: list[hl7.Message] = []
+        #: The ACKs it answered with, in order: the proof a sender was told its message arrived.
+        self.acks: list[hl7.Message] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def _serve(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
+        try:
+            while True:
+                message = await reader.readmessage()
+                self.received.append(message)
+                if self.answer != "silent":
+                    ack = message.create_ack(self.answer)
+                    writer.writemessage(ack)
+                    await writer.drain()
+                    self.acks.append(ack)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the sender hung up
+        finally:
+            writer.close()  # also when cancelled at shutdown: the loop is still running then
+
+    async def _start(self) -> asyncio.Server:
+        return await hl7.mllp.start_hl7_server(self._serve, "127.0.0.1", 0, encoding="utf-8")
+
+    def __enter__(self) -> MllpListener:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def texts(self) -> list[str]:
+        return [str(m) for m in self.received]
 
 
 @contextmanager

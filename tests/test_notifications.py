@@ -1,15 +1,13 @@
 """The triage flag to the RIS: HL7 v2 over MLLP, against a real listener built on python-hl7's MLLP server.
 
-The listener (:class:`MllpListener`) runs ``hl7.mllp.start_hl7_server`` on a free loopback port in a
+The listener (:class:`tests.peers.MllpListener`) runs ``hl7.mllp.start_hl7_server`` on a free loopback port in a
 thread of its own, records every message it parses and answers with the ACK code it is told to
 (``AA``, ``AE``, or nothing at all).  The Celery tests run a real worker on the test's private Redis.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import pytest
 import yaml
 
 from gateway.settings import Hl7Endpoint, NotificationsSettings, load_settings
+from tests.peers import MllpListener
 from workers.notify import (
     NotificationRefused,
     StudyNotice,
@@ -32,59 +31,6 @@ from workers.notify import (
 from workers.triage import TriageDecision
 
 pytestmark = pytest.mark.timeout(300)
-
-
-class MllpListener:
-    """A RIS stand-in: python-hl7's asyncio MLLP server, answering each message with ``answer``."""
-
-    def __init__(self, answer: str = "AA") -> None:
-        #: ``AA``/``AE``/``AR`` answers with that ACK code; ``silent`` reads and never answers.
-        self.answer = answer
-        self.received: list[hl7.Message] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def _serve(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
-        try:
-            while True:
-                message = await reader.readmessage()
-                self.received.append(message)
-                if self.answer != "silent":
-                    writer.writemessage(message.create_ack(self.answer))
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the sender hung up
-        finally:
-            writer.close()  # also when cancelled at shutdown: the loop is still running then
-
-    async def _start(self) -> asyncio.Server:
-        return await hl7.mllp.start_hl7_server(self._serve, "127.0.0.1", 0, encoding="utf-8")
-
-    def __enter__(self) -> MllpListener:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        current = asyncio.current_task()
-        pending = [task for task in asyncio.all_tasks() if task is not current]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    def texts(self) -> list[str]:
-        return [str(m) for m in self.received]
 
 
 def notice(
