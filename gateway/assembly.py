@@ -70,6 +70,7 @@ class Assembler:
             (row["laterality"], row["view"])
             for row in self.journal.study_instances(study.study_uid)
             if row["study_version"] == study.version
+            and not row["own_output"]
             and row["modality"] == "MG"
             and row["presentation"] != "FOR PROCESSING"
         }
@@ -123,6 +124,8 @@ class Assembler:
                 path=row["path"],
                 transfer_syntax_uid=row["transfer_syntax"],
                 study_version=int(row["study_version"]),
+                content_digest=str(row["content_digest"]),
+                own_output=bool(row["own_output"]),
             )
             for row in self.journal.study_instances(study.study_uid)
         )

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydicom.dataset import Dataset
 
+from gateway.errors import PermanentError, failure_reason
 from gateway.inflate import DEFAULT_INFLATE_BUDGET, InflateBudgetExceeded, read_header
 from gateway.journal import InstanceRecord, Journal, StoreOutcome
 from gateway.messages import Priority
-from gateway.spool import Spool, fsync_path, same_content, uid_problem
+from gateway.provenance import is_own_output
+from gateway.spool import Spool, file_digest, fsync_path, uid_problem
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -71,6 +73,7 @@ class _Pending:
     record: InstanceRecord
     outcome: StoreOutcome
     done: bool = False
+    committed: bool = False
     version: int = 0
     error: BaseException | None = None
 
@@ -121,7 +124,7 @@ class GroupCommit:
         try:
             versions = self.journal.record_instances([(item.record, item.outcome) for item in batch])
             for item, version in zip(batch, versions, strict=True):
-                item.version = version
+                item.version, item.committed = version, True
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].error = exc
@@ -130,11 +133,13 @@ class GroupCommit:
                 for item in batch:
                     try:
                         item.version = self.journal.record_instance(item.record, item.outcome)
+                        item.committed = True
                     except Exception as single:  # reported to that item's own thread
                         item.error = single
         finally:
             for item in batch:
-                if not item.version and item.error is None:
+                # Version 0 is a valid answer (our own output of a study the gateway does not hold).
+                if not item.committed and item.error is None:
                     item.error = RuntimeError("the journal commit was interrupted")
                 item.done = True
 
@@ -235,13 +240,14 @@ class StoreHandler:
             transfer_syntax = str(header.file_meta.TransferSyntaxUID)
             missing = [name for name in ("SOPClassUID", "SOPInstanceUID") if name not in header]
             if missing:
-                raise ValueError(f"no {' or '.join(missing)} in the data set")
+                raise PermanentError(f"no {' or '.join(missing)} in the data set")
             uids = {
                 name: header.get(name)
                 for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
             }
             # Decoded here, where a malformed value is a 0xC210, not later as a crash after the rename.
             described = _Described.of(header)
+            own_output = is_own_output(header)
         except InflateBudgetExceeded:
             log.warning(
                 "store.refused",
@@ -251,8 +257,9 @@ class StoreHandler:
             )
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # any decode failure of untrusted bytes is a 0xC210, never a crash
+            # The note is read by people and kept: pydicom's message may quote the data set's values.
             where = self.spool.quarantine(
-                temp_path, f"undecodable: {type(exc).__name__}: {exc}", {"calling_ae": calling_ae}
+                temp_path, failure_reason("undecodable", exc), {"calling_ae": calling_ae}
             )
             log.warning(
                 "store.refused",
@@ -279,11 +286,15 @@ class StoreHandler:
 
         final_path = self.spool.instance_path(study_uid, sop_uid)
         outcome = StoreOutcome.NEW
-        # The file test first: it is a stat, and it spares new instances a journal query.
-        if final_path.exists() and self.journal.find_instance(sop_uid) is not None:
-            outcome = StoreOutcome.DUPLICATE if same_content(temp_path, final_path) else StoreOutcome.REPLACED
         size = temp_path.stat().st_size
         try:
+            # Now, while the bytes just written are in the page cache; hashlib releases the GIL.
+            content_digest = file_digest(temp_path)
+            # The file test first: it is a stat, and it spares new instances a journal query.
+            if final_path.exists() and (held := self.journal.find_instance(sop_uid)) is not None:
+                # A row from before digests were kept has none: hash the stored copy then.
+                held_digest = str(held["content_digest"] or "") or file_digest(final_path)
+                outcome = StoreOutcome.DUPLICATE if held_digest == content_digest else StoreOutcome.REPLACED
             if outcome is not StoreOutcome.DUPLICATE:
                 # fsync, rename, fsync the folders: each thread its own, so concurrent
                 # associations' flushes overlap instead of queueing behind one another.
@@ -309,9 +320,19 @@ class StoreHandler:
             size=size,
             calling_ae=calling_ae,
             priority=int(self._priority(request, described)),
+            content_digest=content_digest,
+            own_output=own_output,
         )
         # The journal commit (its WAL fsync) is shared with concurrent associations.
         version = self.group_commit.submit(record, outcome)
+        if own_output:
+            log.info(
+                "store.own_output",
+                outcome=str(outcome),
+                study_version=version,
+                sop_class_uid=record.sop_class_uid,
+                detail="stored; it opens no study version and starts no analysis",
+            )
         if _stdlib_log.isEnabledFor(logging.INFO):
             log.info(
                 "store.received",

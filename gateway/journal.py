@@ -60,7 +60,9 @@ CREATE TABLE IF NOT EXISTS instances (
     size             INTEGER NOT NULL,
     calling_ae       TEXT NOT NULL,
     study_version    INTEGER NOT NULL,
-    received_at      REAL NOT NULL
+    received_at      REAL NOT NULL,
+    content_digest   TEXT NOT NULL DEFAULT '',   -- sha256 hex[:32] of the stored bytes ('' if not kept)
+    own_output       INTEGER NOT NULL DEFAULT 0  -- 1: an object we made, sent back (gateway.provenance)
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
 CREATE TABLE IF NOT EXISTS events (
@@ -77,6 +79,21 @@ CREATE TABLE IF NOT EXISTS refusals (       -- refused C-STOREs counted by reaso
     last_at  REAL NOT NULL
 );
 """
+
+#: Columns added to ``instances`` after its first release, appended in place to an older journal's
+#: table when a gateway opens it; the rows it already holds take the default.
+_INSTANCE_COLUMNS_ADDED = (
+    ("content_digest", "TEXT NOT NULL DEFAULT ''"),
+    ("own_output", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def _add_missing_columns(db: sqlite3.Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+    """The journal's migration: columns a newer version added, appended to an older file's table."""
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for name, kind in columns:
+        if name not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 class StudyState(enum.StrEnum):
@@ -110,6 +127,10 @@ class InstanceRecord:
     size: int
     calling_ae: str
     priority: int
+    #: SHA-256 of the stored bytes, hex, first 32 characters ("" when not taken).
+    content_digest: str = ""
+    #: An object this project made, sent back to us: it never opens a study version.
+    own_output: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +173,8 @@ class Journal:
         with self._transaction():
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(statement)
+            # Inside the write lock: several receiving processes may open an older journal at once.
+            _add_missing_columns(self._db, "instances", _INSTANCE_COLUMNS_ADDED)
 
     def close(self) -> None:
         with self._lock:
@@ -188,7 +211,8 @@ class Journal:
 
         A study with no version still receiving gets a new version, so an instance that arrives
         after completion re-opens the study instead of being dropped.  A duplicate only bumps the
-        study's duplicate counter.
+        study's duplicate counter.  Our own output never opens a version: it joins the study's
+        newest one whatever its state, or version 0 when the gateway holds no version of the study.
         """
         return self.record_instances([(rec, outcome)], now)[0]
 
@@ -215,6 +239,14 @@ class Journal:
                 (rec.study_uid, current["version"]),
             )
             return int(current["version"])
+        if rec.own_output:
+            # Neither a new version nor a later quiet-time completion: our results sent back
+            # would otherwise be analysed again, and re-delivered.
+            version = 0 if current is None else int(current["version"])
+            if current is not None:
+                self._event(db, rec.study_uid, version, now, "own_output_stored", "")
+            self._insert_instance(db, rec, version, now)
+            return version
         if current is not None and current["state"] == StudyState.RECEIVING:
             version = int(current["version"])
             db.execute(
@@ -240,10 +272,16 @@ class Journal:
             self._event(
                 db, rec.study_uid, version, now, "first_instance", "reopened" if current is not None else ""
             )
+        self._insert_instance(db, rec, version, now)
+        return version
+
+    @staticmethod
+    def _insert_instance(db: sqlite3.Connection, rec: InstanceRecord, version: int, now: float) -> None:
         db.execute(
             "INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax,"
-            " modality, laterality, view, presentation, path, size, calling_ae, study_version, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " modality, laterality, view, presentation, path, size, calling_ae, study_version, received_at,"
+            " content_digest, own_output)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rec.sop_uid,
                 rec.study_uid,
@@ -259,9 +297,10 @@ class Journal:
                 rec.calling_ae,
                 version,
                 now,
+                rec.content_digest,
+                int(rec.own_output),
             ),
         )
-        return version
 
     def study_instances(self, study_uid: str) -> list[sqlite3.Row]:
         with self._lock:

@@ -12,9 +12,10 @@ from typing import Any, Self
 
 from gateway.errors import MessageError
 
-SCHEMA_VERSION = 2
-#: Versions still read: version 1 lacks ``InstanceRef.study_version`` (read as 0, "unknown").
-READABLE_SCHEMA_VERSIONS = frozenset({1, SCHEMA_VERSION})
+SCHEMA_VERSION = 3
+#: Versions still read: version 1 lacks ``InstanceRef.study_version`` (read as 0, "unknown"), and
+#: versions 1 and 2 lack ``InstanceRef.content_digest`` (read as "") and ``own_output`` (read as False).
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2, SCHEMA_VERSION})
 
 
 class Priority(enum.IntEnum):
@@ -54,6 +55,11 @@ class InstanceRef:
     #: The study version the instance joined (or was last replaced in); 0 = not said.  A version
     #: whose instances all joined earlier adds no new source image and is not analysed again.
     study_version: int = 0
+    #: SHA-256 of the stored file's bytes, hex, first 32 characters, taken by the gateway as it
+    #: received them; "" when not known (an older gateway or journal row): hash the file then.
+    content_digest: str = ""
+    #: An object this project made (gateway.provenance), sent back to us: stored, never analysed.
+    own_output: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

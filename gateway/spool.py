@@ -48,19 +48,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def same_content(a: Path, b: Path) -> bool:
-    """True when two files hold identical bytes (size first, then a streamed hash)."""
-    if a.stat().st_size != b.stat().st_size:
-        return False
+#: Hex characters of SHA-256 kept as a file's content digest (the workers' output UIDs use the same).
+CONTENT_DIGEST_LENGTH = 32
 
-    def digest(path: Path) -> bytes:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return h.digest()
 
-    return digest(a) == digest(b)
+def file_digest(path: Path) -> str:
+    """A file's content digest: its SHA-256, hex, the first :data:`CONTENT_DIGEST_LENGTH` characters.
+
+    Taken once, while the received bytes are still in the page cache; the journal keeps it, so a
+    repeat is recognised and a worker learns the content without reading the file again.
+    """
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:CONTENT_DIGEST_LENGTH]
 
 
 @dataclass(frozen=True, slots=True)

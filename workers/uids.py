@@ -6,10 +6,7 @@ from collections.abc import Iterable
 
 from pydicom.uid import UID, generate_uid
 
-#: The one organisation root of every UID this project makes.  It is pydicom's root, which
-#: pydicom offers for UIDs derived with ``generate_uid``; a site with its own registered root
-#: replaces it here and nowhere else.  At most 54 characters, ending with a dot.
-ORG_ROOT = "1.2.826.0.1.3680043.8.498."
+from gateway.provenance import ORG_ROOT  # the gateway owns the root: it recognises our outputs by it
 
 #: Salt that keeps our derived UIDs apart from anything else hashed under the same root.
 _NAMESPACE = "pacs-triage/outputs/v1"
