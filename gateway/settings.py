@@ -366,6 +366,30 @@ class HttpSettings(_Section):
         return value
 
 
+class CadSrSettings(_Section):
+    """The study's Mammography CAD SR (docs/outputs.md "Mammography CAD SR")."""
+
+    #: Build a Mammography CAD SR for every study with MG images (with ``report: study``).
+    enabled: bool = True
+    #: Manufacturer (0008,0070) and Manufacturer's Model Name (0008,1090) of the CAD SR: some PACS take CAD SR
+    #: only from the vendors on their list.  Our own outputs stay recognisable by their Contributing Equipment.
+    manufacturer: str = Field(
+        default="pacs-triage", min_length=1, max_length=64, pattern=r"^[^\\\x00-\x1f]+$"
+    )
+    model_name: str = Field(
+        default="pacs-triage CAD", min_length=1, max_length=64, pattern=r"^[^\\\x00-\x1f]+$"
+    )
+    #: At most this many heatmap peaks per image and model become marks (models without their own points).
+    max_peaks: int = Field(default=3, ge=0, le=20)
+
+    @field_validator("manufacturer", "model_name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
 class OutputsSettings(_Section):
     """What the worker sends back to the PACS for each study."""
 
@@ -380,6 +404,8 @@ class OutputsSettings(_Section):
     #: The further maps a model computes (saliency, SHAP, attention, score map): ``none``, or one Secondary
     #: Capture per map in the model's extra-map series (for the heatmap model; every model's when per-model).
     extra_maps: Literal["none", "secondary_capture"] = "none"
+    #: The Mammography CAD SR of a mammography study.
+    cad_sr: CadSrSettings = CadSrSettings()
 
 
 class Settings(_Section):
