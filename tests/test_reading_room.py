@@ -318,6 +318,7 @@ def test_the_reading_room_gets_committed_results_and_the_high_risk_flag_first(
         assert listing.returncode == 0, listing.stderr
         cli_rows = {row["job_id"]: row for row in json.loads(listing.stdout)}
         assert cli_rows[mg_job]["notified"] == ["ris"]
+        assert cli_rows[mg_job]["committed"] is True
         assert cli_rows[mg_job]["triage_category"] == "high"
 
         # --- last, the Mammography CAD SR (TID 4000) among the committed outputs above

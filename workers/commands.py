@@ -97,8 +97,10 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
     from workers.tasks import results_store
 
-    rows = results_store(settings).worklist()
-    notified = results_store(settings).notified_endpoints()
+    store = results_store(settings)
+    rows = store.worklist()
+    notified = store.notified_endpoints()
+    committed = store.committed_jobs()
     if args.json:
         print(
             json.dumps(
@@ -107,6 +109,7 @@ def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
                         **dict(r),
                         "findings": json.loads(r["findings"]),
                         "notified": notified.get(r["job_id"], []),
+                        "committed": r["job_id"] in committed,
                     }
                     for r in rows
                 ],
@@ -117,7 +120,10 @@ def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no studies yet")
         return 0
-    print(f"{'risk':>6}  {'triage':<12} {'state':<13} {'prio':>4}  {'updated':<19}  job / findings / why")
+    print(
+        f"{'risk':>6}  {'triage':<12} {'state':<13} {'prio':>4}  {'updated':<19}  {'reading room':<20}  "
+        "job / findings / why"
+    )
     for row in rows:
         findings = json.loads(row["findings"])
         summary = ", ".join(sorted({f"{f['model']}:{f['predicted_class']}" for f in findings})) or "-"
@@ -127,9 +133,15 @@ def run_worklist(args: argparse.Namespace, settings: Settings) -> int:
         category = row["triage_category"] or "-"
         # Which model at which operating point put the study there (TriageDecision.explanation).
         why = f"  [{row['triage_explanation']}]" if row["triage_explanation"] else ""
+        # Whether the RIS acknowledged the triage flag, and whether the PACS committed every output.
+        marks = [
+            *(["notified"] if notified.get(row["job_id"]) else []),
+            *(["committed"] if row["job_id"] in committed else []),
+        ]
+        reading_room = ",".join(marks) or "-"
         print(
-            f"{risk:>6}  {category:<12} {row['state']:<13} {row['priority']:>4}  {when}  {row['job_id']}  "
-            f"{summary}{demo}{why}"
+            f"{risk:>6}  {category:<12} {row['state']:<13} {row['priority']:>4}  {when}  {reading_room:<20}  "
+            f"{row['job_id']}  {summary}{demo}{why}"
         )
     return 0
 

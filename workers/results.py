@@ -31,6 +31,8 @@ MODEL_DONE_PREFIX = "model_done:"
 DELIVERY_RETRY = "delivery_retry"
 #: Timeline event: every output of the job is confirmed by each destination that does Storage Commitment.
 COMMITTED = "committed"
+#: Job ids whose every output the PACS confirmed (the worklist's "committed"), for the store and its reader.
+_COMMITTED_JOBS_SQL = "SELECT DISTINCT job_id FROM timeline WHERE event = ?"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS worklist (
@@ -351,6 +353,10 @@ class ResultsStore:
         ):
             notified.setdefault(str(row["job_id"]), []).append(str(row["endpoint"]))
         return notified
+
+    def committed_jobs(self) -> set[str]:
+        """Job ids whose every output the PACS confirmed by Storage Commitment: the worklist's "committed"."""
+        return {str(row["job_id"]) for row in self._query(_COMMITTED_JOBS_SQL, (COMMITTED,))}
 
     # ------------------------------------------------------------------ storage commitment
 
@@ -744,10 +750,7 @@ class ResultsReader(ExistingDatabaseReader):
 
     def committed_jobs(self) -> set[str]:
         """Job ids whose every output the PACS confirmed by Storage Commitment (the ``committed`` event)."""
-        return {
-            str(r["job_id"])
-            for r in self._rows("SELECT DISTINCT job_id FROM timeline WHERE event = ?", (COMMITTED,))
-        }
+        return {str(r["job_id"]) for r in self._rows(_COMMITTED_JOBS_SQL, (COMMITTED,))}
 
     # ------------------------------------------------------------------ dead letters
 
