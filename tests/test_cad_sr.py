@@ -502,3 +502,18 @@ def test_a_study_without_mammograms_has_no_cad_sr(images: list[Dataset]) -> None
     ultrasound.Modality = "US"
     with pytest.raises(ValueError):
         build_cad_sr([ultrasound], [], fallback_threshold=0.5)
+
+
+def test_the_conformance_statement_lists_the_cad_sr_and_the_hl7_profile() -> None:
+    from gateway.settings import load_settings
+    from workers.conformance import conformance_statement
+
+    text = conformance_statement(
+        load_settings(Path(__file__).parent.parent / "configs" / "default.yaml", environ={})
+    )
+    assert (
+        f"| Mammography CAD SR Storage | {cad_sr.MAMMOGRAPHY_CAD_SR_STORAGE} |" in text
+    )  # proposed, role SCU
+    assert f"| Mammography CAD SR | {cad_sr.MAMMOGRAPHY_CAD_SR_STORAGE} |" in text  # produced
+    assert "### 6.1 HL7 v2 messages" in text and "ORU^R01" in text and "OMI^O23" in text
+    assert "| Explicit VR Big Endian (Retired) |" in text

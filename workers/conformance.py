@@ -30,6 +30,7 @@ from gateway.handlers import STORE_STATUSES
 from gateway.retry import delivery_policy
 from gateway.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from gateway.settings import Settings, TLSSettings
+from workers.cad_sr import MAMMOGRAPHY_CAD_SR_STORAGE
 from workers.commitment import STORAGE_COMMITMENT_PUSH_MODEL
 from workers.notify import HL7_VERSION, MESSAGE_PROFILE
 from workers.pacs import DELIVERY_STATUSES
@@ -41,7 +42,9 @@ PRODUCT = "pacs-triage"
 
 def _name(uid: str) -> str:
     name = UID(uid).name
-    return name if name and name != uid else "Private or unnamed SOP Class"
+    if not name or name == uid:
+        return "Private or unnamed SOP Class"
+    return f"{name} (Retired)" if UID(uid).is_retired else name
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -74,7 +77,7 @@ def _tls_text(tls: TLSSettings, *, server: bool) -> str:
 def _hl7_notifications(settings: Settings, add: Callable[[str], None]) -> None:
     """Section 6.1: the HL7 v2 messages that carry the triage flag to the RIS (HL7, not DICOM)."""
     notifications = settings.notifications
-    add("### 6.1 HL7 v2 triage notifications (MLLP client)\n")
+    add("### 6.1 HL7 v2 messages (triage notifications, MLLP client)\n")
     if notifications.hl7:
         add(
             _table(
@@ -88,6 +91,17 @@ def _hl7_notifications(settings: Settings, add: Callable[[str], None]) -> None:
         )
     else:
         add("No RIS endpoint is configured (`notifications.hl7`): no HL7 message is sent.\n")
+    add(
+        "- Message per endpoint (`notifications.hl7[].message`): ORU^R01, an unsolicited preliminary result "
+        "(the default); or, for a RIS that takes AI flags as order updates, ORM^O01 or OMI^O23 (ORC-1 XO, "
+        "the mapped priority in ORC-7 or TQ1-9). Each is keyed on the study's Accession Number (OBR-2/3, "
+        "OBR-18) and Study Instance UID (ZDS-1, or IPC-3 in OMI^O23) and carries the triage category, risk, "
+        "deciding model and mapped priority (OBX)."
+    )
+    add(
+        "- MLLP framing: each message is sent as `<VT>` message `<FS><CR>` on its own TCP connection; the ACK "
+        "comes back framed the same way on that connection."
+    )
     high_only = notifications.notify == "high-risk"
     which = "only for studies triaged high" if high_only else "for every analysed study"
     add(
@@ -189,7 +203,8 @@ def conformance_statement(settings: Settings) -> str:
     add(
         f"{PRODUCT} is an AI gateway for breast imaging. It receives images from modalities or a PACS as a "
         "Storage SCP, runs the analysis models that apply, and sends the results back as a Comprehensive "
-        "Structured Report and heatmap Secondary Capture images as a Storage SCU.\n"
+        "Structured Report, heatmap Secondary Capture images and, for a mammogram, a Mammography CAD SR as a "
+        "Storage SCU.\n"
     )
     add(
         _table(
@@ -197,7 +212,7 @@ def conformance_statement(settings: Settings) -> str:
             [
                 ("Verification", "Yes (`pacs-triage echo`)", "Yes"),
                 (f"Storage ({len(sop_classes)} SOP classes)", "No", "Yes"),
-                ("Storage: Comprehensive SR, Secondary Capture (results)", "Yes", "No"),
+                ("Storage: Comprehensive SR, Secondary Capture, Mammography CAD SR (results)", "Yes", "No"),
                 (
                     "Storage Commitment Push Model (results)",
                     "Yes, per destination with `storage_commitment: true` (receives N-EVENT-REPORT)",
@@ -367,7 +382,7 @@ def conformance_statement(settings: Settings) -> str:
             ("SOP class", "UID", "Transfer syntaxes proposed"),
             [
                 (_name(uid), uid, f"{_name(ExplicitVRLittleEndian)}, {_name(ImplicitVRLittleEndian)}")
-                for uid in (ComprehensiveSRStorage, SecondaryCaptureImageStorage)
+                for uid in (ComprehensiveSRStorage, SecondaryCaptureImageStorage, MAMMOGRAPHY_CAD_SR_STORAGE)
             ],
         )
         + "\n"
@@ -398,13 +413,27 @@ def conformance_statement(settings: Settings) -> str:
                     "RGB heatmap blended over the source image with a caption banner and colour scale; Burned In "
                     "Annotation YES, Image Type DERIVED\\SECONDARY, Source Image Sequence to the source image",
                 ),
+                (
+                    "Mammography CAD SR",
+                    MAMMOGRAPHY_CAD_SR_STORAGE,
+                    "TID 4000 Mammography CAD Report of a study with MG images"
+                    + ("" if settings.outputs.cad_sr.enabled else " (off: `outputs.cad_sr.enabled`)")
+                    + ": Image Library (TID 4020), per finding a Single Image Finding (TID 4006) with rendering "
+                    "intent after the model's operating point, certainty or probability of cancer, centre and "
+                    "outline (TID 4021) and algorithm identification (TID 4019); summaries of detections and "
+                    f"analyses (TID 4015-4018). Manufacturer `{settings.outputs.cad_sr.manufacturer}`, "
+                    f"Manufacturer's Model Name `{settings.outputs.cad_sr.model_name}` "
+                    "(`outputs.cad_sr`); an IHE AIR Contributing Equipment item per model",
+                ),
             ],
         )
         + "\n"
     )
     add(
-        "- Both go into the source study (same Study Instance UID, patient and study attributes copied from "
-        "the source images), in one series per model and version, written in Explicit VR Little Endian."
+        "- All go into the source study (same Study Instance UID, patient and study attributes copied from "
+        "the source images), written in Explicit VR Little Endian: the study SR, the heatmap series and the "
+        "Mammography CAD SR each in a series of their own (one per model and version with "
+        "`outputs.report: per-model`)."
     )
     add(
         "- SOP Instance and Series UIDs are derived deterministically from the study, the evaluated images "
