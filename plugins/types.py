@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import PacsTriageError
+from gateway.errors import failure_reason as gateway_failure_reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -438,9 +439,6 @@ def failure_reason(doing: str, exc: BaseException) -> str:
     :param doing: What was being done, e.g. ``"decoding"`` or ``"building outputs"``.
     :param exc: What was raised.
     """
-    kind = type(exc).__name__
-    if is_out_of_memory(exc):
-        return f"{doing}: out of memory ({kind})"
-    if isinstance(exc, PacsTriageError):
-        return f"{doing}: {kind}: {exc}"
-    return f"{doing}: {kind}"
+    if is_out_of_memory(exc):  # a GPU's allocation failure too, which the gateway's rule cannot know
+        return f"{doing}: out of memory ({type(exc).__name__})"
+    return gateway_failure_reason(doing, exc)

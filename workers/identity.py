@@ -28,6 +28,7 @@ import pydicom
 from pydicom.sr.coding import Code
 
 from gateway import __version__
+from gateway.provenance import CREATOR
 from plugins.types import ModelSpec, Prediction
 from workers import uids
 
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 #: Manufacturer (0008,0070) of every object we make; the pipeline also uses it to recognise our own outputs.
-MANUFACTURER = "pacs-triage"
+MANUFACTURER = CREATOR
 #: The words every description and every burned-in caption starts with.
 DISCLAIMER_LABEL = "NOT FOR DIAGNOSTIC USE"
 #: Purpose of Reference of the AIR Contributing Equipment item: PS3.16 CID 7005 "Contributing Equipment
