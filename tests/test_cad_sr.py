@@ -474,8 +474,9 @@ def test_manufacturer_and_model_name_come_from_the_settings(images: list[Dataset
     settings = OutputsSettings(cad_sr={"manufacturer": "Listed Vendor", "model_name": "Listed CAD 2"}).cad_sr
     sr = build(images, manufacturer=settings.manufacturer, model_name=settings.model_name)
     assert (sr.Manufacturer, sr.ManufacturerModelName) == ("Listed Vendor", "Listed CAD 2")
-    # Our own marks stay recognisable: one AIR Contributing Equipment item per model that predicted.
-    assert len(sr.ContributingEquipmentSequence) == 2
+    # Our own marks stay recognisable: one AIR Contributing Equipment item per model, the failed one too.
+    assert len(sr.ContributingEquipmentSequence) == 3
+    assert {str(item.Manufacturer) for item in sr.ContributingEquipmentSequence} == {"pacs-triage"}
     assert str(sr.SeriesDescription).startswith("NOT FOR DIAGNOSTIC USE")
     assert int(sr.SeriesNumber) == 9960
 

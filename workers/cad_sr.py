@@ -827,7 +827,7 @@ def build_cad_sr(
     sop_uid = uids.sr_instance_uid(study_uid, list(used), "cad-sr", f"1:{models_key}:{settings_key}", digests)
     source = next(iter(library_images))
     created = created or datetime.datetime.now()
-    identities = [m.identity for m in models if m.run.results.predictions]
+    identities = [m.identity for m in models]  # a failed model too: the document stays recognisably ours
     return _document(
         source,
         root_items,
