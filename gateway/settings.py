@@ -310,10 +310,65 @@ class Hl7Endpoint(_Section):
     processing_id: Literal["P", "T", "D"] = "P"
 
 
+def _secret_problem(value: Any) -> str | None:
+    """What is wrong with a value that may be a secret reference (``{"$env": VAR}`` or ``{"$file": path}``)."""
+    if isinstance(value, str):
+        return None
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, target),) = value.items()
+        if key in ("$env", "$file") and isinstance(target, str) and target:
+            return None
+    return 'must be a string, {"$env": VARIABLE} or {"$file": path}'
+
+
+class FhirEndpoint(_Section):
+    """One FHIR R4 server that takes the triage result as a transaction Bundle (workers/fhir.py)."""
+
+    #: Names the endpoint in dead letters, the timeline and the worklist; unique across hl7 and fhir.
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: The server's base URL; the Bundle is POSTed to it.
+    base_url: str = Field(pattern=r"^https?://[^\s]+$")
+    #: How long to wait for the connection and then for each read of the answer.
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Sent as ``Authorization: Bearer <token>``; a string, or a ``$env``/``$file`` reference resolved
+    #: when the request is sent, so the token stays out of the configuration file.
+    bearer_token: str | dict[str, str] | None = None
+    #: Further request headers; each value a string or a ``$env``/``$file`` reference, like ``bearer_token``.
+    headers: dict[str, str | dict[str, str]] = {}
+    #: CA bundle that verifies an https server; none: the system's trusted CAs.
+    ca_certificates: Path | None = None
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _token_reference(cls, value: Any) -> Any:
+        problem = None if value is None else _secret_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_references(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for header, content in value.items():
+            problem = _secret_problem(content)
+            if problem is not None:
+                raise ValueError(f"header {header} {problem}")
+        return value
+
+    def request_headers(self) -> dict[str, str]:
+        """The configured headers with their secrets read now (an unset variable gives an empty value)."""
+        headers = {name: str(_resolve_secrets(content)) for name, content in self.headers.items()}
+        if self.bearer_token is not None:
+            headers["Authorization"] = f"Bearer {_resolve_secrets(self.bearer_token)}"
+        return headers
+
+
 class NotificationsSettings(_Section):
-    """The triage flag where the radiologist reads: HL7 v2 messages to the RIS, sent per study."""
+    """The triage flag where the radiologist reads: HL7 v2 messages to the RIS and FHIR R4 resources to a
+    FHIR server, sent per study."""
 
     hl7: tuple[Hl7Endpoint, ...] = ()
+    fhir: tuple[FhirEndpoint, ...] = ()
     #: ``high-risk`` notifies only studies whose triage category is high; ``all`` every analysed study.
     notify: Literal["high-risk", "all"] = "high-risk"
     #: The HL7 priority each triage category is sent with (S stat, A ASAP, R routine).
@@ -325,9 +380,12 @@ class NotificationsSettings(_Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> NotificationsSettings:
-        names = [endpoint.name for endpoint in self.hl7]
+        names = [endpoint.name for endpoint in self.hl7] + [endpoint.name for endpoint in self.fhir]
         if len(set(names)) != len(names):
-            raise ValueError("notifications.hl7 names must be unique: a dead letter names its endpoint")
+            raise ValueError(
+                "notifications.hl7 and notifications.fhir names must be unique across both lists: "
+                "a dead letter names its endpoint"
+            )
         return self
 
     def priority_for(self, category: str) -> str:
@@ -336,6 +394,9 @@ class NotificationsSettings(_Section):
 
     def hl7_endpoint(self, name: str) -> Hl7Endpoint | None:
         return next((endpoint for endpoint in self.hl7 if endpoint.name == name), None)
+
+    def fhir_endpoint(self, name: str) -> FhirEndpoint | None:
+        return next((endpoint for endpoint in self.fhir if endpoint.name == name), None)
 
 
 class HttpSettings(_Section):

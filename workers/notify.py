@@ -134,7 +134,7 @@ class StudyNotice:
 
 def wants_notification(settings: NotificationsSettings, category: str) -> bool:
     """Whether a study of *category* is notified at all (``notifications.notify``)."""
-    return bool(settings.hl7) and (settings.notify == "all" or category == "high")
+    return bool(settings.hl7 or settings.fhir) and (settings.notify == "all" or category == "high")
 
 
 def control_id(notice: StudyNotice, endpoint: Hl7Endpoint) -> str:

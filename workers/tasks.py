@@ -25,9 +25,11 @@ from gateway.messages import Priority, StudyJob
 from gateway.retry import WORKER_PUBLISH, delivery_policy
 from gateway.settings import DestinationSettings, Settings
 from plugins.host import ModelHost
-from plugins.types import failure_reason
+from plugins.types import ScoreMeaning, failure_reason
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
 from workers.commitment import request_commitment
+from workers.fhir import FhirRefused, build_resources, meaning_from_json, meaning_to_json
+from workers.fhir import post as post_to_fhir
 from workers.notify import (
     NotificationRefused,
     StudyNotice,
@@ -335,7 +337,9 @@ def _analyse(
             retry_policy=WORKER_PUBLISH.kombu_retry_policy(),
         )
     else:
-        _queue_notifications(study, sources, settings, store, priority, decision)
+        _queue_notifications(
+            study, sources, settings, store, priority, decision, _score_meaning(host, decision.model)
+        )
     store.reset_attempts(key)
 
 
@@ -346,9 +350,14 @@ def _queue_notifications(
     store: ResultsStore,
     priority: Priority,
     decision: TriageDecision | None = None,
+    meaning: ScoreMeaning | None = None,
 ) -> None:
-    """Queue the study's triage flag for each RIS endpoint, on the delivery queue at the study's priority
-    and after its delivery, so the RIS hears of studies in triage order too."""
+    """Queue the study's triage flag for each RIS endpoint and FHIR server, on the delivery queue at the
+    study's priority and after its delivery, so they hear of studies in triage order too.
+
+    *meaning* (what the deciding model's risk is) travels with the task for the FHIR Observation, which
+    names the risk for what it is; the delivery worker need not load the model to learn it.
+    """
     if decision is None:
         risks = {str(a["model"]): a["risk"] for a in store.analyses(study.job_id)}
         decision = interim_decision(risks, settings.triage.high_risk_threshold)
@@ -362,8 +371,10 @@ def _queue_notifications(
         accession_number=str(header.get("AccessionNumber", "") or "") if header is not None else "",
         patient_id=str(header.get("PatientID", "") or "") if header is not None else "",
     )
-    for endpoint in settings.notifications.hl7:
-        kwargs = {"notice": notice.to_json_dict(), "endpoint": endpoint.name}
+    score = None if meaning is None else meaning_to_json(meaning)
+    hl7_names = [endpoint.name for endpoint in settings.notifications.hl7]
+    for name in hl7_names + [endpoint.name for endpoint in settings.notifications.fhir]:
+        kwargs = {"notice": notice.to_json_dict(), "endpoint": name, "score": score}
         app.send_task(
             "workers.tasks.notify",
             kwargs=kwargs,
@@ -372,6 +383,16 @@ def _queue_notifications(
             retry=True,
             retry_policy=WORKER_PUBLISH.kombu_retry_policy(),
         )
+
+
+def _score_meaning(host: ModelHost, model: str | None) -> ScoreMeaning | None:
+    """What *model*'s risk means, as its predictions carry it; None when no model decided or it cannot load."""
+    if model is None:
+        return None
+    try:
+        return host.load(model).plugin.spec.score
+    except PluginError:
+        return None
 
 
 def study_triage(host: ModelHost, store: ResultsStore, job_id: str, settings: Settings) -> TriageDecision:
@@ -575,30 +596,61 @@ def deliver(self: Task, job_id: str, paths: list[str], study_uid: str = "", stud
 
 
 @app.task(name="workers.tasks.notify", bind=True, acks_late=True, max_retries=None)
-def notify(self: Task, notice: dict[str, Any], endpoint: str) -> None:
-    """Send one study version's triage flag to one RIS endpoint (``notifications.hl7``) and wait for its ACK.
+def notify(self: Task, notice: dict[str, Any], endpoint: str, score: dict[str, Any] | None = None) -> None:
+    """Send one study version's triage flag to one endpoint: an HL7 v2 message to a RIS
+    (``notifications.hl7``), waiting for its ACK, or a FHIR transaction Bundle to a FHIR server
+    (``notifications.fhir``), waiting for a 2xx answer.  Endpoint names are unique across both lists.
 
-    An AE/AR answer, a silence past ``timeout_seconds`` or an unreachable RIS is retried with the
-    delivery backoff (``delivery.max_retries``, ``delivery.backoff_*``), then dead-lettered.
+    An AE/AR answer, another HTTP status, a silence past ``timeout_seconds`` or an unreachable endpoint
+    is retried with the delivery backoff (``delivery.max_retries``, ``delivery.backoff_*``), then
+    dead-lettered.  *score* is what the risk means (:func:`workers.fhir.meaning_to_json`), for FHIR.
     """
     settings = current_settings()
     store = results_store(settings)
     study = StudyNotice.from_json_dict(notice)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(job_id=study.job_id, endpoint=endpoint)
-    kwargs = {"notice": notice, "endpoint": endpoint}
+    kwargs = {"notice": notice, "endpoint": endpoint, "score": score}
     key = f"notify:{study.job_id}:{endpoint}"
     if _too_many_attempts(store, settings, key, "notify", study.job_id, kwargs):
         return
     target = settings.notifications.hl7_endpoint(endpoint)
-    if target is None:
-        store.event(study.job_id, "notification_dropped", f"{endpoint}: not in notifications.hl7 now")
+    server = settings.notifications.fhir_endpoint(endpoint)
+    if target is None and server is None:
+        store.event(
+            study.job_id, "notification_dropped", f"{endpoint}: not in notifications.hl7 or .fhir now"
+        )
         store.reset_attempts(key)
         return
-    message = build_message(study, target, settings.notifications.priority_for(study.category))
     try:
-        send(target, message)
-    except NotificationRefused as exc:
+        bundle = (
+            None
+            if server is None
+            else build_resources(study, settings.notifications, meaning_from_json(score))
+        )
+    except (
+        Exception
+    ) as exc:  # the models' validation error quotes the value it refused: type and our words only
+        reason = failure_reason(f"{endpoint}: building the FHIR resources failed", exc)
+        letter = store.dead_letter("notify", study.job_id, kwargs, reason)
+        store.record_notification(
+            job_id=study.job_id,
+            endpoint=endpoint,
+            study_uid=study.study_uid,
+            status="dead-lettered",
+            error=reason,
+        )
+        store.event(study.job_id, "dead-lettered", f"letter {letter}")
+        store.reset_attempts(key)
+        return
+    sent = "FHIR"
+    try:
+        if target is not None:
+            send(target, build_message(study, target, settings.notifications.priority_for(study.category)))
+            sent = target.message
+        elif server is not None and bundle is not None:
+            post_to_fhir(server, bundle)
+    except (NotificationRefused, FhirRefused) as exc:
         retries = self.request.retries
         policy = delivery_policy(settings.delivery)
         if policy.exhausted(retries):
@@ -629,8 +681,8 @@ def notify(self: Task, notice: dict[str, Any], endpoint: str) -> None:
     store.record_notification(
         job_id=study.job_id, endpoint=endpoint, study_uid=study.study_uid, status="notified"
     )
-    store.event(study.job_id, "notified", f"{endpoint} ({target.message})")
-    log.info("notification.acknowledged", message=target.message)
+    store.event(study.job_id, "notified", f"{endpoint} ({sent})")
+    log.info("notification.acknowledged", message=sent)
     store.reset_attempts(key)
 
 
