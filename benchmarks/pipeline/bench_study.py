@@ -1,8 +1,10 @@
 """Where one study's analysis time goes, in the worker's own study pipeline, beside the bare forward passes.
 
 Runs :func:`workers.pipeline.analyse_study` (what the analysis task runs) on a synthetic 4-view
-full-field mammogram through the mammography models, then C-STOREs the outputs to a throw-away
-storage SCP on loopback (DCMTK ``storescp --ignore``), and reports per study:
+full-field mammogram through the mammography models, then :func:`workers.pipeline.write_study_report`
+(what the last stage adds with ``outputs.report: study``: the heatmap series of the deciding model, the
+study SR and whatever else it writes), then C-STOREs the outputs to a throw-away storage SCP on loopback
+(DCMTK ``storescp --ignore``), and reports per study:
 
     header read   every source's header, once (read_sources)
     decode        every source decoded into its display image (and how many decodes there were)
@@ -10,7 +12,8 @@ storage SCP on loopback (DCMTK ``storescp --ignore``), and reports per study:
     bare forward  the same network on the same preprocessed batch under inference_mode, no explanation
     explanation   forward - bare forward
     pre / post    each model's preprocessing, and its maps resized back onto the source
-    outputs       SR and heatmap SC building and writing (digest included)
+    outputs       each model's kept predictions and maps (built while the next model runs)
+    study report  the heatmap series, the study SR and the rest write_study_report builds
     delivery      the C-STORE of every output
 
 and the share of the study's time spent outside the models' forward and explanation passes.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -42,6 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from gateway import spool  # noqa: E402
 from gateway.messages import InstanceRef, Priority, StudyJob  # noqa: E402
 from gateway.settings import DestinationSettings, ModelSettings, PluginSettings, Settings  # noqa: E402
 from plugins.host import ModelHost, RunTimings  # noqa: E402
@@ -59,12 +64,28 @@ def write_study(directory: Path, size: tuple[int, int]) -> StudyJob:
     for number, ds in enumerate(datasets):
         path = directory / f"view{number}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        instances.append(InstanceRef(sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                                     series_instance_uid=str(ds.SeriesInstanceUID), modality="MG", path=path.name,
-                                     transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), study_version=1))
-    return StudyJob(job_id="bench-v1", study_instance_uid=str(datasets[0].StudyInstanceUID), study_version=1,
-                    calling_ae="BENCH", priority=Priority.ROUTINE, storage_root=str(directory),
-                    instances=tuple(instances))
+        instances.append(
+            InstanceRef(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                modality="MG",
+                path=path.name,
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                study_version=1,
+                # The gateway takes it while receiving (gateway.handlers); the worker never hashes again.
+                content_digest=spool.file_digest(path),
+            )
+        )
+    return StudyJob(
+        job_id="bench-v1",
+        study_instance_uid=str(datasets[0].StudyInstanceUID),
+        study_version=1,
+        calling_ae="BENCH",
+        priority=Priority.ROUTINE,
+        storage_root=str(directory),
+        instances=tuple(instances),
+    )
 
 
 def start_storage_scp() -> tuple[Callable[[], None], int]:
@@ -78,8 +99,11 @@ def start_storage_scp() -> tuple[Callable[[], None], int]:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
-        process = subprocess.Popen(["storescp", "--ignore", "--aetitle", "BENCH_PACS", str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            ["storescp", "--ignore", "--aetitle", "BENCH_PACS", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as client:
@@ -96,7 +120,9 @@ def start_storage_scp() -> tuple[Callable[[], None], int]:
 
     ae = AE(ae_title="BENCH_PACS")
     ae.supported_contexts = AllStoragePresentationContexts
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)]
+    )
     return server.shutdown, int(server.socket.getsockname()[1])
 
 
@@ -113,7 +139,7 @@ def bare_forward_seconds(host: ModelHost, model: str, sources: list[pipeline.Sou
         tensors += [loaded.plugin.preprocess(image, ref, loaded.options)[0] for ref, image in decoded]
     total = 0.0
     for start in range(0, len(tensors), loaded.batch_size):
-        batch = torch.stack(tensors[start:start + loaded.batch_size]).to(loaded.device)
+        batch = torch.stack(tensors[start : start + loaded.batch_size]).to(loaded.device)
         started = time.perf_counter()
         with torch.inference_mode():
             loaded.model(batch)
@@ -123,15 +149,24 @@ def bare_forward_seconds(host: ModelHost, model: str, sources: list[pipeline.Sou
     return total
 
 
-def run_study(host: ModelHost, models: list[str], job: StudyJob, settings: Settings, out: Path,
-              destination: DestinationSettings) -> dict[str, Any]:
+def run_study(
+    host: ModelHost,
+    models: list[str],
+    job: StudyJob,
+    settings: Settings,
+    out: Path,
+    destination: DestinationSettings,
+) -> dict[str, Any]:
+    """One study as the worker runs it: the stages, then the study report (whatever
+    :func:`workers.pipeline.write_study_report` writes: heatmap series, study SR, CAD SR), then delivery."""
     timings = pipeline.StudyTimings()
     started = time.perf_counter()
     sources = pipeline.read_sources(job, timings)
     images = pipeline.DecodedImages(timings)
     runs = pipeline.analyse_study(host, models, sources, settings, out, timings, images=images)
+    analysed = time.perf_counter()
     report: list[Path] = []
-    if settings.outputs.report == "study":  # what the last stage adds: the heatmap series and the study SR
+    if settings.outputs.report == "study":  # what the last stage adds once every model is done
         report = pipeline.write_study_report(sources, out, None, settings, images=images, accepting=models)
     delivery_started = time.perf_counter()
     paths = [p for run in runs for p in run.outputs] + report
@@ -140,11 +175,26 @@ def run_study(host: ModelHost, models: list[str], job: StudyJob, settings: Setti
     total = time.perf_counter() - started
     if not all(r.ok for r in results) or any(r.failures for r in runs):
         raise RuntimeError(f"the study did not go through: {[r.failures for r in runs]}")
-    return {"timings": timings, "delivery": delivery, "total": total, "outputs": len(paths), "sources": sources}
+    return {
+        "timings": timings,
+        "delivery": delivery,
+        "total": total,
+        "outputs": len(paths),
+        "sources": sources,
+        "analyse": analysed - started,
+        "study_report": delivery_started - analysed,
+        "bytes": sum(p.stat().st_size for p in paths),
+    }
 
 
-def run_study_per_model(host: ModelHost, models: list[str], job: StudyJob, settings: Settings, out: Path,
-                        destination: DestinationSettings) -> dict[str, Any]:
+def run_study_per_model(
+    host: ModelHost,
+    models: list[str],
+    job: StudyJob,
+    settings: Settings,
+    out: Path,
+    destination: DestinationSettings,
+) -> dict[str, Any]:
     """The worker's path before the study pipeline: a decode per model and per output, a digest per model."""
     import plugins.host
     from workers.outputs import ReportedModel, build_heatmap_sc, build_sr
@@ -174,13 +224,23 @@ def run_study_per_model(host: ModelHost, models: list[str], job: StudyJob, setti
             spec = host.load(model).plugin.spec
             directory = out / model
             directory.mkdir(parents=True, exist_ok=True)
-            sr = build_sr(list(sources.values()), predictions, model=ReportedModel.from_spec(spec, predictions[0].parameters),
-                          source_digests=digests)
+            sr = build_sr(
+                list(sources.values()),
+                predictions,
+                model=ReportedModel.from_spec(spec, predictions[0].parameters),
+                source_digests=digests,
+            )
             paths.append(pipeline._save(sr, directory))
             for index, prediction in enumerate(predictions):
                 uid = prediction.image.sop_instance_uid
-                sc = build_heatmap_sc(sources[uid], None, prediction, instance_number=index + 1,
-                                      display_name=spec.display_name, source_digest=digests[uid])
+                sc = build_heatmap_sc(
+                    sources[uid],
+                    None,
+                    prediction,
+                    instance_number=index + 1,
+                    display_name=spec.display_name,
+                    source_digest=digests[uid],
+                )
                 paths.append(pipeline._save(sc, directory))
             timings.outputs[model] = time.perf_counter() - outputs_started
         delivery_started = time.perf_counter()
@@ -191,8 +251,16 @@ def run_study_per_model(host: ModelHost, models: list[str], job: StudyJob, setti
         plugins.host.decode_frames = real_decode  # type: ignore[assignment]
     if not all(r.ok for r in results):
         raise RuntimeError("the study did not go through")
-    return {"timings": timings, "delivery": delivery, "total": total, "outputs": len(paths),
-            "sources": pipeline.read_sources(job)}
+    return {
+        "timings": timings,
+        "delivery": delivery,
+        "total": total,
+        "outputs": len(paths),
+        "sources": pipeline.read_sources(job),
+        "analyse": delivery_started - started,
+        "study_report": 0.0,
+        "bytes": sum(p.stat().st_size for p in paths),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,10 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     rows, columns = (int(side) for side in args.size.split("x"))
 
-    settings = Settings(plugins=PluginSettings(
-        allow_demo_weights=True, load_entrypoints=False,
-        disabled=tuple(m for m in [*MG_MODELS, "us_fusion"] if m not in args.models),
-        models={m: ModelSettings(batch_size=4) for m in args.models}))
+    settings = Settings(
+        plugins=PluginSettings(
+            allow_demo_weights=True,
+            load_entrypoints=False,
+            disabled=tuple(m for m in [*MG_MODELS, "us_fusion"] if m not in args.models),
+            models={m: ModelSettings(batch_size=4) for m in args.models},
+        )
+    )
     host = ModelHost(settings, device=args.device)
     stop_scp, port = start_storage_scp()
     destination = DestinationSettings(ae_title="BENCH_PACS", host="127.0.0.1", port=port)
@@ -223,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             job = write_study(Path(tmp), (rows, columns))
             run = run_study_per_model if args.per_model else run_study
             run(host, args.models, job, settings, Path(tmp) / "warm-up", destination)
-            studies = [run(host, args.models, job, settings, Path(tmp) / f"run{i}", destination)
-                       for i in range(args.repeats)]
-            bare = {m: statistics.median(bare_forward_seconds(host, m, studies[0]["sources"]) for _ in range(3))
-                    for m in args.models}
+            studies = [
+                run(host, args.models, job, settings, Path(tmp) / f"run{i}", destination)
+                for i in range(args.repeats)
+            ]
+            bare = {
+                m: statistics.median(bare_forward_seconds(host, m, studies[0]["sources"]) for _ in range(3))
+                for m in args.models
+            }
     finally:
         stop_scp()
 
@@ -234,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(get(s) for s in studies)
 
     report: dict[str, Any] = {
-        "size": args.size, "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "size": args.size,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "total_s": median(lambda s: s["total"]),
         "header_read_s": median(lambda s: s["timings"].header_read),
         "decode_s": median(lambda s: s["timings"].decode),
@@ -256,23 +335,71 @@ def main(argv: list[str] | None = None) -> int:
             "outputs_s": median(lambda s, m=model: s["timings"].outputs[m]),
         }
     in_models = sum(m["forward_with_explanation_s"] for m in report["models"].values())
+    report["forward_with_explanation_s"] = in_models
+    report["bare_forward_sum_s"] = sum(m["bare_forward_s"] for m in report["models"].values())
+    report["preprocess_s"] = sum(m["preprocess_s"] for m in report["models"].values())
+    report["postprocess_s"] = sum(m["postprocess_s"] for m in report["models"].values())
+    report["analyse_s"] = median(lambda s: s["analyse"])
+    report["study_report_s"] = median(lambda s: s["study_report"])
+    report["output_bytes"] = studies[0]["bytes"]
+    # What the stages spent besides header, decode, the models' own steps: the wait for the last model's
+    # outputs (the others are built while the next model runs) and the loop's own work.
+    report["stage_outputs_waited_s"] = report["analyse_s"] - (
+        report["header_read_s"]
+        + report["decode_s"]
+        + report["preprocess_s"]
+        + in_models
+        + report["postprocess_s"]
+    )
     report["outside_forward_and_explanation_s"] = report["total_s"] - in_models
     report["outside_share"] = report["outside_forward_and_explanation_s"] / report["total_s"]
+    # The same share with the bare forward passes, for the explanation's own weight.
+    report["outside_bare_forward_share"] = 1 - report["bare_forward_sum_s"] / report["total_s"]
 
     path = "per-model path (before)" if args.per_model else "study pipeline"
     report["path"] = path
-    print(f"{path}: 4 views {args.size}, {args.device}, {report['threads']} torch threads, median of {args.repeats}")
-    print("| model | forward + explanation s | bare forward s | explanation s | preprocess s | postprocess s "
-          "| outputs s |")
+    report["load_average"] = os.getloadavg()
+    print(
+        f"{path}: 4 views {args.size}, {args.device}, {report['threads']} torch threads, median of {args.repeats}"
+        f" studies; load average {report['load_average'][0]:.1f}"
+    )
+    print(
+        "| model | forward + explanation s | bare forward s | explanation s | preprocess s | maps to source s "
+        "| its outputs s (beside the next model) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for model, m in report["models"].items():
-        print(f"| {model} | {m['forward_with_explanation_s']:.2f} | {m['bare_forward_s']:.2f} | "
-              f"{m['explanation_s']:.2f} | {m['preprocess_s']:.2f} | {m['postprocess_s']:.2f} | {m['outputs_s']:.2f} |")
-    print(f"header read {report['header_read_s']:.3f} s, decode {report['decode_s']:.3f} s "
-          f"({report['decodes']} decodes for {report['sources']} sources), digest {report['digest_s']:.3f} s, "
-          f"delivery {report['delivery_s']:.3f} s ({report['outputs']} objects)")
-    print(f"study {report['total_s']:.2f} s; outside forward + explanation {report['outside_forward_and_explanation_s']:.2f}"
-          f" s = {100 * report['outside_share']:.1f}% (goal <= 15%)")
+        print(
+            f"| {model} | {m['forward_with_explanation_s']:.2f} | {m['bare_forward_s']:.2f} | "
+            f"{m['explanation_s']:.2f} | {m['preprocess_s']:.2f} | {m['postprocess_s']:.2f} | {m['outputs_s']:.2f} |"
+        )
+    total = report["total_s"]
+    rows = [
+        ("header read", report["header_read_s"]),
+        (f"decode ({report['decodes']} decodes for {report['sources']} sources)", report["decode_s"]),
+        ("preprocess, all models", report["preprocess_s"]),
+        ("**forward + explanation, all models**", in_models),
+        ("maps to source, all models", report["postprocess_s"]),
+        ("waiting for the last model's outputs, loop", report["stage_outputs_waited_s"]),
+        ("study report (heatmap series, SR, CAD SR)", report["study_report_s"]),
+        (
+            f"delivery ({report['outputs']} objects, {report['output_bytes'] / 1e6:.0f} MB)",
+            report["delivery_s"],
+        ),
+    ]
+    print("| step | s | share of the study |")
+    print("|---|---:|---:|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.3f} | {100 * seconds / total:.1f} % |")
+    print(f"| **study** | **{total:.2f}** | 100 % |")
+    print(f"bare forward passes, sum over the models: {report['bare_forward_sum_s']:.2f} s")
+    print(
+        f"outside forward + explanation: {report['outside_forward_and_explanation_s']:.2f} s = "
+        f"{100 * report['outside_share']:.1f} % of the study (goal <= 15 %); outside the bare forward passes: "
+        f"{100 * report['outside_bare_forward_share']:.1f} %"
+    )
+    if not args.per_model and report["decodes"] != report["sources"]:
+        print(f"NOT decoded exactly once: {report['decodes']} decodes for {report['sources']} sources")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
