@@ -32,6 +32,7 @@ from gateway.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from gateway.settings import Settings, TLSSettings
 from workers.cad_sr import MAMMOGRAPHY_CAD_SR_STORAGE
 from workers.commitment import STORAGE_COMMITMENT_PUSH_MODEL
+from workers.fhir import RESOURCE_PROFILE
 from workers.notify import HL7_VERSION, MESSAGE_PROFILE
 from workers.pacs import DELIVERY_STATUSES
 from workers.supersede import KOS_SOP_CLASS_UID, REJECTED_FOR_QUALITY_REASONS
@@ -132,6 +133,43 @@ def _hl7_notifications(settings: Settings, add: Callable[[str], None]) -> None:
         )
         + "\n"
     )
+
+
+def _fhir_notifications(settings: Settings, add: Callable[[str], None]) -> None:
+    """Section 6.2: the FHIR R4 resources that carry the triage flag to a FHIR server (HTTP, not DICOM)."""
+    notifications = settings.notifications
+    add("### 6.2 FHIR R4 resources (triage notifications, HTTP client)\n")
+    if notifications.fhir:
+        add(
+            _table(
+                ("Endpoint", "Base URL", "Timeout"),
+                [(f"`{e.name}`", e.base_url, f"{e.timeout_seconds:g} s") for e in notifications.fhir],
+            )
+            + "\n"
+        )
+    else:
+        add("No FHIR endpoint is configured (`notifications.fhir`): no FHIR resource is sent.\n")
+    which = (
+        "only for studies triaged high" if notifications.notify == "high-risk" else "for every analysed study"
+    )
+    add(
+        f"- Sent {which} (`notifications.notify: {notifications.notify}`): one transaction Bundle per study "
+        "version and endpoint, POSTed to the base URL as application/fhir+json, queued with the HL7 messages "
+        "on the delivery queue at the study's priority. It holds a DiagnosticReport, an Observation and, for "
+        "a study triaged high, a Flag, built and validated with the models of fhir.resources 8.0.0 (R4B "
+        "models; the elements sent are the same in R4)."
+    )
+    add(
+        "- No server ids: the patient, the order and the study are referenced by identifier only (Patient ID, "
+        "Accession Number with type v2-0203 ACSN, Study Instance UID as urn:dicom:uid); our resources have "
+        "urn:uuid full URLs, stable per study version, and are conditional creates (ifNoneExist)."
+    )
+    add(
+        "- Any 2xx answer counts as accepted; another status (a redirect is not followed), no connection or no "
+        f"answer within the timeout is retried ({delivery_policy(settings.delivery).describe()}) and then "
+        "dead-lettered; dead letters can be replayed like the others.\n"
+    )
+    add(_table(("Resource", "Element", "Meaning"), [tuple(row) for row in RESOURCE_PROFILE]) + "\n")
 
 
 def _commitment_and_supersede(settings: Settings, add: Callable[[str], None]) -> None:
@@ -457,6 +495,7 @@ def conformance_statement(settings: Settings) -> str:
     )
 
     _hl7_notifications(settings, add)
+    _fhir_notifications(settings, add)
 
     add("## 7. Character sets\n")
     add(
