@@ -149,6 +149,37 @@ def bare_forward_seconds(host: ModelHost, model: str, sources: list[pipeline.Sou
     return total
 
 
+#: The parts of write_study_report timed apart (those this checkout has), by the name they are shown under.
+REPORT_PARTS = {
+    "write_study_heatmaps": "heatmap series (SCs drawn, written, previews)",
+    "build_study_sr": "study SR: content and data set",
+    "write_cad_sr": "Mammography CAD SR: maps, content, written",
+}
+
+
+class PartTimer:
+    """Seconds spent in each of :data:`REPORT_PARTS` while timing is on (a wrapper on the module's name)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        for name in REPORT_PARTS:
+            if hasattr(pipeline, name):
+                setattr(pipeline, name, self._timed(name, getattr(pipeline, name)))
+
+    def _timed(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+        return timed
+
+
+PARTS = PartTimer()
+
+
 def run_study(
     host: ModelHost,
     models: list[str],
@@ -165,6 +196,7 @@ def run_study(
     images = pipeline.DecodedImages(timings)
     runs = pipeline.analyse_study(host, models, sources, settings, out, timings, images=images)
     analysed = time.perf_counter()
+    PARTS.seconds.clear()
     report: list[Path] = []
     if settings.outputs.report == "study":  # what the last stage adds once every model is done
         report = pipeline.write_study_report(sources, out, None, settings, images=images, accepting=models)
@@ -183,6 +215,7 @@ def run_study(
         "sources": sources,
         "analyse": analysed - started,
         "study_report": delivery_started - analysed,
+        "parts": dict(PARTS.seconds),
         "bytes": sum(p.stat().st_size for p in paths),
     }
 
@@ -341,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     report["postprocess_s"] = sum(m["postprocess_s"] for m in report["models"].values())
     report["analyse_s"] = median(lambda s: s["analyse"])
     report["study_report_s"] = median(lambda s: s["study_report"])
+    report["study_report_parts_s"] = {
+        name: median(lambda s, n=name: s.get("parts", {}).get(n, 0.0))
+        for name in REPORT_PARTS
+        if any(name in s.get("parts", {}) for s in studies)
+    }
     report["output_bytes"] = studies[0]["bytes"]
     # What the stages spent besides header, decode, the models' own steps: the wait for the last model's
     # outputs (the others are built while the next model runs) and the loop's own work.
@@ -382,6 +420,17 @@ def main(argv: list[str] | None = None) -> int:
         ("maps to source, all models", report["postprocess_s"]),
         ("waiting for the last model's outputs, loop", report["stage_outputs_waited_s"]),
         ("study report (heatmap series, SR, CAD SR)", report["study_report_s"]),
+        *((f"- {REPORT_PARTS[name]}", seconds) for name, seconds in report["study_report_parts_s"].items()),
+        *(
+            [
+                (
+                    "- the rest: the study SR written, kept predictions read",
+                    report["study_report_s"] - sum(parts),
+                )
+            ]
+            if (parts := report["study_report_parts_s"].values())
+            else []
+        ),
         (
             f"delivery ({report['outputs']} objects, {report['output_bytes'] / 1e6:.0f} MB)",
             report["delivery_s"],
