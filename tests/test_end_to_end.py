@@ -18,6 +18,8 @@ import highdicom as hd
 import pydicom
 import pytest
 import yaml
+from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
+from pydicom.uid import MammographyCADSRStorage as MAMMOGRAPHY_CAD_SR
 
 from gateway.settings import load_settings
 from plugins import synthetic
@@ -90,10 +92,13 @@ def test_storescu_to_gateway_to_worker_to_orthanc(tmp_path: Path, redis_url: str
                     ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(orthanc_id)), stop_before_pixels=True)
                     if ds.Modality in ("SR", "OT") and ds.StudyInstanceUID in found:
                         found[str(ds.StudyInstanceUID)].append(ds)
-                srs = {k: [d for d in v if d.Modality == "SR"] for k, v in found.items()}
-                # MG: the study SR and four heatmaps; US: the study SR and a heatmap per evaluated image.
-                ready = len(srs[mg_study]) == 1 and len(found[mg_study]) == 5 and len(srs[us_study]) == 1 \
-                    and len(found[us_study]) >= 2
+                srs = {k: [d for d in v if d.SOPClassUID == COMPREHENSIVE_SR] for k, v in found.items()}
+                cad = [d for d in found[mg_study] if d.SOPClassUID == MAMMOGRAPHY_CAD_SR]
+                # MG: the study SR, the Mammography CAD SR and four heatmaps; US: the study SR and a heatmap
+                # per evaluated image (no CAD SR: it is a mammography document).
+                ready = len(srs[mg_study]) == 1 and len(cad) == 1 and len(found[mg_study]) == 6 \
+                    and len(srs[us_study]) == 1 and len(found[us_study]) >= 2 \
+                    and not [d for d in found[us_study] if d.SOPClassUID == MAMMOGRAPHY_CAD_SR]
                 return found if ready else None
 
             found = wait_for(outputs_in_orthanc, timeout=300, interval=1.0)
@@ -111,7 +116,7 @@ def test_storescu_to_gateway_to_worker_to_orthanc(tmp_path: Path, redis_url: str
             for finding in json.loads(row["findings"]):
                 predicted[(finding["model"], finding["sop_instance_uid"])] = finding
         for study, model in ((mg_study, "asg_mammonet"), (us_study, "us_fusion")):
-            (sr_header,) = [d for d in found[study] if d.Modality == "SR"]
+            (sr_header,) = [d for d in found[study] if d.SOPClassUID == COMPREHENSIVE_SR]
             sr_id = orthanc.find_instance(str(sr_header.SOPInstanceUID))
             sr = hd.sr.srread(io.BytesIO(orthanc.instance_file(sr_id)))
             text = " ".join(str(leaf.get("TextValue", "")) for leaf in _walk(sr))

@@ -24,6 +24,7 @@ import highdicom as hd
 import pydicom
 import pytest
 import torch
+from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
 
 from gateway.settings import load_settings
 from plugins import synthetic
@@ -139,8 +140,9 @@ def test_trained_checkpoints_serve_in_the_pipeline(tmp_path: Path, one_thread: N
                     if ds.Modality in ("SR", "OT") and ds.StudyInstanceUID in found:
                         found[str(ds.StudyInstanceUID)].append(ds)
                 counts = {study: sorted(d.Modality for d in items) for study, items in found.items()}
-                # MG: one SR and a heatmap per view; US: one SR and the image's heatmap.
-                ready = counts[mg_study] == ["OT"] * 4 + ["SR"] and counts[us_study] == ["OT", "SR"]
+                # MG: the study SR, the Mammography CAD SR and a heatmap per view; US: one SR and the image's
+                # heatmap.
+                ready = counts[mg_study] == ["OT"] * 4 + ["SR", "SR"] and counts[us_study] == ["OT", "SR"]
                 return found if ready else None
 
             def delivered() -> bool:
@@ -175,7 +177,7 @@ def test_trained_checkpoints_serve_in_the_pipeline(tmp_path: Path, one_thread: N
         assert _images_of(expected, "us_fusion") == {str(ultrasound.SOPInstanceUID)}
 
         for study, arch in ((mg_study, "asg_mammonet"), (us_study, "us_fusion")):
-            (sr_header,) = [d for d in found[study] if d.Modality == "SR"]
+            (sr_header,) = [d for d in found[study] if d.SOPClassUID == COMPREHENSIVE_SR]
             sr_id = orthanc.find_instance(str(sr_header.SOPInstanceUID))
             sr = hd.sr.srread(io.BytesIO(orthanc.instance_file(sr_id)))
             texts = [str(item.get("TextValue", "")) for item in _walk(sr)]

@@ -64,7 +64,7 @@ def test_a_study_two_models_accept_is_done_with_one_decode_per_image(harness: Ha
         decision = TriageDecision(category="routine", risk=0.5, model="triage_probe_heavy", operating_point=None,
                                   policy="test")
         written = pipeline.write_study_report(sources, output_root, decision, harness.settings, images=images)
-        assert len(written) == 5  # 4 heatmap SCs and the study SR
+        assert len(written) == 6  # 4 heatmap SCs, the study SR and the Mammography CAD SR
         # Each source read twice in all: its header (read_sources), then its pixels (the one decode).
         # Building the heatmap SCs and the SR from the kept display images reads none of them again.
         assert timings.decodes == 4
@@ -156,7 +156,7 @@ def test_our_own_outputs_sent_back_start_no_analysis(harness: Harness) -> None:
     first = harness.job([source])
     assert harness.run(first)["state"] == "done"
     outputs = [pydicom.dcmread(p) for p in _outputs(harness, first.job_id)]
-    assert len(outputs) == 2  # the study SR over both models and the deciding model's heatmap SC
+    assert len(outputs) == 3  # the study SR over both models, the deciding model's heatmap SC and the CAD SR
     assert all(pipeline.is_own_output(ds) for ds in outputs)
 
     # The PACS forwards the whole study back: the source (version 1) and our outputs (version 2).

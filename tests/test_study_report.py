@@ -410,14 +410,19 @@ def test_a_mammogram_gives_one_study_report_and_one_heatmap_series(harness: Harn
     assert row["state"] == "done"
     series = _series(harness, job.job_id)
     assert len(series) <= 3
-    reports = [ds for members in series.values() for ds in members if ds.Modality == "SR"]
+    reports = [
+        ds
+        for members in series.values()
+        for ds in members
+        if ds.SOPClassUID.name == "Comprehensive SR Storage"
+    ]
     assert len(reports) == 1
     sr = hd.sr.srread(
         next(
             Path(p)
             for a in harness.store.analyses(job.job_id)
             for p in json.loads(a["outputs"])
-            if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"
+            if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID.name == "Comprehensive SR Storage"
         )
     )
     # Both models (the first stage's and the later one's) are in it, each with its own identification.
@@ -464,7 +469,7 @@ def test_the_heatmap_series_shows_the_model_that_set_the_triage(
             Path(p)
             for a in runner.store.analyses(job.job_id)
             for p in json.loads(a["outputs"])
-            if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"
+            if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID.name == "Comprehensive SR Storage"
         ]
         sr = pydicom.dcmread(sr_path)
         illustrations = {
@@ -475,7 +480,7 @@ def test_the_heatmap_series_shows_the_model_that_set_the_triage(
         assert illustrations == {str(ds.SOPInstanceUID) for ds in heatmaps}
         # Every output was queued for delivery once.
         delivered = [p for a in runner.store.analyses(job.job_id) for p in json.loads(a["outputs"])]
-        assert len(delivered) == len(set(delivered)) == len(views) + 1
+        assert len(delivered) == len(set(delivered)) == len(views) + 2  # the SCs, the study SR, the CAD SR
 
 
 def test_per_model_reports_stay_available_through_config(

@@ -256,6 +256,12 @@ def _analyse(
                 ),
                 images=images,
                 accepting=models,
+                # The journalled failures of every stage: the CAD SR's summary says which model partly failed.
+                failed_images={
+                    str(a["model"]): [str(f["sop_instance_uid"]) for f in json.loads(a["failures"])]
+                    for a in store.analyses(study.job_id)
+                },
+                on_problem=lambda reason: store.event(study.job_id, "cad_sr_failed", reason),
             )
         except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
             raise PermanentError(failure_reason("building the study report failed", exc)) from exc
