@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -442,6 +443,11 @@ _PARSED_TYPE2: dict[str, Callable[[str], object]] = {
 }
 
 
+#: ``warnings.catch_warnings`` swaps the interpreter's global filters: the heatmap series' SCs are built on
+#: several threads, so one of them at a time may silence pydicom's parse warnings.
+_QUIET = threading.Lock()
+
+
 def repaired_header(source: pydicom.Dataset) -> tuple[pydicom.Dataset, tuple[str, ...]]:
     """*source*'s header for building outputs, with each Type 2 attribute highdicom cannot parse sent empty.
 
@@ -454,7 +460,7 @@ def repaired_header(source: pydicom.Dataset) -> tuple[pydicom.Dataset, tuple[str
         if value is None or str(value) == "":
             continue
         try:
-            with warnings.catch_warnings():
+            with _QUIET, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 parse(str(value))
         except (ValueError, TypeError):
@@ -493,7 +499,7 @@ def _first_rejected_attribute(source: pydicom.Dataset) -> str:
         if element is None:
             continue
         try:
-            with warnings.catch_warnings():
+            with _QUIET, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 validate_value(source[keyword].VR, source[keyword].value, config.RAISE)
         except (ValueError, TypeError, KeyError):
