@@ -76,7 +76,7 @@ def test_study_resent_with_one_series_changed_gets_new_outputs(tmp_path: Path) -
         pipeline.send(study)
         pipeline.wait_settled([uid], timeout=60)
         v1 = set(orthanc_study_instances(pipeline.orthanc, uid))  # type: ignore[arg-type]
-        assert len(v1) == 5  # one SR and four heatmaps
+        assert len(v1) == 6  # the study SR, the Mammography CAD SR and four heatmaps
 
         # The MLO series again, same UIDs, new pixels (reprocessed at the modality): version 2.
         rng = np.random.default_rng(7)
@@ -86,8 +86,9 @@ def test_study_resent_with_one_series_changed_gets_new_outputs(tmp_path: Path) -
         pipeline.send(changed)
         pipeline.wait_settled([uid], timeout=60)
         v2 = set(orthanc_study_instances(pipeline.orthanc, uid))  # type: ignore[arg-type]
-        # A new SR and new heatmaps for the two changed images; the unchanged CC heatmaps stay as they were.
-        assert v1 < v2 and len(v2 - v1) == 3, f"{len(v2 - v1)} new objects in the PACS"
+        # A new SR, a new CAD SR and new heatmaps for the two changed images; the unchanged CC heatmaps stay as
+        # they were.
+        assert v1 < v2 and len(v2 - v1) == 4, f"{len(v2 - v1)} new objects in the PACS"
         outputs = _outputs_by_job(pipeline, uid)
         assert len(outputs[1]["all"] & outputs[2]["all"]) == 2
 
@@ -104,7 +105,7 @@ def test_study_resent_with_one_series_changed_gets_new_outputs(tmp_path: Path) -
         pipeline.send(extra)
         pipeline.wait_settled([uid], timeout=60)
         v3 = set(orthanc_study_instances(pipeline.orthanc, uid))  # type: ignore[arg-type]
-        assert v2 < v3 and len(v3 - v2) == 3
+        assert v2 < v3 and len(v3 - v2) == 4  # a new SR and CAD SR, heatmaps for the two new images
         pipeline.check_invariant()
         with pipeline.journal() as gw:
             versions = [
