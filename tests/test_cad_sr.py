@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -429,6 +430,85 @@ def test_heatmap_peaks_map_to_source_pixels_as_the_sc_stretches_the_map() -> Non
     assert [(round(x), round(y)) for x, y, _ in peaks] == [(170, 250), (570, 810)]
     assert heatmap_peaks(heat, 960, 640, limit=1) == peaks[:1]
     assert heatmap_peaks(np.zeros((8, 8), dtype=np.float32), 8, 8, limit=3) == []
+
+
+def square_dilation_peaks(
+    heat: np.ndarray, rows: int, columns: int, *, limit: int
+) -> list[tuple[float, ...]]:
+    """The peak finder as first written: one square dilation over the whole map, every plateau's pixels
+    listed apart.  The fast one must give exactly its answer."""
+    values = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
+    if values.ndim != 2 or values.size == 0 or limit <= 0 or float(values.max()) <= 0.0:
+        return []
+    top = float(values.max())
+    height, width = values.shape
+    radius = max(1, round(max(height, width) / 8))
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), dtype=np.uint8)
+    maxima = (values >= cv2.dilate(values, kernel)) & (values >= 0.5 * top)
+    count, component = cv2.connectedComponents(maxima.astype(np.uint8), connectivity=8)
+    candidates = []
+    for label in range(1, count):
+        ys, xs = np.nonzero(component == label)
+        candidates.append((float(values[ys[0], xs[0]]), float(xs.mean()), float(ys.mean())))
+    candidates.sort(key=lambda c: (-c[0], c[2], c[1]))
+    chosen: list[tuple[float, float, float]] = []
+    for peak, x, y in candidates:
+        if any((x - cx) ** 2 + (y - cy) ** 2 <= radius**2 for _, cx, cy in chosen):
+            continue
+        chosen.append((peak, x, y))
+        if len(chosen) == limit:
+            break
+    return [((x + 0.5) * columns / width, (y + 0.5) * rows / height, peak) for peak, x, y in chosen]
+
+
+def random_map(kind: str, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Maps like the models' (a coarse map stretched smoothly, kept as float16, with plateaus) and worse."""
+    height, width = shape
+    if kind == "noise":
+        return rng.random(shape, dtype=np.float32)
+    if kind == "constant":
+        return np.full(shape, 0.25, dtype=np.float32)
+    if kind == "sparse":
+        spots = np.zeros(shape, dtype=np.float32)
+        spots[rng.integers(0, height, 12), rng.integers(0, width, 12)] = rng.random(12, dtype=np.float32)
+        return spots
+    # A model's map is made of few cells (a CAM's feature map: 7 to 64 a side) stretched over the image.
+    coarse = rng.random((min(16, max(2, height // 32)), min(16, max(2, width // 32))), dtype=np.float32)
+    stretched = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
+    heat: np.ndarray = (stretched - stretched.min()) / max(float(np.ptp(stretched)), 1e-6)
+    if kind == "cam":  # as kept: float16, so equal neighbours form plateaus; saturated at the top
+        return np.minimum(heat * 1.2, 1.0).astype(np.float16).astype(np.float32)
+    if kind == "steps":  # a few levels only: wide plateaus everywhere
+        return np.round(heat * 6) / 6
+    if kind == "edges":  # its maxima on the borders, where windows are cut
+        heat = heat * 0.2
+        heat[0, :] = np.linspace(0.5, 1.0, width)
+        heat[:, -1] = 0.9
+        return heat
+    heat[rng.random(shape) < 0.001] = np.nan  # "dirty": NaN and infinities, as nan_to_num takes them
+    heat[0, 0], heat[-1, -1] = np.inf, -np.inf
+    return heat.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["noise", "constant", "sparse", "cam", "steps", "edges", "dirty"])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (48, 40), (300, 212), (520, 401), (1024, 788)])
+def test_the_peak_finder_gives_what_a_square_dilation_gives(kind: str, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng([*shape, *kind.encode()])
+    for _ in range(2):
+        heat = random_map(kind, shape, rng)
+        assert heatmap_peaks(heat, 3328, 2560, limit=5) == square_dilation_peaks(heat, 3328, 2560, limit=5)
+        values = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+        radius = max(1, round(max(shape) / 8))
+        square = np.ones((2 * radius + 1, 2 * radius + 1), dtype=np.uint8)
+        floor = 0.5 * float(values.max())
+        expected = (values >= cv2.dilate(values, square)) & (values >= floor)
+        assert np.array_equal(cad_sr.plateau_maxima(values, radius, floor), expected)
+
+
+def test_the_peak_finder_is_exact_on_a_full_field_map() -> None:
+    # The size a full-field mammogram's kept map has (map_for_display), where the tiles do the work.
+    heat = random_map("cam", (2048, 1575), np.random.default_rng(7))
+    assert heatmap_peaks(heat, 3328, 2560, limit=3) == square_dilation_peaks(heat, 3328, 2560, limit=3)
 
 
 def test_a_classifier_s_peak_is_on_its_hot_spot_in_source_coordinates(images: list[Dataset]) -> None:

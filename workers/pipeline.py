@@ -571,25 +571,39 @@ def load_maps(path: Path, predictions: Sequence[Prediction]) -> tuple[str, list[
     return str(maps["frames"]), with_maps
 
 
+def kept_heatmaps(path: Path, predictions: Sequence[Prediction]) -> Callable[[Prediction], np.ndarray | None]:
+    """A reader of the heatmaps :func:`save_maps` kept at *path* for *predictions* (as kept, in order): each
+    of these predictions' maps is read alone, when it is asked for (a full-field map takes about 0.03 s to
+    inflate and widen, and the CAD SR wants few)."""
+
+    def heatmap(prediction: Prediction) -> np.ndarray | None:
+        index = next((i for i, each in enumerate(predictions) if each is prediction), None)
+        if index is None:
+            return None
+        with np.load(path) as archive:
+            key = f"{index}:heatmap"
+            return archive[key].astype(np.float32) if key in archive else None
+
+    return heatmap
+
+
 def write_study_heatmaps(
     model_dir: Path,
-    predictions: Sequence[Prediction],
+    with_maps: Sequence[Prediction],
+    frames: str,
     identity: AlgorithmIdentity | None,
     by_uid: dict[str, Source],
     images: DecodedImages,
     *,
     extra_maps: bool = False,
 ) -> tuple[list[pydicom.Dataset], list[Path]]:
-    """Build and save the study's heatmap SCs from one model's kept maps (:func:`save_maps`) in *model_dir*,
-    over the display images the model saw (decoded once more only where this stage did not decode them).
+    """Build and save in *model_dir* the study's heatmap SCs from one model's kept maps, over the display
+    images the model saw (decoded once more only where this stage did not decode them).
 
-    :param predictions: The model's kept predictions, in the order they were kept.
+    :param with_maps: The model's kept predictions with their kept maps, as :func:`load_maps` gives them.
+    :param frames: The model's frame policy, as :func:`load_maps` gives it.
     :returns: The heatmap SCs (for the SR to reference), and the paths of every SC written.
     """
-    kept = model_dir / HEATMAPS_FILE
-    if not kept.exists():
-        return [], []
-    frames, with_maps = load_maps(kept, predictions)
     jobs: list[tuple[Source, pydicom.Dataset, np.ndarray, Prediction, int | None]] = []
     index = 0
     for prediction in with_maps:
@@ -685,16 +699,21 @@ def write_study_report(
         return []
     written: list[Path] = []
     shown = study_heatmap_model(list(kept), decision, settings, accepting)
+    read: dict[str, list[Prediction]] = {}
     if shown is not None:
         model_dir, results, as_kept = kept[shown]
-        scs, written = write_study_heatmaps(
-            model_dir,
-            as_kept,
-            results.identity,
-            by_uid,
-            images if images is not None else DecodedImages(StudyTimings()),
-            extra_maps=settings.outputs.extra_maps != "none",
-        )
+        scs: list[pydicom.Dataset] = []
+        if (model_dir / HEATMAPS_FILE).exists():
+            frames, read[shown] = load_maps(model_dir / HEATMAPS_FILE, as_kept)
+            scs, written = write_study_heatmaps(
+                model_dir,
+                read[shown],
+                frames,
+                results.identity,
+                by_uid,
+                images if images is not None else DecodedImages(StudyTimings()),
+                extra_maps=settings.outputs.extra_maps != "none",
+            )
         kept[shown] = (model_dir, replace(results, heatmaps=scs), as_kept)
     reports = [results for _, results, _ in kept.values()]
     used = sorted({p.image.sop_instance_uid for r in reports for p in r.predictions})
@@ -712,7 +731,9 @@ def write_study_report(
     written = [*written, _save(sr, directory)]
     if settings.outputs.cad_sr.enabled:
         try:
-            cad = write_cad_sr(by_uid, kept, decision, settings, directory, accepting, failed_images or {})
+            cad = write_cad_sr(
+                by_uid, kept, decision, settings, directory, accepting, failed_images or {}, read=read
+            )
         except Exception as exc:  # our words and the type only: a header value may be in the message
             reason = failure_reason("building the Mammography CAD SR failed", exc)
             log.error("cad_sr.failed", reason=reason)
@@ -732,12 +753,16 @@ def write_cad_sr(
     directory: Path,
     accepting: Sequence[str],
     failed_images: Mapping[str, Sequence[str]],
+    *,
+    read: Mapping[str, Sequence[Prediction]] | None = None,
 ) -> Path | None:
     """Build and save the study's Mammography CAD SR in *directory* when the study holds MG For Presentation
     images; ``None`` when it holds none.
 
-    Every kept model's MG predictions get their kept heatmaps back (:func:`load_maps`) for the peaks; a model
-    of *accepting* without kept predictions is listed as failed.
+    Every kept model's MG predictions get their kept heatmaps back for the peaks: those of a model in *read*
+    (its kept predictions with their maps, as :func:`load_maps` gave them to the heatmap series), else
+    each map the CAD SR wants, read alone (:func:`kept_heatmaps`).  A model of *accepting* without kept
+    predictions is listed as failed.
     """
     mg = {
         uid: source.header
@@ -754,11 +779,20 @@ def write_cad_sr(
     runs: list[AlgorithmRun] = []
     for name, (model_dir, results, as_kept) in kept.items():
         maps = model_dir / HEATMAPS_FILE
-        with_maps = load_maps(maps, as_kept)[1] if maps.exists() else as_kept
+        with_maps = (read or {}).get(name, as_kept)
+        heatmap_of = None
+        if name not in (read or {}) and maps.exists():
+            heatmap_of = kept_heatmaps(maps, as_kept)
         predictions = [p for p in with_maps if p.image.sop_instance_uid in mg]
         if predictions:
             failed = [uid for uid in failed_images.get(name, ()) if uid in mg]
-            runs.append(AlgorithmRun(results=replace(results, predictions=predictions), failed_images=failed))
+            runs.append(
+                AlgorithmRun(
+                    results=replace(results, predictions=predictions),
+                    failed_images=failed,
+                    heatmap_of=heatmap_of,
+                )
+            )
     for name in accepting:
         if name not in kept and any(uid in mg for uid in failed_images.get(name, mg)):
             reported = ReportedModel(model_id=name, name=name, version="", display_name=name)
