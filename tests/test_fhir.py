@@ -414,7 +414,8 @@ def test_a_failing_and_a_silent_server_are_retried_then_dead_lettered_and_replay
             wait_for(lambda: len(store.dead_letters()) == 2, timeout=120, interval=0.1)
             letters = store.dead_letters()
             # max_retries 2: the first try and two retries reached each server, then it was dead-lettered.
-            assert len(failing.received) == 3 and len(silent.received) == 3
+            # A loaded machine may record the last request a moment after the worker gave up on it.
+            wait_for(lambda: len(failing.received) == 3 and len(silent.received) == 3, timeout=10, interval=0.1)
             assert {json.loads(letter["kwargs"])["endpoint"] for letter in letters} == {"failing", "silent"}
             assert all(letter["task"] == "notify" for letter in letters)
             assert {r["endpoint"]: r["status"] for r in store.notifications(study.job_id)} == {

@@ -120,6 +120,7 @@ def test_high_risk_study_overtakes_waiting_routine_studies(tmp_path: Path, redis
         worklist = results.worklist()
         assert worklist[0]["job_id"] == high and worklist[0]["risk"] > 0.7
         assert all(r["risk"] < 0.7 for r in worklist[1:])
-        # Per study (one image): the study SR over both models + the heatmap SC of the one heatmap model.
-        assert len(pacs.received_files()) == 21 * (1 + 1)
+        # Per study (one mammogram): the study SR and the Mammography CAD SR over both models + the heatmap SC
+        # of the one heatmap model.
+        assert len(pacs.received_files()) == 21 * (2 + 1)
     time.sleep(0)

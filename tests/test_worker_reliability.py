@@ -112,7 +112,8 @@ def test_failing_delivery_is_dead_lettered_then_replayed(tmp_path: Path, redis_u
         with running_storescp(tmp_path / "pacs", port=dead_port) as pacs:
             replay = _cli(config, "deadletters", "--replay", str(letter["id"]))
             assert replay.returncode == 0, replay.stderr
-            wait_for(lambda: len(pacs.received_files()) == 2, timeout=60, interval=0.5)
+            # The study SR, the Mammography CAD SR and the heatmap of the one view.
+            wait_for(lambda: len(pacs.received_files()) == 3, timeout=60, interval=0.5)
             wait_for(lambda: {d["status"] for d in results.deliveries("pacs-down")} == {"stored"}, timeout=30)
     finally:
         stop(worker)
