@@ -151,9 +151,10 @@ def bare_forward_seconds(host: ModelHost, model: str, sources: list[pipeline.Sou
 
 #: The parts of write_study_report timed apart (those this checkout has), by the name they are shown under.
 REPORT_PARTS = {
+    "load_maps": "kept maps read (the heatmap series' model, once for the series and the CAD SR)",
     "write_study_heatmaps": "heatmap series (SCs drawn, written, previews)",
     "build_study_sr": "study SR: content and data set",
-    "write_cad_sr": "Mammography CAD SR: maps, content, written",
+    "write_cad_sr": "Mammography CAD SR: peaks (other models' maps read where wanted), content, written",
 }
 
 
