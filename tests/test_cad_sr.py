@@ -5,6 +5,7 @@ algorithm identification on every finding, stable UIDs, and its settings."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from gateway.settings import OutputsSettings
 from plugins.types import LocalisationPoint, LocalisationRegion, OperatingPoint, Prediction, ScoreMeaning
 from tests import validators
 from tests.test_outputs import make_mammogram, make_prediction, round_trip
-from workers import cad_sr
+from workers import cad_sr, pipeline
 from workers.cad_sr import AlgorithmRun, build_cad_sr, heatmap_peaks, rendering_point
 from workers.outputs import ReportedModel
 from workers.study_report import ModelResults
@@ -522,6 +523,37 @@ def test_a_classifier_s_peak_is_on_its_hot_spot_in_source_coordinates(images: li
     assert (x, y) == pytest.approx(((4 + 0.5) * columns / 16, (6 + 0.5) * rows / 24), abs=1e-3)
     assert value(mark) == ("111099", "DCM")  # a classifier does not tell a mass from calcifications
     assert named(mark, ("111058", "DCM"))
+
+
+def test_maps_kept_apart_give_the_same_marks_and_only_the_wanted_ones_are_read(
+    images: list[Dataset], tmp_path: Path
+) -> None:
+    # The worker keeps each model's maps in an archive; the CAD SR reads a map only for an image at or above
+    # the model's rendering point, and its document is the one built from every map read up front.
+    clf = classifier_predictions(images, heatmap_shape=(24, 16))
+    path = tmp_path / pipeline.HEATMAPS_FILE
+    pipeline.save_maps(path, clf, "first", extra_maps=False)
+    as_kept = [dataclasses.replace(p, heatmap=None) for p in clf]
+    model = ReportedModel.from_prediction(clf[0])
+    created = datetime.datetime(2026, 12, 6, 10, 0, 0)
+    read_up_front = pipeline.load_maps(path, as_kept)[1]
+    expected = build_cad_sr(
+        images,
+        [AlgorithmRun(results=ModelResults(model=model, predictions=read_up_front))],
+        fallback_threshold=0.5,
+        created=created,
+    )
+    reader = pipeline.kept_heatmaps(path, as_kept)
+    read: list[Prediction] = []
+
+    def reading(prediction: Prediction) -> np.ndarray | None:
+        read.append(prediction)
+        return reader(prediction)
+
+    run = AlgorithmRun(results=ModelResults(model=model, predictions=as_kept), heatmap_of=reading)
+    assert build_cad_sr(images, [run], fallback_threshold=0.5, created=created) == expected
+    assert len(findings(round_trip(expected))) == 1
+    assert [p.risk >= 0.5 for p in read] == [True]  # the low-risk image's map stays in the archive
 
 
 def test_the_operating_point_falls_back_to_the_site_threshold() -> None:
