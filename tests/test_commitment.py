@@ -114,6 +114,7 @@ class SilentCommitmentPeer:
         self.ae.add_supported_context(SECONDARY_CAPTURE)
         self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33")  # Comprehensive SR
         self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.59")  # KOS
+        self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.50")  # Mammography CAD SR
         self.ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
         self.server = self.ae.start_server(
             ("127.0.0.1", self.port),
