@@ -6,6 +6,7 @@ tests can use them without loading a model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,29 @@ class ScoreMeaning:
     @property
     def is_probability_of_malignancy(self) -> bool:
         return self.kind == "probability_of_malignancy"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """This meaning as JSON keeps it (the kept predictions, a queued notification)."""
+        return {
+            "kind": self.kind,
+            "description": self.description,
+            "concept": list(self.concept),
+            "scale": list(self.scale),
+        }
+
+    @classmethod
+    def from_json_dict(cls, record: Mapping[str, Any] | None) -> ScoreMeaning | None:
+        """What :meth:`to_json_dict` wrote; ``None`` for ``None`` (a meaning that was not stated)."""
+        if record is None:
+            return None
+        value, scheme, text = record["concept"]
+        low, high = record["scale"]
+        return cls(
+            kind=record["kind"],
+            description=record["description"],
+            concept=(value, scheme, text),
+            scale=(low, high),
+        )
 
 
 #: PS3.16 DCM 111047 (CID 6048): only for a risk calibrated as the probability of malignancy.

@@ -30,8 +30,6 @@ from workers.fhir import (
     FhirRefused,
     build_resources,
     bundle_json,
-    meaning_from_json,
-    meaning_to_json,
     post,
     resource_urn,
 )
@@ -230,8 +228,8 @@ def test_every_element_the_profile_lists_is_in_what_a_high_risk_study_sends() ->
 
 def test_the_score_meaning_travels_as_json() -> None:
     for meaning in (CALIBRATED, SUSPICION):
-        assert meaning_from_json(json.loads(json.dumps(meaning_to_json(meaning)))) == meaning
-    assert meaning_from_json(None) is None
+        assert ScoreMeaning.from_json_dict(json.loads(json.dumps(meaning.to_json_dict()))) == meaning
+    assert ScoreMeaning.from_json_dict(None) is None
 
 
 # ------------------------------------------------------------------ settings
@@ -342,7 +340,7 @@ def queue_notice(app: Any, study: StudyNotice, endpoint_name: str, priority: int
         kwargs={
             "notice": study.to_json_dict(),
             "endpoint": endpoint_name,
-            "score": meaning_to_json(SUSPICION),
+            "score": SUSPICION.to_json_dict(),
         },
         queue="delivery",
         priority=priority,
@@ -508,5 +506,5 @@ def test_the_analysis_queues_one_notification_per_hl7_and_fhir_endpoint_with_the
         ("workers.tasks.notify", "hub", int(Priority.STAT)),
     ]
     for _, kwargs, _ in queued:
-        assert meaning_from_json(kwargs["score"]) == CALIBRATED
+        assert ScoreMeaning.from_json_dict(kwargs["score"]) == CALIBRATED
         assert kwargs["notice"]["accession_number"] == "ACC9" and kwargs["notice"]["category"] == "high"

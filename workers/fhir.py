@@ -154,29 +154,6 @@ class FhirAnswer:
     location: str
 
 
-def meaning_to_json(meaning: ScoreMeaning) -> dict[str, Any]:
-    """*meaning* as the ``notify`` task carries it."""
-    return {
-        "kind": meaning.kind,
-        "description": meaning.description,
-        "concept": list(meaning.concept),
-        "scale": list(meaning.scale),
-    }
-
-
-def meaning_from_json(record: dict[str, Any] | None) -> ScoreMeaning | None:
-    if record is None:
-        return None
-    value, scheme, text = record["concept"]
-    low, high = record["scale"]
-    return ScoreMeaning(
-        kind=record["kind"],
-        description=record["description"],
-        concept=(value, scheme, text),
-        scale=(low, high),
-    )
-
-
 def resource_urn(notice: StudyNotice, resource_type: str) -> str:
     """The ``urn:uuid`` of one of our resources: the same for every try of one study version."""
     return f"urn:uuid:{uuid.uuid5(_IDENTITY_NAMESPACE, f'{notice.job_id}|{resource_type}')}"

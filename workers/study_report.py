@@ -186,7 +186,7 @@ def prediction_record(prediction: Prediction) -> dict[str, Any]:
             for r in prediction.regions
         ],
         "demo_weights": prediction.demo_weights,
-        "score": _meaning_record(prediction.score),
+        "score": prediction.score.to_json_dict(),
         "operating_points": [dataclasses.asdict(point) for point in prediction.operating_points],
         "weights_sha256": prediction.weights_sha256,
         "parameters": _json_parameters(prediction.parameters),
@@ -215,7 +215,7 @@ def prediction_from_record(record: Mapping[str, Any]) -> Prediction:
             for r in record["regions"]
         ),
         demo_weights=record["demo_weights"],
-        score=_meaning(record.get("score")) or UNCALIBRATED_SUSPICION,
+        score=ScoreMeaning.from_json_dict(record.get("score")) or UNCALIBRATED_SUSPICION,
         operating_points=tuple(OperatingPoint(**point) for point in record.get("operating_points", ())),
         weights_sha256=record["weights_sha256"],
         parameters=dict(record["parameters"]),
@@ -227,28 +227,6 @@ def _json_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for k, v in parameters.items()
     }
-
-
-def _meaning_record(meaning: ScoreMeaning) -> dict[str, Any]:
-    return {
-        "kind": meaning.kind,
-        "description": meaning.description,
-        "concept": list(meaning.concept),
-        "scale": list(meaning.scale),
-    }
-
-
-def _meaning(record: Mapping[str, Any] | None) -> ScoreMeaning | None:
-    if record is None:
-        return None
-    value, scheme, text = record["concept"]
-    low, high = record["scale"]
-    return ScoreMeaning(
-        kind=record["kind"],
-        description=record["description"],
-        concept=(value, scheme, text),
-        scale=(low, high),
-    )
 
 
 def save_records(
@@ -267,7 +245,7 @@ def save_records(
             "display_name": model.display_name,
             "parameters": _json_parameters(model.parameters),
         },
-        "score": None if score is None else _meaning_record(score),
+        "score": None if score is None else score.to_json_dict(),
         "identity": None if identity is None else dataclasses.asdict(identity),
         "predictions": [prediction_record(p) for p in predictions],
     }
@@ -284,7 +262,7 @@ def load_records(
     identity = document.get("identity")
     return (
         ReportedModel(**document["model"]),
-        _meaning(document["score"]),
+        ScoreMeaning.from_json_dict(document["score"]),
         None if identity is None else AlgorithmIdentity(**identity),
         [prediction_from_record(r) for r in document["predictions"]],
     )

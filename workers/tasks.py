@@ -28,7 +28,7 @@ from plugins.host import ModelHost
 from plugins.types import ScoreMeaning, failure_reason
 from workers.app import ANALYSIS_QUEUE, DELIVERY_QUEUE, app, current_settings
 from workers.commitment import request_commitment
-from workers.fhir import FhirRefused, build_resources, meaning_from_json, meaning_to_json
+from workers.fhir import FhirRefused, build_resources
 from workers.fhir import post as post_to_fhir
 from workers.notify import (
     NotificationRefused,
@@ -377,7 +377,7 @@ def _queue_notifications(
         accession_number=str(header.get("AccessionNumber", "") or "") if header is not None else "",
         patient_id=str(header.get("PatientID", "") or "") if header is not None else "",
     )
-    score = None if meaning is None else meaning_to_json(meaning)
+    score = None if meaning is None else meaning.to_json_dict()
     hl7_names = [endpoint.name for endpoint in settings.notifications.hl7]
     for name in hl7_names + [endpoint.name for endpoint in settings.notifications.fhir]:
         kwargs = {"notice": notice.to_json_dict(), "endpoint": name, "score": score}
@@ -609,7 +609,7 @@ def notify(self: Task, notice: dict[str, Any], endpoint: str, score: dict[str, A
 
     An AE/AR answer, another HTTP status, a silence past ``timeout_seconds`` or an unreachable endpoint
     is retried with the delivery backoff (``delivery.max_retries``, ``delivery.backoff_*``), then
-    dead-lettered.  *score* is what the risk means (:func:`workers.fhir.meaning_to_json`), for FHIR.
+    dead-lettered.  *score* is what the risk means (:meth:`plugins.types.ScoreMeaning.to_json_dict`), for FHIR.
     """
     settings = current_settings()
     store = results_store(settings)
@@ -632,7 +632,7 @@ def notify(self: Task, notice: dict[str, Any], endpoint: str, score: dict[str, A
         bundle = (
             None
             if server is None
-            else build_resources(study, settings.notifications, meaning_from_json(score))
+            else build_resources(study, settings.notifications, ScoreMeaning.from_json_dict(score))
         )
     except (
         Exception
