@@ -24,6 +24,8 @@ from fhir.resources.R4B.observation import Observation
 from gateway.settings import FhirEndpoint, NotificationsSettings, load_settings
 from plugins.types import CERTAINTY_OF_FINDING, PROBABILITY_OF_CANCER, ScoreMeaning
 from tests.peers import get_free_port
+from tests.test_notifications import queue_notice as queue_notification
+from tests.test_notifications import write_config as notifications_config
 from workers.fhir import (
     DICOM_UIDS,
     RESOURCE_PROFILE,
@@ -317,34 +319,11 @@ def test_an_unreachable_server_is_refused() -> None:
 
 
 def write_config(tmp_path: Path, redis_url: str, fhir: list[dict[str, Any]]) -> Path:
-    config = tmp_path / "fhir.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "gateway": {"data_dir": str(tmp_path / "data")},
-                "broker": {"url": redis_url},
-                "dispatch": {"kind": "celery"},
-                "logging": {"level": "INFO", "json_output": True},
-                "plugins": {"load_entrypoints": False, "allow_demo_weights": True},
-                "delivery": {"max_retries": 2, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.2},
-                "notifications": {"fhir": fhir, "notify": "all"},
-            }
-        )
-    )
-    return config
+    return notifications_config(tmp_path, redis_url, fhir, kind="fhir")
 
 
 def queue_notice(app: Any, study: StudyNotice, endpoint_name: str, priority: int) -> None:
-    app.send_task(
-        "workers.tasks.notify",
-        kwargs={
-            "notice": study.to_json_dict(),
-            "endpoint": endpoint_name,
-            "score": SUSPICION.to_json_dict(),
-        },
-        queue="delivery",
-        priority=priority,
-    )
+    queue_notification(app, study, endpoint_name, priority, score=SUSPICION)
 
 
 @pytest.mark.redis

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from gateway.settings import Hl7Endpoint, NotificationsSettings, load_settings
+from plugins.types import ScoreMeaning
 from tests.peers import MllpListener
 from workers.notify import (
     NotificationRefused,
@@ -168,7 +169,8 @@ def test_an_unreachable_ris_is_refused() -> None:
 # ------------------------------------------------------------ Celery: order, retries, dead letters, replay
 
 
-def write_config(tmp_path: Path, redis_url: str, endpoints: list[dict[str, Any]]) -> Path:
+def write_config(tmp_path: Path, redis_url: str, endpoints: list[dict[str, Any]], kind: str = "hl7") -> Path:
+    """A worker's config with *endpoints* under ``notifications.<kind>`` (``hl7`` or ``fhir``)."""
     config = tmp_path / "notify.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -179,17 +181,23 @@ def write_config(tmp_path: Path, redis_url: str, endpoints: list[dict[str, Any]]
                 "logging": {"level": "INFO", "json_output": True},
                 "plugins": {"load_entrypoints": False, "allow_demo_weights": True},
                 "delivery": {"max_retries": 2, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.2},
-                "notifications": {"hl7": endpoints, "notify": "all"},
+                "notifications": {kind: endpoints, "notify": "all"},
             }
         )
     )
     return config
 
 
-def queue_notice(app: Any, study: StudyNotice, endpoint_name: str, priority: int) -> None:
+def queue_notice(
+    app: Any, study: StudyNotice, endpoint_name: str, priority: int, score: ScoreMeaning | None = None
+) -> None:
+    """Queue the ``notify`` task as the analysis does (with what the risk means, for FHIR)."""
+    kwargs: dict[str, Any] = {"notice": study.to_json_dict(), "endpoint": endpoint_name}
+    if score is not None:
+        kwargs["score"] = score.to_json_dict()
     app.send_task(
         "workers.tasks.notify",
-        kwargs={"notice": study.to_json_dict(), "endpoint": endpoint_name},
+        kwargs=kwargs,
         queue="delivery",
         priority=priority,
     )
