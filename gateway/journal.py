@@ -88,8 +88,9 @@ _INSTANCE_COLUMNS_ADDED = (
 )
 
 
-def _add_missing_columns(db: sqlite3.Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
-    """The journal's migration: columns a newer version added, appended to an older file's table."""
+def add_missing_columns(db: sqlite3.Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+    """The migration of our SQLite files (this journal, the workers' results store): columns a newer
+    version added, appended to an older file's *table*; the rows it holds take each column's default."""
     have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
     for name, kind in columns:
         if name not in have:
@@ -174,7 +175,7 @@ class Journal:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(statement)
             # Inside the write lock: several receiving processes may open an older journal at once.
-            _add_missing_columns(self._db, "instances", _INSTANCE_COLUMNS_ADDED)
+            add_missing_columns(self._db, "instances", _INSTANCE_COLUMNS_ADDED)
 
     def close(self) -> None:
         with self._lock:

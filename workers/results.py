@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.journal import ExistingDatabaseReader
+from gateway.journal import ExistingDatabaseReader, add_missing_columns
 from plugins.types import OperatingPoint
 from workers.triage import POLICY, TriageDecision
 
@@ -136,14 +136,6 @@ _WORKLIST_ORDER = (
 )
 
 
-def _add_missing_columns(db: sqlite3.Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
-    """The journal's only migration: columns a newer version added, appended to an older file's table."""
-    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-    for name, kind in columns:
-        if name not in have:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
-
 class ResultsStore:
     """Thread-safe access to ``results.sqlite``.
 
@@ -161,7 +153,7 @@ class ResultsStore:
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
-            _add_missing_columns(db, "worklist", _TRIAGE_COLUMNS)
+            add_missing_columns(db, "worklist", _TRIAGE_COLUMNS)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
