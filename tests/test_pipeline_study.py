@@ -220,3 +220,34 @@ def test_a_version_without_new_sources_waits_for_the_earlier_version_to_finish(h
     harness.queued.clear()  # run it again now instead of after the poll delay
     row = harness.run(second)
     assert (row["version"], row["state"], row["risk"]) == (2, "delivered", 0.4)
+
+
+def test_the_last_stage_s_maps_in_memory_give_the_report_their_copy_on_disk_gives(harness: Harness) -> None:
+    """The last stage hands its kept maps to the study report in memory and writes no archive; the heatmap SCs
+    and the CAD SR are those drawn from the archive an earlier stage writes and the report reads back."""
+    study_uid = new_study_uid()
+    views = [bright_mammogram(study_uid, seed=i, laterality=lat, view="CC") for i, lat in enumerate("LR")]
+    job = harness.job(views)
+    host = pipeline.model_host(harness.settings, "cpu")
+    decision = TriageDecision(category="high", risk=0.9, model="triage_probe", operating_point=None, policy="test")
+    written: dict[bool, dict[str, pydicom.Dataset]] = {}
+    for on_disk in (True, False):
+        timings = pipeline.StudyTimings()
+        sources = pipeline.read_sources(job, timings)
+        images = pipeline.DecodedImages(timings)
+        root = harness.store_dir.parent / f"outputs-{on_disk}"
+        runs = pipeline.analyse_study(host, ["triage_probe", "triage_probe_heavy"], sources, harness.settings,
+                                      root, timings, images=images, maps_on_disk=on_disk)
+        archives = sorted(root.glob(f"*/{pipeline.HEATMAPS_FILE}"))
+        assert len(archives) == (2 if on_disk else 0)
+        in_memory = {} if on_disk else {r.model: r.kept_maps for r in runs if r.kept_maps is not None}
+        paths = pipeline.write_study_report(sources, root, decision, harness.settings, images=images,
+                                            kept_maps=in_memory)
+        written[on_disk] = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, paths)}
+    assert written[True].keys() == written[False].keys() and len(written[True]) == 4  # 2 SCs, SR, CAD SR
+    for uid, from_disk in written[True].items():
+        from_memory = written[False][uid]
+        if "PixelData" in from_disk:
+            assert from_memory.PixelData == from_disk.PixelData
+        else:
+            assert from_memory.ContentSequence == from_disk.ContentSequence

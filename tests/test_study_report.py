@@ -3,6 +3,7 @@ LEM's capped points, and at most three new series per mammogram in a pipeline ru
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -350,6 +351,25 @@ def test_kept_maps_draw_the_heatmap_the_full_map_draws(images: list[Dataset], tm
     ]
     assert drawn[0].shape == drawn[1].shape
     assert np.abs(drawn[0] - drawn[1]).max() <= 2  # float16 rounding, nothing else
+
+
+@pytest.mark.parametrize("what", ["study SR", "heatmap SC"])
+def test_settled_vrs_write_the_bytes_pydicom_writes_alone(what: str, images: list[Dataset], tmp_path: Path) -> None:
+    """pipeline.settle_ambiguous_vrs (one pass over the tree, then marked settled) changes no byte pydicom writes."""
+
+    def build() -> Dataset:
+        if what == "heatmap SC":  # a source header's own sequences, read from a file, are nested in it
+            return outputs.build_heatmap_sc(round_trip(images[0]), None, make_prediction(images[0]))
+        return build_study_sr(images, two_models(images), decision=HIGH, software_version="0.1.0")
+
+    plain = build()
+    settled = copy.deepcopy(plain)
+    plain.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
+    pipeline.settle_ambiguous_vrs(settled)
+    settled.save_as(tmp_path / "settled.dcm", enforce_file_format=True)
+    assert (tmp_path / "settled.dcm").read_bytes() == (tmp_path / "plain.dcm").read_bytes()
+    nested = [item for item in walk(settled)] if what == "study SR" else []
+    assert all(item.original_encoding == (False, True) for item in nested)
 
 
 @pytest.mark.peers

@@ -21,11 +21,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pydicom
+import pydicom.uid
 import structlog
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.filewriter import correct_ambiguous_vr
 
 from gateway.errors import PluginError
 from gateway.inflate import read_header
@@ -48,6 +51,8 @@ from workers.study_report import ModelResults, Triage, build_study_sr, load_reco
 from workers.triage import TriageDecision
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 #: Why an object we made ourselves (an SR or heatmap SC the PACS sent back) is not analysed.
 OWN_OUTPUT_REASON = "an output of pacs-triage (our own SR or heatmap), never analysed"
@@ -218,6 +223,8 @@ class ModelRun:
     seconds_outputs: float = 0.0
     #: Why the SR and SCs could not be built, when the model predicted but its outputs failed.
     outputs_error: str | None = None
+    #: Its maps as kept for the study report (``outputs.report: study``), in memory.
+    kept_maps: KeptMaps | None = None
 
     @property
     def risk(self) -> float | None:
@@ -290,6 +297,7 @@ def analyse_study(
     timings: StudyTimings | None = None,
     on_model_done: Callable[[ModelRun], None] | None = None,
     images: DecodedImages | None = None,
+    maps_on_disk: bool = True,
 ) -> list[ModelRun]:
     """Run *models* over the study's *sources* and keep each model's predictions and maps under
     ``output_dir / <model>`` (with ``outputs.report: per-model``, also write its SR and heatmap SCs there).
@@ -303,6 +311,9 @@ def analyse_study(
 
     :param on_model_done: Called with each model's run, in order, once its outputs are written (the journal).
     :param images: The study's decoded images, to share them with :func:`write_study_report` afterwards.
+    :param maps_on_disk: Also write each model's kept maps (:data:`HEATMAPS_FILE`) for a later stage's
+        study report.  The last stage's report takes them from memory (:attr:`ModelRun.kept_maps`), so that
+        stage need not deflate and write them, nor read them back.
     """
     timings = timings if timings is not None else StudyTimings()
     refs = [s.ref for s in sources if s.ref is not None]
@@ -314,7 +325,7 @@ def analyse_study(
 
     def build(run: ModelRun) -> None:
         started = time.perf_counter()
-        _build_outputs(host, run, by_uid, decoded, output_dir / run.model, timings, settings)
+        _build_outputs(host, run, by_uid, decoded, output_dir / run.model, timings, settings, maps_on_disk)
         run.seconds_outputs = time.perf_counter() - started
         timings.outputs[run.model] = run.seconds_outputs
 
@@ -341,8 +352,12 @@ def analyse_study(
 
 
 def _done() -> Future[None]:
-    future: Future[None] = Future()
-    future.set_result(None)
+    return _done_with(None)
+
+
+def _done_with(result: _T) -> Future[_T]:
+    future: Future[_T] = Future()
+    future.set_result(result)
     return future
 
 
@@ -415,9 +430,18 @@ def _build_outputs(
     output_dir: Path,
     timings: StudyTimings,
     settings: Settings | None = None,
+    maps_on_disk: bool = True,
 ) -> None:
     per_model = settings is None or settings.outputs.report == "per-model"
+    extra_maps = settings is not None and settings.outputs.extra_maps != "none"
     try:
+        if not per_model:
+            # Before the predictions file: a model's kept predictions never lack the maps kept with them.
+            run.kept_maps = keep_maps(
+                run.predictions, str(host.load(run.model).options["frames"]), extra_maps
+            )
+            if maps_on_disk:
+                write_kept_maps(output_dir / HEATMAPS_FILE, run.kept_maps)
         run.outputs = write_outputs(
             host,
             run.model,
@@ -428,9 +452,8 @@ def _build_outputs(
             timings,
             report=per_model,
             heatmaps=per_model,
-            keep_maps=not per_model,
             max_points=settings.outputs.max_points if settings else 5,
-            extra_maps=settings is not None and settings.outputs.extra_maps != "none",
+            extra_maps=extra_maps,
         )
     except Exception as exc:  # a writer bug must fail this model's outputs, not the study
         # The type and our words only: highdicom and pydicom quote the source's patient attributes
@@ -462,7 +485,6 @@ def write_outputs(
     *,
     report: bool = True,
     heatmaps: bool = True,
-    keep_maps: bool = False,
     max_points: int = 5,
     extra_maps: bool = False,
 ) -> list[Path]:
@@ -470,8 +492,8 @@ def write_outputs(
     also one SC per further map) and, when *report* (``outputs.report: per-model``), its own SR with its
     heatmaps in a series of their own, from the kept headers and display images (no source is read again);
     save them as DICOM files.  The predictions are kept as JSON beside them for the study report
-    (:func:`write_study_report`), which is built once every stage is done; with *keep_maps* the maps are
-    kept too (:data:`HEATMAPS_FILE`), for the study's heatmap series built then."""
+    (:func:`write_study_report`), which is built once every stage is done (the maps it draws the study's
+    heatmap series from are kept by :func:`keep_maps`)."""
     # The loaded model's spec: its version names the checkpoint it runs with, as its predictions do.
     plugin = host.load(model).plugin
     sources = {p.image.sop_instance_uid: by_uid[p.image.sop_instance_uid] for p in predictions}
@@ -510,9 +532,6 @@ def write_outputs(
             source_digest=digests[uid],
         ):
             written.append(_save(extra, output_dir))
-    if keep_maps:
-        frames = str(host.load(model).options["frames"])
-        save_maps(output_dir / HEATMAPS_FILE, predictions, frames, extra_maps=extra_maps)
     save_records(output_dir / PREDICTIONS_FILE, predictions, reported, None, identity)
     if report:
         results = [ModelResults(model=reported, predictions=predictions, heatmaps=scs, identity=identity)]
@@ -528,47 +547,95 @@ def write_outputs(
     return written
 
 
-def save_maps(path: Path, predictions: Sequence[Prediction], frames: str, *, extra_maps: bool) -> None:
-    """Keep *predictions*' heatmaps (and, with *extra_maps*, their further maps) as float16 in a compressed
-    NumPy archive at *path*, keyed by the prediction's index in the kept predictions, with the model's
-    frame policy (*frames*): what :func:`load_maps` gives back to render them once every stage is done.
+@dataclass(frozen=True)
+class KeptMaps:
+    """One model's maps on one study as kept for the study report: its frame policy, and each kept
+    prediction's heatmap (and further maps) as float16 at the size its SC shows, keyed by the
+    prediction's index in the kept predictions (``"<index>:heatmap"``, ``"<index>:extra:<name>"``).
 
     Each map is kept at the size its SC shows (:func:`workers.outputs.map_for_display`): a full-field
-    map is ten times smaller, and compressing it costs a tenth of the time.  Deflate runs at its fastest
-    level: at NumPy's default level a smooth full-field map took 0.3 s, more than the last model's
-    forward pass on a GPU, for 15-30 % fewer bytes (a sparse map such as LEM's shrinks either way)."""
-    arrays: dict[str, np.ndarray] = {"frames": np.array(frames)}
+    map is ten times smaller.  float16, in memory as on disk (:data:`HEATMAPS_FILE`), so the SCs drawn
+    from maps kept in memory and from maps read back are the same.
+    """
+
+    frames: str
+    arrays: Mapping[str, np.ndarray]
+
+    def attach(self, predictions: Sequence[Prediction]) -> list[Prediction]:
+        """*predictions* (as kept, in order) with their kept maps, widened to float32."""
+        with_maps = []
+        for index, prediction in enumerate(predictions):
+            heatmap = self.arrays.get(f"{index}:heatmap")
+            prefix = f"{index}:extra:"
+            extra = {
+                k[len(prefix) :]: v.astype(np.float32) for k, v in self.arrays.items() if k.startswith(prefix)
+            }
+            with_maps.append(
+                replace(
+                    prediction,
+                    heatmap=None if heatmap is None else heatmap.astype(np.float32),
+                    extra_maps=extra,
+                )
+            )
+        return with_maps
+
+    def heatmap_of(self, predictions: Sequence[Prediction]) -> Callable[[Prediction], np.ndarray | None]:
+        """A reader of one of *predictions*' (as kept, in order) heatmaps, widened when asked for."""
+
+        def heatmap(prediction: Prediction) -> np.ndarray | None:
+            index = next((i for i, each in enumerate(predictions) if each is prediction), None)
+            kept = None if index is None else self.arrays.get(f"{index}:heatmap")
+            return None if kept is None else kept.astype(np.float32)
+
+        return heatmap
+
+
+def keep_maps(predictions: Sequence[Prediction], frames: str, extra_maps: bool) -> KeptMaps:
+    """*predictions*' heatmaps (and, with *extra_maps*, their further maps) as :class:`KeptMaps`, with the
+    model's frame policy (*frames*)."""
+    arrays: dict[str, np.ndarray] = {}
     for index, prediction in enumerate(predictions):
         if prediction.heatmap is not None:
             arrays[f"{index}:heatmap"] = map_for_display(prediction.heatmap).astype(np.float16)
         for name, extra in sorted(prediction.extra_maps.items()) if extra_maps else ():
             arrays[f"{index}:extra:{name}"] = map_for_display(extra).astype(np.float16)
+    return KeptMaps(frames=frames, arrays=arrays)
+
+
+def write_kept_maps(path: Path, kept: KeptMaps) -> None:
+    """Write *kept* as a compressed NumPy archive at *path*, for a later stage's study report.
+
+    Deflate runs at its fastest level: at NumPy's default level a smooth full-field map took 0.3 s, more
+    than the last model's forward pass on a GPU, for 15-30 % fewer bytes (a sparse map such as LEM's
+    shrinks either way)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".tmp.npz")
     # What np.savez_compressed writes (one .npy member per array, which np.load reads), at level 1.
     with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for key, array in arrays.items():
+        for key, array in {"frames": np.array(kept.frames), **kept.arrays}.items():
             with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
     temp.replace(path)
 
 
+def save_maps(path: Path, predictions: Sequence[Prediction], frames: str, *, extra_maps: bool) -> KeptMaps:
+    """Keep *predictions*' maps (:func:`keep_maps`) and write them at *path* (:func:`write_kept_maps`)."""
+    kept = keep_maps(predictions, frames, extra_maps)
+    write_kept_maps(path, kept)
+    return kept
+
+
+def read_kept_maps(path: Path) -> KeptMaps:
+    """The :class:`KeptMaps` written at *path*."""
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    return KeptMaps(frames=str(arrays.pop("frames")), arrays=arrays)
+
+
 def load_maps(path: Path, predictions: Sequence[Prediction]) -> tuple[str, list[Prediction]]:
     """What :func:`save_maps` kept: the frame policy, and *predictions* (as kept, in order) with their maps."""
-    with np.load(path) as archive:
-        maps = {key: archive[key] for key in archive.files}
-    with_maps = []
-    for index, prediction in enumerate(predictions):
-        heatmap = maps.get(f"{index}:heatmap")
-        prefix = f"{index}:extra:"
-        extra = {k[len(prefix) :]: v.astype(np.float32) for k, v in maps.items() if k.startswith(prefix)}
-        with_maps.append(
-            replace(
-                prediction,
-                heatmap=None if heatmap is None else heatmap.astype(np.float32),
-                extra_maps=extra,
-            )
-        )
-    return str(maps["frames"]), with_maps
+    kept = read_kept_maps(path)
+    return kept.frames, kept.attach(predictions)
 
 
 def kept_heatmaps(path: Path, predictions: Sequence[Prediction]) -> Callable[[Prediction], np.ndarray | None]:
@@ -668,6 +735,7 @@ def write_study_report(
     accepting: Sequence[str] = (),
     failed_images: Mapping[str, Sequence[str]] | None = None,
     on_problem: Callable[[str], None] | None = None,
+    kept_maps: Mapping[str, KeptMaps] | None = None,
 ) -> list[Path]:
     """Build and save the study's heatmap series, its SR and, for a mammography study, its Mammography CAD SR
     (``outputs.cad_sr``) from every model's kept predictions and maps under *output_root*; return their
@@ -686,6 +754,8 @@ def write_study_report(
         the CAD SR's summaries; without it a model with predictions counts as having succeeded on its images.
     :param on_problem: Told, in our words, why the CAD SR could not be built.  The study SR and heatmaps
         still go out: a mark-up a workstation may draw is not worth the results the PACS needs.
+    :param kept_maps: Plugin name -> its kept maps in memory (this stage's models,
+        :attr:`ModelRun.kept_maps`); the other models' are read from their :data:`HEATMAPS_FILE`.
     """
     by_uid = {s.instance.sop_instance_uid: s for s in sources if s.header is not None}
     kept: dict[str, tuple[Path, ModelResults, list[Prediction]]] = {}
@@ -697,51 +767,77 @@ def write_study_report(
             kept[path.parent.name] = (path.parent, results, as_kept)
     if not kept:
         return []
+    in_memory = kept_maps or {}
+
+    def maps_of(name: str) -> KeptMaps | None:
+        """The model's kept maps: from memory, else read from its folder (none when it kept none)."""
+        if name in in_memory:
+            return in_memory[name]
+        path = kept[name][0] / HEATMAPS_FILE
+        return read_kept_maps(path) if path.exists() else None
+
     written: list[Path] = []
     shown = study_heatmap_model(list(kept), decision, settings, accepting)
     read: dict[str, list[Prediction]] = {}
-    if shown is not None:
-        model_dir, results, as_kept = kept[shown]
-        scs: list[pydicom.Dataset] = []
-        if (model_dir / HEATMAPS_FILE).exists():
-            frames, read[shown] = load_maps(model_dir / HEATMAPS_FILE, as_kept)
-            scs, written = write_study_heatmaps(
-                model_dir,
-                read[shown],
-                frames,
-                results.identity,
-                by_uid,
-                images if images is not None else DecodedImages(StudyTimings()),
-                extra_maps=settings.outputs.extra_maps != "none",
-            )
-        kept[shown] = (model_dir, replace(results, heatmaps=scs), as_kept)
-    reports = [results for _, results, _ in kept.values()]
-    used = sorted({p.image.sop_instance_uid for r in reports for p in r.predictions})
-    evidence = [header for uid in used if (header := by_uid[uid].header) is not None]
-    sr = build_study_sr(
-        evidence,
-        reports,
-        decision=decision,
-        triage=triage,
-        max_points=settings.outputs.max_points,
-        source_digests={uid: by_uid[uid].digest for uid in used},
-    )
+    shown_maps = maps_of(shown) if shown is not None else None
+    if shown is not None and shown_maps is not None:
+        read[shown] = shown_maps.attach(kept[shown][2])
     directory = output_root / STUDY_REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    written = [*written, _save(sr, directory)]
-    if settings.outputs.cad_sr.enabled:
-        try:
-            cad = write_cad_sr(
-                by_uid, kept, decision, settings, directory, accepting, failed_images or {}, read=read
+    # The CAD SR is Python and pydicom work, the heatmap SCs mostly OpenCV, zlib and file writes (which
+    # leave the interpreter lock): the CAD SR is built while the SCs are drawn.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cad-sr") as beside:
+        cad_sr: Future[Path | None] = _done_with(None)
+        if settings.outputs.cad_sr.enabled:
+            others = {name: maps for name in kept if name not in read and (maps := in_memory.get(name))}
+            cad_sr = beside.submit(
+                write_cad_sr,
+                by_uid,
+                dict(kept),  # this thread replaces the shown model's entry (its SCs) meanwhile
+                decision,
+                settings,
+                directory,
+                accepting,
+                failed_images or {},
+                read=read,
+                kept_maps=others,
             )
+        if shown is not None:
+            model_dir, results, as_kept = kept[shown]
+            scs: list[pydicom.Dataset] = []
+            if shown_maps is not None:
+                scs, written = write_study_heatmaps(
+                    model_dir,
+                    read[shown],
+                    shown_maps.frames,
+                    results.identity,
+                    by_uid,
+                    images if images is not None else DecodedImages(StudyTimings()),
+                    extra_maps=settings.outputs.extra_maps != "none",
+                )
+            kept[shown] = (model_dir, replace(results, heatmaps=scs), as_kept)
+        reports = [results for _, results, _ in kept.values()]
+        used = sorted({p.image.sop_instance_uid for r in reports for p in r.predictions})
+        evidence = [header for uid in used if (header := by_uid[uid].header) is not None]
+        sr = build_study_sr(
+            evidence,
+            reports,
+            decision=decision,
+            triage=triage,
+            max_points=settings.outputs.max_points,
+            source_digests={uid: by_uid[uid].digest for uid in used},
+        )
+        written = [*written, _save(sr, directory)]
+        try:
+            cad = cad_sr.result()
         except Exception as exc:  # our words and the type only: a header value may be in the message
             reason = failure_reason("building the Mammography CAD SR failed", exc)
             log.error("cad_sr.failed", reason=reason)
             if on_problem is not None:
                 on_problem(reason)
             cad = None
-        if cad is not None:
-            written.append(cad)
+    if cad is not None:
+        written.append(cad)
     return written
 
 
@@ -755,14 +851,15 @@ def write_cad_sr(
     failed_images: Mapping[str, Sequence[str]],
     *,
     read: Mapping[str, Sequence[Prediction]] | None = None,
+    kept_maps: Mapping[str, KeptMaps] | None = None,
 ) -> Path | None:
     """Build and save the study's Mammography CAD SR in *directory* when the study holds MG For Presentation
     images; ``None`` when it holds none.
 
     Every kept model's MG predictions get their kept heatmaps back for the peaks: those of a model in *read*
     (its kept predictions with their maps, as :func:`load_maps` gave them to the heatmap series), else
-    each map the CAD SR wants, read alone (:func:`kept_heatmaps`).  A model of *accepting* without kept
-    predictions is listed as failed.
+    each map the CAD SR wants, from *kept_maps* (in memory) or read alone (:func:`kept_heatmaps`).  A model
+    of *accepting* without kept predictions is listed as failed.
     """
     mg = {
         uid: source.header
@@ -781,7 +878,9 @@ def write_cad_sr(
         maps = model_dir / HEATMAPS_FILE
         with_maps = (read or {}).get(name, as_kept)
         heatmap_of = None
-        if name not in (read or {}) and maps.exists():
+        if name not in (read or {}) and kept_maps and name in kept_maps:
+            heatmap_of = kept_maps[name].heatmap_of(as_kept)
+        elif name not in (read or {}) and maps.exists():
             heatmap_of = kept_heatmaps(maps, as_kept)
         predictions = [p for p in with_maps if p.image.sop_instance_uid in mg]
         if predictions:
@@ -830,10 +929,45 @@ def file_digest(path: str | Path) -> str:
 def _save(dataset: pydicom.Dataset, directory: Path) -> Path:
     path = directory / f"{dataset.SOPInstanceUID}.dcm"
     temp = path.with_suffix(".tmp")
+    settle_ambiguous_vrs(dataset)
     dataset.save_as(temp, enforce_file_format=True)
     temp.replace(path)
     write_preview(dataset, path)  # what the web service shows, so that it never decodes pixel data
     return path
+
+
+def settle_ambiguous_vrs(dataset: pydicom.Dataset) -> None:
+    """Settle the ambiguous VRs of *dataset*, a data set built here, once over its whole tree, so that
+    pydicom writes it without settling them again for each nested data set.
+
+    pydicom (3.0) runs ``correct_ambiguous_vr`` on each data set whose original encoding or character
+    set differs from the file's, and for a nested one that pass walks the data set's whole subtree:
+    a data set built from scratch has neither, so a study SR's 2600 nested items were walked once per
+    level of nesting (a quarter of its write).  Here the pass runs once (it recurses into every
+    sequence), then each data set built from scratch is given, through the public
+    ``Dataset.set_original_encoding``, the encoding the file is written in and the character set
+    pydicom gives it, which tells the writer it is settled.  A data set read from a file keeps its own
+    original encoding and is settled by pydicom as before; the bytes written are the same either
+    way (``tests/test_study_report.py`` compares them).
+    """
+    syntax = pydicom.uid.UID(dataset.file_meta.TransferSyntaxUID)
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    correct_ambiguous_vr(dataset, little)
+    pending = [dataset]
+    while pending:
+        each = pending.pop()
+        if each.original_encoding == (None, None):
+            # The character set pydicom gives a data set built here: its own, else the default (the
+            # writer passes a nested one its parent's for the text itself).
+            charset = each.get((0x0008, 0x0005))
+            each.set_original_encoding(
+                implicit,
+                little,
+                convert_encodings(charset.value) if charset is not None else default_encoding,
+            )
+        for element in each.elements():
+            if element.VR == "SQ":
+                pending.extend(each[element.tag].value)
 
 
 def prediction_summary(prediction: Prediction) -> dict[str, Any]:

@@ -231,7 +231,16 @@ def _analyse(
     images = DecodedImages(timings)
     try:
         runs = analyse_study(
-            host, this_stage, sources, settings, output_root, timings, on_model_done=journal, images=images
+            host,
+            this_stage,
+            sources,
+            settings,
+            output_root,
+            timings,
+            on_model_done=journal,
+            images=images,
+            # Only a later stage's report reads this stage's maps back; this stage's own takes them from memory.
+            maps_on_disk=bool(later),
         )
     except SoftTimeLimitExceeded:
         store.event(study.job_id, "analysis_timeout", stage)
@@ -262,6 +271,7 @@ def _analyse(
                     for a in store.analyses(study.job_id)
                 },
                 on_problem=lambda reason: store.event(study.job_id, "cad_sr_failed", reason),
+                kept_maps={run.model: run.kept_maps for run in runs if run.kept_maps is not None},
             )
         except Exception as exc:  # our words and the type only: highdicom can quote patient attributes
             raise PermanentError(failure_reason("building the study report failed", exc)) from exc
