@@ -226,6 +226,10 @@ class WorkerSettings(_Section):
     #: above it fails as one image's out-of-memory failure instead of the kernel killing the
     #: process.  Not applied to CUDA workers: the CUDA runtime reserves far more address space.
     memory_limit_mb: int = Field(default=16384, ge=0)
+    #: Decode and preprocess a model's next images on a thread of their own while it runs the current
+    #: batch: ``auto`` on a CUDA device (its forward pass leaves the CPU idle), never on the CPU (the
+    #: forward pass already has every core); ``on`` or ``off`` to choose.
+    read_ahead: Literal["auto", "on", "off"] = "auto"
 
 
 class RouteRule(_Section):

@@ -8,12 +8,13 @@ carry on.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pluggy
@@ -50,9 +51,12 @@ from plugins.weights import checkpoint_options, checkpoint_spec, load_checkpoint
 
 log = structlog.get_logger(__name__)
 
+_Item = TypeVar("_Item")
+
 Result = Prediction | ImageFailure | SkippedImage
-#: Decodes one image's frames under a frame policy.
-_Decoder = Callable[[ImageRef, str], list[tuple[ImageRef, np.ndarray]]]
+#: Decodes one image's frames under a frame policy: the frames, or why they cannot be decoded (our
+#: words), or it raises (the host words the reason).
+_Decoder = Callable[[ImageRef, str], "list[tuple[ImageRef, np.ndarray]] | str"]
 _TOMOSYNTHESIS_SOP_CLASSES = frozenset({BREAST_TOMOSYNTHESIS, *BREAST_PROJECTION})
 # Seed of demo weights, so that two workers give the same untrained output.
 _DEMO_SEED = 0
@@ -354,6 +358,31 @@ class ModelHost:
         jobs = [(ref, lambda ref, _frames, image=image: [(ref, image)]) for ref, image in images]
         return self._run(self.plugin(plugin_name), jobs, timings)
 
+    def run_decoded_by(
+        self,
+        plugin_name: str,
+        refs: Sequence[ImageRef],
+        decode: Callable[[ImageRef, str], list[tuple[ImageRef, np.ndarray]] | str],
+        timings: RunTimings | None = None,
+    ) -> list[Result]:
+        """As :meth:`run`, with the caller's decoder: ``decode(ref, frame_policy)`` gives the frames the
+        policy selects as (frame ref, display-ready ``uint8``), or why they cannot be decoded, in our words.
+
+        The study pipeline passes one that decodes each image once for every model.  With read-ahead
+        (:meth:`reads_ahead`) the decoding and preprocessing run on a thread of their own, ahead of the
+        forward passes.  *refs* are not checked against the pixel budget here: the caller did.
+        """
+        return self._run(self.plugin(plugin_name), [(ref, decode) for ref in refs], timings)
+
+    def reads_ahead(self) -> bool:
+        """Whether images are decoded and preprocessed on a thread of their own while the model runs
+        (``worker.read_ahead``; ``auto``: on a CUDA device, where the forward pass leaves the CPU idle).
+
+        On the CPU the forward pass already has every core, and reading ahead only takes them from it.
+        """
+        mode = self.settings.worker.read_ahead
+        return mode == "on" or (mode == "auto" and self.device.startswith("cuda"))
+
     def _run(
         self,
         plugin: ModelPlugin,
@@ -364,7 +393,41 @@ class ModelHost:
         timings = timings if timings is not None else RunTimings()
         # Results are placed by position because batching finishes images out of order.
         results: list[Result | None] = []
+        prepared = self._prepared(plugin, jobs, results, timings)
+        if self.reads_ahead():
+            batch_size = self.settings.plugin_config(plugin.name).batch_size
+            prepared = read_ahead(prepared, depth=2 * batch_size, name=f"read-ahead-{plugin.name}")
         batch: list[tuple[int, ImageRef, torch.Tensor, Letterbox]] = []
+        loaded: LoadedModel | None = None
+        for loaded, *item in prepared:
+            batch.append(cast(tuple[int, ImageRef, torch.Tensor, Letterbox], tuple(item)))
+            if len(batch) == loaded.batch_size:
+                self._infer_into(loaded, batch, results, timings)
+                batch = []
+        if batch and loaded is not None:
+            self._infer_into(loaded, batch, results, timings)
+        done = [r for r in results if r is not None]
+        log.info(
+            "model.run",
+            model=plugin.spec.model_id,
+            images=len(jobs),
+            predictions=sum(isinstance(r, Prediction) for r in done),
+            failures=sum(isinstance(r, ImageFailure) for r in done),
+            skipped=sum(isinstance(r, SkippedImage) for r in done),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return done
+
+    def _prepared(
+        self,
+        plugin: ModelPlugin,
+        jobs: Sequence[tuple[ImageRef, _Decoder]],
+        results: list[Result | None],
+        timings: RunTimings,
+    ) -> Iterator[tuple[LoadedModel, int, ImageRef, torch.Tensor, Letterbox]]:
+        """Decode and preprocess each job's frames in order, yielding each model input with its position
+        in *results*; a skipped image, or one that fails to load, decode or preprocess, gets its result
+        there instead (a ``None`` placeholder marks each input yielded)."""
         loaded: LoadedModel | None = None
         load_error = ""
         for ref, decode in jobs:
@@ -383,8 +446,9 @@ class ModelHost:
             try:
                 frames = decode(ref, loaded.options["frames"])
             except Exception as exc:  # decode_frames names the file; anything else is still this image's
-                error = failure_reason("decoding", exc)
-                results.append(ImageFailure(model_name=plugin.name, image=ref, error=error))
+                frames = failure_reason("decoding", exc)
+            if isinstance(frames, str):
+                results.append(ImageFailure(model_name=plugin.name, image=ref, error=frames))
                 continue
             for frame_ref, image in frames:
                 step = time.perf_counter()
@@ -392,23 +456,7 @@ class ModelHost:
                 timings.preprocess += time.perf_counter() - step
                 results.append(prepared if isinstance(prepared, ImageFailure) else None)
                 if not isinstance(prepared, ImageFailure):
-                    batch.append((len(results) - 1, *prepared))
-                if len(batch) == loaded.batch_size:
-                    self._infer_into(loaded, batch, results, timings)
-                    batch = []
-        if batch and loaded is not None:
-            self._infer_into(loaded, batch, results, timings)
-        done = [r for r in results if r is not None]
-        log.info(
-            "model.run",
-            model=plugin.spec.model_id,
-            images=len(jobs),
-            predictions=sum(isinstance(r, Prediction) for r in done),
-            failures=sum(isinstance(r, ImageFailure) for r in done),
-            skipped=sum(isinstance(r, SkippedImage) for r in done),
-            seconds=round(time.perf_counter() - started, 3),
-        )
-        return done
+                    yield (loaded, len(results) - 1, *prepared)
 
     def _infer_into(
         self,
@@ -511,6 +559,51 @@ class ModelHost:
     def _fail(name: str, batch: list[tuple[ImageRef, torch.Tensor, Letterbox]], error: str) -> list[Result]:
         log.error("model.failed", model=name, images=len(batch), error=error)
         return [ImageFailure(model_name=name, image=ref, error=error) for ref, _, _ in batch]
+
+
+def read_ahead(items: Iterator[_Item], depth: int, name: str = "read-ahead") -> Iterator[_Item]:
+    """*items*, produced on a thread of their own at most *depth* ahead of the consumer.
+
+    What the producer raises is raised here, after the items it produced.  A consumer that stops early
+    stops the producer at its next item: the thread never outlives the iteration by more than one.
+    """
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            outcome: tuple[bool, Any] = (False, None)
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            outcome = (False, exc)
+        while not stop.is_set():
+            try:
+                ready.put(outcome, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    producer = threading.Thread(target=produce, name=name, daemon=True)
+    producer.start()
+    try:
+        while True:
+            more, item = ready.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()
 
 
 def _calibrated(prediction: Prediction, loaded: LoadedModel) -> Prediction:

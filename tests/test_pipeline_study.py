@@ -251,3 +251,30 @@ def test_the_last_stage_s_maps_in_memory_give_the_report_their_copy_on_disk_give
             assert from_memory.PixelData == from_disk.PixelData
         else:
             assert from_memory.ContentSequence == from_disk.ContentSequence
+
+
+def test_a_study_read_ahead_is_decoded_once_and_gives_the_findings_read_in_turn_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``worker.read_ahead: on`` (a CUDA worker's default) each image is still decoded once for every
+    model, and the study ends done with the findings of a worker that reads in turn."""
+    findings = {}
+    for mode in ("off", "on"):
+        (tmp_path / mode).mkdir()
+        settings = harness_settings(tmp_path / mode, worker={"read_ahead": mode})
+        for runner in _harness(tmp_path / mode, monkeypatch, settings):
+            study_uid = new_study_uid()
+            views = [bright_mammogram(study_uid, seed=i, laterality=lat, view=view)
+                     for i, (lat, view) in enumerate([("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")])]
+            job = runner.job(views, job_id="read-ahead")
+            host = pipeline.model_host(runner.settings, "cpu")
+            assert host.reads_ahead() is (mode == "on")
+            timings = pipeline.StudyTimings()
+            sources = pipeline.read_sources(job, timings)
+            runs = pipeline.analyse_study(host, ["triage_probe", "triage_probe_heavy"], sources, runner.settings,
+                                          tmp_path / mode / "outputs", timings)
+            assert timings.decodes == 4
+            findings[mode] = [(p.image.laterality, p.image.view, p.model_name, round(p.risk, 6))
+                              for run in runs for p in run.predictions]
+            row = runner.run(job)
+            assert row["state"] == "done"
+    assert findings["on"] == findings["off"] and len(findings["on"]) == 8

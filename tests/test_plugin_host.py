@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,11 +17,11 @@ import torch
 from torch import nn
 
 from gateway.errors import PluginError, StartupError
-from gateway.settings import ModelSettings, PluginSettings, Settings
+from gateway.settings import ModelSettings, PluginSettings, Settings, WorkerSettings
 from plugins import hookimpl
 from plugins.base import BASE_OPTIONS, ModelOutput, TorchModelPlugin
 from plugins.builtin.asg_mammonet import MODEL_CFGS, AsgMammoNet
-from plugins.host import ModelHost
+from plugins.host import ModelHost, read_ahead
 from plugins.manager import get_plugin_manager
 from plugins.preprocess import decode_frames, read_image_ref
 from plugins.types import AcceptRule, ImageFailure, ModelSpec, Prediction, SkippedImage
@@ -421,3 +423,81 @@ def test_disabled_models_are_not_run(mammograms: dict[str, Path]) -> None:
     assert isinstance(failure, ImageFailure) and "disabled" in failure.error
     with pytest.raises(PluginError, match="no such model"):
         host.run("nonexistent", [])
+
+
+# -------------------------------------------------------------------------
+# Reading ahead: decoding and preprocessing on a thread of their own
+# -------------------------------------------------------------------------
+
+
+def _reading_ahead(host: ModelHost) -> ModelHost:
+    worker = host.settings.worker.model_copy(update={"read_ahead": "on"})
+    return ModelHost(host.settings.model_copy(update={"worker": worker}), plugin_manager=host.plugin_manager)
+
+
+@pytest.mark.parametrize("name", ["asg_mammonet", "nan", "raising", "bad_build"])
+def test_reading_ahead_gives_what_reading_in_turn_gives(
+    name: str, tmp_path: Path, mixed_host: ModelHost, mammograms: dict[str, Path]
+) -> None:
+    """Each image's result, in order, is the same whether its decoding and preprocessing ran ahead on a
+    thread of their own or in turn: predictions, failures (a broken file's included) and their words."""
+    refs = [read_image_ref(p) for p in mammograms.values()]
+    broken_path = tmp_path / "broken.dcm"
+    broken_path.write_bytes(mammograms["lcc"].read_bytes()[:2000])
+    refs.insert(1, dataclasses.replace(refs[0], path=broken_path, sop_instance_uid="1.2.3.4"))
+    ahead = _reading_ahead(mixed_host)
+    assert ahead.reads_ahead() and not mixed_host.reads_ahead()
+    in_turn, read_ahead = mixed_host.run(name, refs * 2), ahead.run(name, refs * 2)
+    assert [type(r) for r in read_ahead] == [type(r) for r in in_turn]
+    for a, b in zip(read_ahead, in_turn, strict=True):
+        assert a.image == b.image
+        if isinstance(a, Prediction) and isinstance(b, Prediction):
+            assert a.probabilities == pytest.approx(b.probabilities)
+            assert (a.heatmap is None) == (b.heatmap is None)
+            assert a.heatmap is None or np.allclose(a.heatmap, b.heatmap, atol=1e-6)
+        else:
+            assert isinstance(a, ImageFailure) and isinstance(b, ImageFailure) and a.error == b.error
+
+
+def test_read_ahead_is_on_for_cuda_only_unless_set() -> None:
+    for device, mode, expected in [("cpu", "auto", False), ("cuda:0", "auto", True), ("cpu", "on", True),
+                                   ("cuda", "off", False)]:
+        settings = make_settings().model_copy(update={"worker": WorkerSettings(read_ahead=mode)})
+        assert ModelHost(settings, device=device).reads_ahead() is expected
+
+
+def test_read_ahead_stays_within_its_depth_and_hands_on_what_the_producer_raises() -> None:
+    produced: list[int] = []
+
+    def items() -> Iterator[int]:
+        for number in range(10):
+            produced.append(number)
+            yield number
+        raise ValueError("the tenth item was the last")
+
+    consumed = []
+    with pytest.raises(ValueError, match="the last"):
+        for item in read_ahead(items(), depth=2):
+            time.sleep(0.01)  # a slow consumer: the producer waits for room instead of running on
+            assert len(produced) <= item + 1 + 2 + 1  # at most the queue's depth and one in hand ahead
+            consumed.append(item)
+    assert consumed == list(range(10))
+
+
+def test_a_consumer_that_stops_early_stops_the_producer() -> None:
+    produced: list[int] = []
+
+    def endless() -> Iterator[int]:
+        number = 0
+        while True:
+            produced.append(number)
+            yield number
+            number += 1
+
+    for item in read_ahead(endless(), depth=3, name="endless"):
+        if item == 5:
+            break
+    count = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == count <= 5 + 3 + 2
+    assert not any(thread.name == "endless" for thread in threading.enumerate())

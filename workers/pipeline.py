@@ -30,7 +30,6 @@ import structlog
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.filewriter import correct_ambiguous_vr
 
-from gateway.errors import PluginError
 from gateway.inflate import read_header
 from gateway.messages import InstanceRef, StudyJob
 from gateway.provenance import is_own_output
@@ -380,19 +379,9 @@ def _run_one(
             run.skipped.append(SkippedImage(model_name=model, image=ref, reason=reason))
     if not accepted:
         return
-    try:
-        policy = str(host.load(model).options["frames"])
-    except PluginError as exc:  # our own words: which model, and why it cannot load
-        run.failures.extend(ImageFailure(model_name=model, image=ref, error=str(exc)) for ref in accepted)
-        return
-    frames: list[tuple[ImageRef, np.ndarray]] = []
-    for ref in accepted:
-        decoded = images.frames(ref, policy)
-        if isinstance(decoded, str):
-            run.failures.append(ImageFailure(model_name=model, image=ref, error=decoded))
-        else:
-            frames.extend(decoded)
-    for result in host.run_images(model, frames, timings) if frames else ():
+    # Each image is decoded when the model first reaches it (once for every model: ``images`` keeps it),
+    # on the host's read-ahead thread where it has one, so the decoding overlaps the forward passes.
+    for result in host.run_decoded_by(model, accepted, images.frames, timings):
         if isinstance(result, Prediction):
             run.predictions.append(result)
         elif isinstance(result, ImageFailure):
