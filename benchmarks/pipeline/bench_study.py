@@ -484,8 +484,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * report['outside_share']:.1f} % of the study (goal <= 15 %); outside the bare forward passes: "
         f"{100 * report['outside_bare_forward_share']:.1f} %"
     )
-    if not args.per_model and report["decodes"] != report["sources"]:
-        print(f"NOT decoded exactly once: {report['decodes']} decodes for {report['sources']} sources")
+    # One worker process analyses one study at a time: its rate is one study per study time.  Without the
+    # delivery, which the worker hands to the delivery queue (another process may send while it analyses).
+    report["studies_per_hour"] = 3600 / total
+    report["studies_per_hour_without_delivery"] = 3600 / (total - report["delivery_s"])
+    print(
+        f"studies per hour, one worker: {report['studies_per_hour']:.0f} "
+        f"({report['studies_per_hour_without_delivery']:.0f} with delivery in another process)"
+    )
+    stages = 2 if args.first_stage and args.first_stage in args.models and len(args.models) > 1 else 1
+    if not args.per_model and report["decodes"] != stages * report["sources"]:
+        print(f"NOT decoded once per stage: {report['decodes']} decodes for {report['sources']} sources")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
