@@ -11,10 +11,10 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import pluggy
@@ -372,7 +372,18 @@ class ModelHost:
         (:meth:`reads_ahead`) the decoding and preprocessing run on a thread of their own, ahead of the
         forward passes.  *refs* are not checked against the pixel budget here: the caller did.
         """
-        return self._run(self.plugin(plugin_name), [(ref, decode) for ref in refs], timings)
+        return self.start_run(plugin_name, refs, decode, timings).finish()
+
+    def start_run(
+        self,
+        plugin_name: str,
+        refs: Sequence[ImageRef],
+        decode: Callable[[ImageRef, str], list[tuple[ImageRef, np.ndarray]] | str],
+        timings: RunTimings | None = None,
+    ) -> PendingRun:
+        """:meth:`run_decoded_by`, begun: with read-ahead its first inputs are decoded and preprocessed from
+        now on, while the caller runs another model; :meth:`PendingRun.finish` runs the model over them."""
+        return PendingRun(self, self.plugin(plugin_name), [(ref, decode) for ref in refs], timings)
 
     def reads_ahead(self) -> bool:
         """Whether images are decoded and preprocessed on a thread of their own while the model runs
@@ -389,34 +400,7 @@ class ModelHost:
         jobs: Sequence[tuple[ImageRef, _Decoder]],
         timings: RunTimings | None = None,
     ) -> list[Result]:
-        started = time.perf_counter()
-        timings = timings if timings is not None else RunTimings()
-        # Results are placed by position because batching finishes images out of order.
-        results: list[Result | None] = []
-        prepared = self._prepared(plugin, jobs, results, timings)
-        if self.reads_ahead():
-            batch_size = self.settings.plugin_config(plugin.name).batch_size
-            prepared = read_ahead(prepared, depth=2 * batch_size, name=f"read-ahead-{plugin.name}")
-        batch: list[tuple[int, ImageRef, torch.Tensor, Letterbox]] = []
-        loaded: LoadedModel | None = None
-        for loaded, *item in prepared:
-            batch.append(cast(tuple[int, ImageRef, torch.Tensor, Letterbox], tuple(item)))
-            if len(batch) == loaded.batch_size:
-                self._infer_into(loaded, batch, results, timings)
-                batch = []
-        if batch and loaded is not None:
-            self._infer_into(loaded, batch, results, timings)
-        done = [r for r in results if r is not None]
-        log.info(
-            "model.run",
-            model=plugin.spec.model_id,
-            images=len(jobs),
-            predictions=sum(isinstance(r, Prediction) for r in done),
-            failures=sum(isinstance(r, ImageFailure) for r in done),
-            skipped=sum(isinstance(r, SkippedImage) for r in done),
-            seconds=round(time.perf_counter() - started, 3),
-        )
-        return done
+        return PendingRun(self, plugin, jobs, timings).finish()
 
     def _prepared(
         self,
@@ -561,49 +545,119 @@ class ModelHost:
         return [ImageFailure(model_name=name, image=ref, error=error) for ref, _, _ in batch]
 
 
-def read_ahead(items: Iterator[_Item], depth: int, name: str = "read-ahead") -> Iterator[_Item]:
-    """*items*, produced on a thread of their own at most *depth* ahead of the consumer.
+class PendingRun:
+    """One model's run over a list of images, begun: its inputs are decoded and preprocessed on a thread of
+    their own from the start with read-ahead (:meth:`ModelHost.reads_ahead`), else as :meth:`finish` needs
+    them.  :meth:`finish` runs the model in batches and gives one result per image, in order."""
 
-    What the producer raises is raised here, after the items it produced.  A consumer that stops early
-    stops the producer at its next item: the thread never outlives the iteration by more than one.
-    """
-    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
+    def __init__(
+        self,
+        host: ModelHost,
+        plugin: ModelPlugin,
+        jobs: Sequence[tuple[ImageRef, _Decoder]],
+        timings: RunTimings | None = None,
+    ) -> None:
+        self.host, self.plugin, self.images = host, plugin, len(jobs)
+        self.timings = timings if timings is not None else RunTimings()
+        # Results are placed by position because batching finishes images out of order.
+        self.results: list[Result | None] = []
+        prepared = host._prepared(plugin, jobs, self.results, self.timings)
+        self._ahead: ReadAhead[tuple[LoadedModel, int, ImageRef, torch.Tensor, Letterbox]] | None = None
+        if host.reads_ahead():
+            depth = 2 * host.settings.plugin_config(plugin.name).batch_size
+            self._ahead = ReadAhead(prepared, depth=depth, name=f"read-ahead-{plugin.name}")
+        self._prepared: Iterable[tuple[LoadedModel, int, ImageRef, torch.Tensor, Letterbox]] = (
+            self._ahead if self._ahead is not None else prepared
+        )
 
-    def produce() -> None:
+    def finish(self) -> list[Result]:
+        """Run the model over the prepared inputs, batch by batch; the results, one per image (per frame)."""
+        started = time.perf_counter()
+        batch: list[tuple[int, ImageRef, torch.Tensor, Letterbox]] = []
+        loaded: LoadedModel | None = None
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for loaded, *item in self._prepared:
+                batch.append(cast(tuple[int, ImageRef, torch.Tensor, Letterbox], tuple(item)))
+                if len(batch) == loaded.batch_size:
+                    self.host._infer_into(loaded, batch, self.results, self.timings)
+                    batch = []
+        finally:
+            self.close()
+        if batch and loaded is not None:
+            self.host._infer_into(loaded, batch, self.results, self.timings)
+        done = [r for r in self.results if r is not None]
+        log.info(
+            "model.run",
+            model=self.plugin.spec.model_id,
+            images=self.images,
+            predictions=sum(isinstance(r, Prediction) for r in done),
+            failures=sum(isinstance(r, ImageFailure) for r in done),
+            skipped=sum(isinstance(r, SkippedImage) for r in done),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return done
+
+    def close(self) -> None:
+        """Stop preparing inputs (a run abandoned before :meth:`finish`, or once it is done)."""
+        if self._ahead is not None:
+            self._ahead.close()
+
+
+class ReadAhead(Generic[_Item]):
+    """The items of *items*, produced on a thread of their own, started at once, at most *depth* ahead of
+    the consumer.
+
+    What the producer raises is raised to the consumer after the items it produced.  :meth:`close` (or a
+    consumer that stops iterating) stops the producer at its next item.
+    """
+
+    def __init__(self, items: Iterator[_Item], depth: int, name: str = "read-ahead") -> None:
+        self._ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._items = items
+        self._producer = threading.Thread(target=self._produce, name=name, daemon=True)
+        self._producer.start()
+
+    def _offer(self, entry: tuple[bool, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for item in self._items:
+                if not self._offer((True, item)):
                     return
             outcome: tuple[bool, Any] = (False, None)
         except BaseException as exc:  # handed to the consumer, which raises it in its own thread
             outcome = (False, exc)
-        while not stop.is_set():
-            try:
-                ready.put(outcome, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self._offer(outcome)
 
-    producer = threading.Thread(target=produce, name=name, daemon=True)
-    producer.start()
-    try:
-        while True:
-            more, item = ready.get()
-            if not more:
-                if item is not None:
-                    raise item
-                return
-            yield item
-    finally:
-        stop.set()
-        producer.join()
+    def __iter__(self) -> Iterator[_Item]:
+        try:
+            while True:
+                more, item = self._ready.get()
+                if not more:
+                    if item is not None:
+                        raise item
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._producer is not threading.current_thread():
+            self._producer.join()
+
+
+def read_ahead(items: Iterator[_Item], depth: int, name: str = "read-ahead") -> Iterator[_Item]:
+    """Iterate over *items* read ahead on a thread of their own (:class:`ReadAhead`)."""
+    return iter(ReadAhead(items, depth, name))
 
 
 def _calibrated(prediction: Prediction, loaded: LoadedModel) -> Prediction:

@@ -7,6 +7,8 @@ dead-lettered; the next study is analysed as usual after each case.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -278,3 +280,39 @@ def test_a_study_read_ahead_is_decoded_once_and_gives_the_findings_read_in_turn_
             row = runner.run(job)
             assert row["state"] == "done"
     assert findings["on"] == findings["off"] and len(findings["on"]) == 8
+
+
+def test_with_read_ahead_the_next_model_s_inputs_are_prepared_while_a_model_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = harness_settings(tmp_path, worker={"read_ahead": "on"})
+    for runner in _harness(tmp_path, monkeypatch, settings):
+        study_uid = new_study_uid()
+        views = [bright_mammogram(study_uid, seed=i, laterality=lat, view="CC") for i, lat in enumerate("LR")]
+        job = runner.job(views)
+        host = pipeline.model_host(runner.settings, "cpu")
+        events: list[tuple[str, str]] = []
+        for name in ("triage_probe", "triage_probe_heavy"):
+            plugin = host.plugin(name)
+
+            def forward(model: object, batch: object, options: object, name: str = name,
+                        real: object = plugin.forward) -> object:
+                events.append((name, "forward starts"))
+                time.sleep(0.5)  # long enough for the other thread to prepare the next model's inputs
+                outcome = real(model, batch, options)  # type: ignore[operator]
+                events.append((name, "forward ends"))
+                return outcome
+
+            def preprocess(image: object, ref: object, options: object, name: str = name,
+                           real: object = plugin.preprocess) -> object:
+                events.append((name, "preprocess"))
+                return real(image, ref, options)  # type: ignore[operator]
+
+            monkeypatch.setattr(plugin, "forward", forward)
+            monkeypatch.setattr(plugin, "preprocess", preprocess)
+        sources = pipeline.read_sources(job)
+        runs = pipeline.analyse_study(host, ["triage_probe", "triage_probe_heavy"], sources, runner.settings,
+                                      tmp_path / "outputs", pipeline.StudyTimings())
+        assert [len(r.predictions) for r in runs] == [2, 2]
+        first_ends = events.index(("triage_probe", "forward ends"))
+        assert ("triage_probe_heavy", "preprocess") in events[:first_ends]
+        assert not any(t.name.startswith("read-ahead") for t in threading.enumerate())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +35,7 @@ from gateway.inflate import read_header
 from gateway.messages import InstanceRef, StudyJob
 from gateway.provenance import is_own_output
 from gateway.settings import Settings
-from plugins.host import ModelHost, RunTimings, pixel_budget_reason
+from plugins.host import ModelHost, PendingRun, RunTimings, pixel_budget_reason
 from plugins.preprocess import FramePolicy, decode_frames, image_ref_from_header, to_grey
 from plugins.types import ImageFailure, ImageRef, Prediction, SkippedImage, failure_reason
 from workers.cad_sr import AlgorithmRun, build_cad_sr
@@ -170,6 +171,8 @@ class DecodedImages:
     def __init__(self, timings: StudyTimings) -> None:
         self.timings = timings
         self._frames: dict[tuple[str, str], list[tuple[ImageRef, np.ndarray]] | str] = {}
+        # Two models' read-ahead threads may reach one image at once: it is still decoded once.
+        self._decoding = threading.Lock()
 
     @staticmethod
     def _key(ref: ImageRef, policy: str) -> tuple[str, str]:
@@ -179,6 +182,12 @@ class DecodedImages:
     def frames(self, ref: ImageRef, policy: str) -> list[tuple[ImageRef, np.ndarray]] | str:
         """The frames *policy* selects as (frame ref, display image), or why they cannot be decoded."""
         key = self._key(ref, policy)
+        with self._decoding:
+            return self._decoded(ref, policy, key)
+
+    def _decoded(
+        self, ref: ImageRef, policy: str, key: tuple[str, str]
+    ) -> list[tuple[ImageRef, np.ndarray]] | str:
         if key not in self._frames:
             started = time.perf_counter()
             try:
@@ -335,18 +344,31 @@ def analyse_study(
             if on_model_done is not None:
                 on_model_done(run)
 
+    def begin(model: str) -> tuple[ModelRun, PendingRun | None]:
+        run = ModelRun(model=model)
+        timing = timings.models.setdefault(model, RunTimings())
+        return run, _start_one(host, model, refs, refusals, decoded, run, timing)
+
+    upcoming: list[tuple[ModelRun, PendingRun | None]] = []
+    models = list(models)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs") as builder:
-        for model in models:
-            run = ModelRun(model=model)
-            started = time.perf_counter()
-            _run_one(
-                host, model, refs, refusals, decoded, run, timings.models.setdefault(model, RunTimings())
-            )
-            run.seconds_inference = time.perf_counter() - started
-            runs.append(run)
-            building.append((run, builder.submit(build, run) if run.predictions else _done()))
-            finish(wait=False)
-        finish(wait=True)
+        try:
+            for index, model in enumerate(models):
+                run, pending = upcoming.pop() if upcoming else begin(model)
+                started = time.perf_counter()
+                if host.reads_ahead() and index + 1 < len(models):
+                    # The next model's first inputs are decoded and preprocessed while this one runs.
+                    upcoming.append(begin(models[index + 1]))
+                _finish_one(pending, run)
+                run.seconds_inference = time.perf_counter() - started
+                runs.append(run)
+                building.append((run, builder.submit(build, run) if run.predictions else _done()))
+                finish(wait=False)
+            finish(wait=True)
+        finally:
+            for _, abandoned in upcoming:
+                if abandoned is not None:
+                    abandoned.close()
     return runs
 
 
@@ -360,7 +382,7 @@ def _done_with(result: _T) -> Future[_T]:
     return future
 
 
-def _run_one(
+def _start_one(
     host: ModelHost,
     model: str,
     refs: Sequence[ImageRef],
@@ -368,7 +390,9 @@ def _run_one(
     images: DecodedImages,
     run: ModelRun,
     timings: RunTimings,
-) -> None:
+) -> PendingRun | None:
+    """Begin *model*'s run over the images it accepts (the others are *run*'s skipped, with the reason);
+    ``None`` when it accepts none."""
     plugin = host.plugin(model)
     accepted = []
     for ref in refs:
@@ -378,10 +402,14 @@ def _run_one(
         else:
             run.skipped.append(SkippedImage(model_name=model, image=ref, reason=reason))
     if not accepted:
-        return
-    # Each image is decoded when the model first reaches it (once for every model: ``images`` keeps it),
+        return None
+    # Each image is decoded when a model first reaches it (once for every model: ``images`` keeps it),
     # on the host's read-ahead thread where it has one, so the decoding overlaps the forward passes.
-    for result in host.run_decoded_by(model, accepted, images.frames, timings):
+    return host.start_run(model, accepted, images.frames, timings)
+
+
+def _finish_one(pending: PendingRun | None, run: ModelRun) -> None:
+    for result in pending.finish() if pending is not None else ():
         if isinstance(result, Prediction):
             run.predictions.append(result)
         elif isinstance(result, ImageFailure):
