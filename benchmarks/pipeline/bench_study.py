@@ -54,6 +54,7 @@ from gateway.settings import (  # noqa: E402
     PluginSettings,
     Settings,
     TriageSettings,
+    WorkerSettings,
 )
 from plugins.host import ModelHost, RunTimings  # noqa: E402
 from plugins.synthetic import make_mg_study  # noqa: E402
@@ -336,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--per-model", action="store_true", help="the path before the study pipeline")
     parser.add_argument(
+        "--read-ahead",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="worker.read_ahead: decode and preprocess ahead on a thread of their own (auto: on CUDA only)",
+    )
+    parser.add_argument(
         "--first-stage",
         default="",
         help="triage.first_stage_model: that model runs first, in a stage of its own (default: none, every "
@@ -356,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             models={m: ModelSettings(batch_size=4) for m in args.models},
         ),
         triage=TriageSettings(first_stage_model=args.first_stage or None),
+        worker=WorkerSettings(read_ahead=args.read_ahead),
     )
     host = ModelHost(settings, device=args.device)
     stop_scp, port = start_storage_scp()
@@ -436,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     report["load_average"] = os.getloadavg()
     print(
         f"{path}: 4 views {args.size}, {args.device}, {report['threads']} torch threads, median of {args.repeats}"
-        f" studies; load average {report['load_average'][0]:.1f}"
+        f" studies; read-ahead {'on' if host.reads_ahead() else 'off'}; load average {report['load_average'][0]:.1f}"
     )
     print(
         "| model | forward + explanation s | bare forward s | explanation s | preprocess s | maps to source s "
