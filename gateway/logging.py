@@ -2,14 +2,16 @@
 
 pynetdicom and celery log through the standard library; ``ProcessorFormatter`` renders their
 records with the same processors, so an operator greps one schema.  Patient identifiers never
-appear in logs: a processor redacts the patient attributes whoever logs them, and the code logs
-job ids (a hash of the Study Instance UID), never a UID or a patient attribute.
+appear in logs: a processor redacts the patient attributes whoever logs them, another the values pydicom
+and highdicom quote in their warnings, and the code logs job ids (a hash of the Study Instance UID), never
+a UID or a patient attribute.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -37,6 +39,24 @@ def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+#: Loggers of libraries that quote a data set's values in their messages: pydicom's validation
+#: ("Invalid value for VR DA: '1958-11-23'."), highdicom's, and the warnings they raise (py.warnings).
+_QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings"})
+#: A value as ``repr`` quotes it, in single or double quotes.
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def _drop_quoted_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Replace every quoted value in a pydicom, highdicom or warnings message with ``'<value>'``: they quote
+    the attribute's value, which may be the patient's name, ID or birth date."""
+    logger = str(event_dict.get("logger", ""))
+    if logger.split(".")[0] in _QUOTING_LOGGERS or logger in _QUOTING_LOGGERS:
+        event = event_dict.get("event")
+        if isinstance(event, str):
+            event_dict["event"] = _QUOTED.sub("'<value>'", event)
+    return event_dict
+
+
 def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -> None:
     """Route structlog and stdlib logging through one formatter on stderr.
 
@@ -51,6 +71,7 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_phi,
+        _drop_quoted_values,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()

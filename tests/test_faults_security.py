@@ -12,6 +12,8 @@ calling AE (``tests/test_gateway_scp.py``), TLS with a wrong client certificate
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -72,3 +74,25 @@ def test_no_patient_data_in_any_log_even_on_error_paths(tmp_path: Path) -> None:
         pipeline.check_invariant(uids)
         assert pipeline.phi >= {"SYNTH^PATIENT0060", "PATIENT0061", odd[0].PatientID, odd[0].PatientBirthDate}
     # Leaving the with block greps every log for pipeline.phi (faults_harness.assert_no_phi_in_logs).
+
+
+def test_values_pydicom_and_highdicom_quote_never_reach_a_log_line() -> None:
+    """pydicom's validation warnings quote the value ("Invalid value for VR DA: '1958-11-23'."), through its
+    logger and through the warnings module; the log line keeps the message and drops the value."""
+    script = (
+        "import logging, warnings\n"
+        "from gateway.logging import configure_logging\n"
+        "configure_logging('INFO', json_output=True)\n"
+        "logging.captureWarnings(True)\n"
+        "import pydicom\n"
+        "ds = pydicom.Dataset()\n"
+        "ds.PatientBirthDate = '1958-11-23'\n"
+        "ds.PatientName = 'DOE^JANE' * 10\n"
+        "logging.getLogger('highdicom.sr').warning(\"Value %r of Patient's Name is odd\", \"O'BRIEN^JO\")\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                               cwd=Path(__file__).resolve().parents[1])
+    assert completed.returncode == 0, completed.stderr
+    assert "Invalid value for VR DA" in completed.stderr and "Patient's Name is odd" in completed.stderr
+    for value in ("1958-11-23", "DOE^JANE", "BRIEN^JO"):
+        assert value not in completed.stderr
