@@ -224,7 +224,8 @@ def test_a_version_without_new_sources_waits_for_the_earlier_version_to_finish(h
     assert (row["version"], row["state"], row["risk"]) == (2, "delivered", 0.4)
 
 
-def test_the_last_stage_s_maps_in_memory_give_the_report_their_copy_on_disk_gives(harness: Harness) -> None:
+def test_the_last_stage_s_maps_in_memory_give_the_report_their_copy_on_disk_gives(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last stage hands its kept maps to the study report in memory and writes no archive; the heatmap SCs
     and the CAD SR are those drawn from the archive an earlier stage writes and the report reads back."""
     study_uid = new_study_uid()
@@ -233,7 +234,11 @@ def test_the_last_stage_s_maps_in_memory_give_the_report_their_copy_on_disk_give
     host = pipeline.model_host(harness.settings, "cpu")
     decision = TriageDecision(category="high", risk=0.9, model="triage_probe", operating_point=None, policy="test")
     written: dict[bool, dict[str, pydicom.Dataset]] = {}
+    shrunk: list[object] = []
+    real_shrink = pipeline.map_for_display
+    monkeypatch.setattr(pipeline, "map_for_display", lambda heat: shrunk.append(heat) or real_shrink(heat))
     for on_disk in (True, False):
+        shrunk.clear()
         timings = pipeline.StudyTimings()
         sources = pipeline.read_sources(job, timings)
         images = pipeline.DecodedImages(timings)
@@ -242,10 +247,14 @@ def test_the_last_stage_s_maps_in_memory_give_the_report_their_copy_on_disk_give
                                       root, timings, images=images, maps_on_disk=on_disk)
         archives = sorted(root.glob(f"*/{pipeline.HEATMAPS_FILE}"))
         assert len(archives) == (2 if on_disk else 0)
+        # Maps written are shrunk for the archive; maps kept in memory only when the report asks for them.
+        assert len(shrunk) == (4 if on_disk else 0)
         in_memory = {} if on_disk else {r.model: r.kept_maps for r in runs if r.kept_maps is not None}
         paths = pipeline.write_study_report(sources, root, decision, harness.settings, images=images,
                                             kept_maps=in_memory)
         written[on_disk] = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, paths)}
+        if not on_disk:  # the shown model's two maps (for its SCs), and the other's where the CAD SR wants peaks
+            assert 2 <= len(shrunk) <= 4
     assert written[True].keys() == written[False].keys() and len(written[True]) == 4  # 2 SCs, SR, CAD SR
     for uid, from_disk in written[True].items():
         from_memory = written[False][uid]

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -454,9 +454,8 @@ def _build_outputs(
     try:
         if not per_model:
             # Before the predictions file: a model's kept predictions never lack the maps kept with them.
-            run.kept_maps = keep_maps(
-                run.predictions, str(host.load(run.model).options["frames"]), extra_maps
-            )
+            frames = str(host.load(run.model).options["frames"])
+            run.kept_maps = keep_maps(run.predictions, frames, extra_maps, lazily=not maps_on_disk)
             if maps_on_disk:
                 write_kept_maps(output_dir / HEATMAPS_FILE, run.kept_maps)
         run.outputs = write_outputs(
@@ -585,7 +584,9 @@ class KeptMaps:
             heatmap = self.arrays.get(f"{index}:heatmap")
             prefix = f"{index}:extra:"
             extra = {
-                k[len(prefix) :]: v.astype(np.float32) for k, v in self.arrays.items() if k.startswith(prefix)
+                key[len(prefix) :]: self.arrays[key].astype(np.float32)
+                for key in self.arrays
+                if key.startswith(prefix)
             }
             with_maps.append(
                 replace(
@@ -607,16 +608,45 @@ class KeptMaps:
         return heatmap
 
 
-def keep_maps(predictions: Sequence[Prediction], frames: str, extra_maps: bool) -> KeptMaps:
+def keep_maps(
+    predictions: Sequence[Prediction], frames: str, extra_maps: bool, *, lazily: bool = False
+) -> KeptMaps:
     """*predictions*' heatmaps (and, with *extra_maps*, their further maps) as :class:`KeptMaps`, with the
-    model's frame policy (*frames*)."""
-    arrays: dict[str, np.ndarray] = {}
+    model's frame policy (*frames*).
+
+    :param lazily: Shrink each map when it is first asked for, not now: the study report of the stage
+        that ran the model wants one model's maps for its SCs and few others (the CAD SR's), and the
+        predictions hold the full maps until then anyway.
+    """
+    maps: dict[str, np.ndarray] = {}
     for index, prediction in enumerate(predictions):
         if prediction.heatmap is not None:
-            arrays[f"{index}:heatmap"] = map_for_display(prediction.heatmap).astype(np.float16)
+            maps[f"{index}:heatmap"] = prediction.heatmap
         for name, extra in sorted(prediction.extra_maps.items()) if extra_maps else ():
-            arrays[f"{index}:extra:{name}"] = map_for_display(extra).astype(np.float16)
-    return KeptMaps(frames=frames, arrays=arrays)
+            maps[f"{index}:extra:{name}"] = extra
+    shrunk = _ShrunkMaps(maps)
+    return KeptMaps(frames=frames, arrays=shrunk if lazily else dict(shrunk))
+
+
+class _ShrunkMaps(Mapping[str, np.ndarray]):
+    """Full maps by key, each shrunk as its SC shows it and narrowed to float16 when first read."""
+
+    def __init__(self, maps: Mapping[str, np.ndarray]) -> None:
+        self._maps = maps
+        self._shrunk: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()  # the study SR's and the CAD SR's threads may ask at once
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        with self._lock:
+            if key not in self._shrunk:
+                self._shrunk[key] = map_for_display(self._maps[key]).astype(np.float16)
+            return self._shrunk[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
 
 
 def write_kept_maps(path: Path, kept: KeptMaps) -> None:
