@@ -324,6 +324,7 @@ def analyse_study(
         stage need not deflate and write them, nor read them back.
     """
     timings = timings if timings is not None else StudyTimings()
+    models = list(models)
     refs = [s.ref for s in sources if s.ref is not None]
     refusals = study_budget_refusals(host, refs, settings)
     by_uid = {s.instance.sop_instance_uid: s for s in sources}
@@ -333,7 +334,12 @@ def analyse_study(
 
     def build(run: ModelRun) -> None:
         started = time.perf_counter()
-        _build_outputs(host, run, by_uid, decoded, output_dir / run.model, timings, settings, maps_on_disk)
+        # The last model's outputs are on the study's path (the others are built while the next model runs):
+        # with no later stage, its maps are shrunk only if the report asks for them.
+        lazily = not maps_on_disk and run.model == models[-1]
+        _build_outputs(
+            host, run, by_uid, decoded, output_dir / run.model, timings, settings, maps_on_disk, lazily
+        )
         run.seconds_outputs = time.perf_counter() - started
         timings.outputs[run.model] = run.seconds_outputs
 
@@ -350,7 +356,6 @@ def analyse_study(
         return run, _start_one(host, model, refs, refusals, decoded, run, timing)
 
     upcoming: list[tuple[ModelRun, PendingRun | None]] = []
-    models = list(models)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs") as builder:
         try:
             for index, model in enumerate(models):
@@ -448,6 +453,7 @@ def _build_outputs(
     timings: StudyTimings,
     settings: Settings | None = None,
     maps_on_disk: bool = True,
+    lazily: bool = False,
 ) -> None:
     per_model = settings is None or settings.outputs.report == "per-model"
     extra_maps = settings is not None and settings.outputs.extra_maps != "none"
@@ -455,7 +461,7 @@ def _build_outputs(
         if not per_model:
             # Before the predictions file: a model's kept predictions never lack the maps kept with them.
             frames = str(host.load(run.model).options["frames"])
-            run.kept_maps = keep_maps(run.predictions, frames, extra_maps, lazily=not maps_on_disk)
+            run.kept_maps = keep_maps(run.predictions, frames, extra_maps, lazily=lazily)
             if maps_on_disk:
                 write_kept_maps(output_dir / HEATMAPS_FILE, run.kept_maps)
         run.outputs = write_outputs(
@@ -718,6 +724,46 @@ def write_study_heatmaps(
     :param frames: The model's frame policy, as :func:`load_maps` gives it.
     :returns: The heatmap SCs (for the SR to reference), and the paths of every SC written.
     """
+    with ThreadPoolExecutor(max_workers=_drawing_threads()) as pool:
+        series = start_study_heatmaps(
+            model_dir, with_maps, frames, identity, by_uid, images, pool, extra_maps=extra_maps
+        )
+        return series.finish()
+
+
+def _drawing_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+@dataclass
+class HeatmapSeries:
+    """The study's heatmap SCs being drawn on a pool."""
+
+    drawing: list[Future[tuple[pydicom.Dataset | None, list[Path]]]]
+
+    def finish(self) -> tuple[list[pydicom.Dataset], list[Path]]:
+        """Wait for the SCs: the heatmap SCs (for the SR to reference), and the paths of every SC written."""
+        built = [future.result() for future in self.drawing]
+        heatmaps = [sc for sc, _ in built if sc is not None]
+        return heatmaps, [path for _, paths in built for path in paths]
+
+
+def start_study_heatmaps(
+    model_dir: Path,
+    with_maps: Sequence[Prediction],
+    frames: str,
+    identity: AlgorithmIdentity | None,
+    by_uid: dict[str, Source],
+    images: DecodedImages,
+    pool: ThreadPoolExecutor,
+    *,
+    extra_maps: bool = False,
+) -> HeatmapSeries:
+    """Start drawing, on *pool*, what :func:`write_study_heatmaps` draws.
+
+    Drawing, encoding and writing an SC is mostly OpenCV, NumPy and file work, which leave the interpreter
+    lock: the SCs of a study are drawn side by side, one per core, while the caller does other work.
+    """
     jobs: list[tuple[Source, pydicom.Dataset, np.ndarray, Prediction, int | None]] = []
     index = 0
     for prediction in with_maps:
@@ -762,13 +808,7 @@ def write_study_heatmaps(
                 paths.append(_save(extra, model_dir))
         return sc, paths
 
-    # Drawing, encoding and writing an SC is mostly OpenCV, NumPy and file work, which leave the interpreter
-    # lock: the SCs of a study are built side by side, one per core.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1, 4))) as pool:
-        built = list(pool.map(build, jobs))
-    heatmaps = [sc for sc, _ in built if sc is not None]
-    written = [path for _, paths in built for path in paths]
-    return heatmaps, written
+    return HeatmapSeries(drawing=[pool.submit(build, job) for job in jobs])
 
 
 def write_study_report(
@@ -831,9 +871,14 @@ def write_study_report(
         read[shown] = shown_maps.attach(kept[shown][2])
     directory = output_root / STUDY_REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    # The CAD SR is Python and pydicom work, the heatmap SCs mostly OpenCV, zlib and file writes (which
-    # leave the interpreter lock): the CAD SR is built while the SCs are drawn.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cad-sr") as beside:
+    # The CAD SR is Python and pydicom work, the heatmap SCs mostly OpenCV, zlib and file work (which leave
+    # the interpreter lock): the CAD SR is built on a thread of its own while the SCs are drawn on a pool.
+    # The study SR, Python too, comes after the SCs: built beside them as well, it only fought the CAD SR
+    # for the interpreter lock (0.68 s for the report instead of 0.62 s, four views, four models).
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="cad-sr") as beside,
+        ThreadPoolExecutor(max_workers=_drawing_threads(), thread_name_prefix="heatmap-sc") as pool,
+    ):
         cad_sr: Future[Path | None] = _done_with(None)
         if settings.outputs.cad_sr.enabled:
             others = {name: maps for name in kept if name not in read and (maps := in_memory.get(name))}
@@ -853,15 +898,16 @@ def write_study_report(
             model_dir, results, as_kept = kept[shown]
             scs: list[pydicom.Dataset] = []
             if shown_maps is not None:
-                scs, written = write_study_heatmaps(
+                scs, written = start_study_heatmaps(
                     model_dir,
                     read[shown],
                     shown_maps.frames,
                     results.identity,
                     by_uid,
                     images if images is not None else DecodedImages(StudyTimings()),
+                    pool,
                     extra_maps=settings.outputs.extra_maps != "none",
-                )
+                ).finish()
             kept[shown] = (model_dir, replace(results, heatmaps=scs), as_kept)
         reports = [results for _, results, _ in kept.values()]
         used = sorted({p.image.sop_instance_uid for r in reports for p in r.predictions})
