@@ -438,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     report["outside_forward_and_explanation_s"] = report["total_s"] - in_models
     report["outside_share"] = report["outside_forward_and_explanation_s"] / report["total_s"]
+    # The analysis task alone (the stages and the study report): the worker hands the delivery to the
+    # delivery queue, and the issue's own figure (a third of the study in building outputs) left it out.
+    analysis = report["total_s"] - report["delivery_s"]
+    report["analysis_s"] = analysis
+    report["analysis_outside_share"] = (analysis - in_models) / analysis
     # The same share with the bare forward passes, for the explanation's own weight.
     report["outside_bare_forward_share"] = 1 - report["bare_forward_sum_s"] / report["total_s"]
 
@@ -491,8 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare forward passes, sum over the models: {report['bare_forward_sum_s']:.2f} s")
     print(
         f"outside forward + explanation: {report['outside_forward_and_explanation_s']:.2f} s = "
-        f"{100 * report['outside_share']:.1f} % of the study (goal <= 15 %); outside the bare forward passes: "
-        f"{100 * report['outside_bare_forward_share']:.1f} %"
+        f"{100 * report['outside_share']:.1f} % of the study with its delivery; outside the bare forward "
+        f"passes: {100 * report['outside_bare_forward_share']:.1f} %"
+    )
+    print(
+        f"the analysis task (study without delivery, {analysis:.2f} s): outside forward + explanation "
+        f"{analysis - in_models:.2f} s = {100 * report['analysis_outside_share']:.1f} % (goal <= 15 %)"
     )
     # One worker process analyses one study at a time: its rate is one study per study time.  Without the
     # delivery, which the worker hands to the delivery queue (another process may send while it analyses).
