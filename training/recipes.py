@@ -199,8 +199,8 @@ def grey_letterbox(image: np.ndarray, size: tuple[int, int], keep_aspect: bool) 
 
 @dataclass(frozen=True, kw_only=True)
 class DemoProfile:
-    """Settings that train one architecture from random weights on synthetic phantoms in one to three
-    minutes of one CPU core: what ``pacs-triage demo-weights`` and the tests use.
+    """Settings that train one architecture from random weights on synthetic phantoms in under a minute of
+    one CPU core (10-50 s on the CI machine): what ``pacs-triage demo-weights`` and the tests use.
 
     The papers' recipes assume ImageNet weights and hours on a GPU; these keep each recipe's loss, sampler
     and schedule but use a small input, a higher learning rate and no geometric augmentation (the phantoms
