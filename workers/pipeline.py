@@ -707,30 +707,6 @@ def kept_heatmaps(path: Path, predictions: Sequence[Prediction]) -> Callable[[Pr
     return heatmap
 
 
-def write_study_heatmaps(
-    model_dir: Path,
-    with_maps: Sequence[Prediction],
-    frames: str,
-    identity: AlgorithmIdentity | None,
-    by_uid: dict[str, Source],
-    images: DecodedImages,
-    *,
-    extra_maps: bool = False,
-) -> tuple[list[pydicom.Dataset], list[Path]]:
-    """Build and save in *model_dir* the study's heatmap SCs from one model's kept maps, over the display
-    images the model saw (decoded once more only where this stage did not decode them).
-
-    :param with_maps: The model's kept predictions with their kept maps, as :func:`load_maps` gives them.
-    :param frames: The model's frame policy, as :func:`load_maps` gives it.
-    :returns: The heatmap SCs (for the SR to reference), and the paths of every SC written.
-    """
-    with ThreadPoolExecutor(max_workers=_drawing_threads()) as pool:
-        series = start_study_heatmaps(
-            model_dir, with_maps, frames, identity, by_uid, images, pool, extra_maps=extra_maps
-        )
-        return series.finish()
-
-
 def _drawing_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
@@ -759,10 +735,14 @@ def start_study_heatmaps(
     *,
     extra_maps: bool = False,
 ) -> HeatmapSeries:
-    """Start drawing, on *pool*, what :func:`write_study_heatmaps` draws.
+    """Start drawing and saving in *model_dir*, on *pool*, the study's heatmap SCs from one model's kept maps,
+    over the display images the model saw (decoded once more only where this stage did not decode them).
 
     Drawing, encoding and writing an SC is mostly OpenCV, NumPy and file work, which leave the interpreter
     lock: the SCs of a study are drawn side by side, one per core, while the caller does other work.
+
+    :param with_maps: The model's kept predictions with their kept maps (:meth:`KeptMaps.attach`).
+    :param frames: The model's frame policy (:attr:`KeptMaps.frames`).
     """
     jobs: list[tuple[Source, pydicom.Dataset, np.ndarray, Prediction, int | None]] = []
     index = 0
