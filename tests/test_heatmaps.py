@@ -226,3 +226,17 @@ def test_a_sparse_model_map_survives_the_way_back_to_a_small_source() -> None:
     heat[500, 401] = 1.0
     mapped = map_to_source(heat, box)
     assert mapped.shape == (60, 50) and float(mapped.max()) > 0.9
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_unit_interval_is_nan_to_num_then_clip(dtype: type) -> None:
+    """outputs.unit_interval: the values np.clip(np.nan_to_num(x), 0, 1) gives, as float32, NaN and infinities
+    included."""
+    rng = np.random.default_rng(7)
+    values = (rng.standard_normal((257, 311)) * 0.8 + 0.4).astype(dtype)
+    for special in (np.nan, np.inf, -np.inf):
+        values.flat[rng.integers(0, values.size, 50)] = special
+    expected = np.clip(np.nan_to_num(values.astype(np.float32)), 0.0, 1.0)
+    got = outputs.unit_interval(values)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert not np.shares_memory(got, values)

@@ -313,12 +313,22 @@ def image_part_size(
     return max(1, round(rows * factor)), max(1, round(columns * factor))
 
 
+def unit_interval(values: np.ndarray) -> np.ndarray:
+    """*values* as float32 clipped to [0, 1], NaN as 0 (+inf as 1, -inf as 0): ``np.nan_to_num`` then
+    ``np.clip``, in two passes over a full-field map instead of five."""
+    clipped = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    nan = np.isnan(clipped)
+    if nan.any():
+        clipped[nan] = 0.0
+    return clipped
+
+
 def map_for_display(heat: np.ndarray, *, max_dimension: int = 2048) -> np.ndarray:
     """*heat* clipped to [0, 1] and, when the SC over an image of its shape shows fewer pixels, shrunk to
     them as :func:`render_heatmap_overlay` would (its peaks kept): what a map kept for a later SC needs,
     at a fraction of a full-field map's size.  The SC drawn from it is the one drawn from *heat*, since
     shrinking commutes with the risk weighting (:func:`heatmap_values`)."""
-    values = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
+    values = unit_interval(heat)
     rows, columns = image_part_size(*values.shape, max_dimension=max_dimension)
     if rows >= values.shape[0] and columns >= values.shape[1]:
         return values
@@ -370,7 +380,7 @@ def render_heatmap_overlay(
     heat = np.asarray(heatmap, dtype=np.float32)
     if heat.shape != display.shape:
         heat = _resize_keeping_peaks(heat, rows, columns)
-    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0).astype(np.float32, copy=False)
+    heat = unit_interval(heat)
     alpha = opacity * heat
     # grey * (1 - alpha) + jet * alpha in one OpenCV pass (rounded to the nearest level), a third of the
     # time of the same sum in NumPy temporaries.
