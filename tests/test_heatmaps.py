@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -240,3 +241,10 @@ def test_unit_interval_is_nan_to_num_then_clip(dtype: type) -> None:
     got = outputs.unit_interval(values)
     assert got.dtype == np.float32 and np.array_equal(got, expected)
     assert not np.shares_memory(got, values)
+
+
+def test_the_overlay_colours_are_opencv_s_jet_map_in_rgb() -> None:
+    values = np.concatenate([np.linspace(0.0, 1.0, 1001, dtype=np.float32), np.random.default_rng(3).random(999)])
+    grey = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8).reshape(40, 50)
+    bgr = cv2.applyColorMap(grey, cv2.COLORMAP_JET)
+    assert np.array_equal(outputs._jet(values.reshape(40, 50)), bgr[..., ::-1])
