@@ -390,9 +390,7 @@ def render_heatmap_overlay(
     alpha = opacity * heat
     # grey * (1 - alpha) + jet * alpha in one OpenCV pass (rounded to the nearest level), a third of the
     # time of the same sum in NumPy temporaries.
-    blended = cv2.blendLinear(
-        cv2.cvtColor(display, cv2.COLOR_GRAY2RGB), _jet(heat), 1.0 - alpha, alpha
-    )
+    blended = cv2.blendLinear(cv2.cvtColor(display, cv2.COLOR_GRAY2RGB), _jet(heat), 1.0 - alpha, alpha)
 
     line_height = int(np.clip(round(rows * 0.035), 22, 90))
     margin = max(3, line_height // 5)
