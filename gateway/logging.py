@@ -50,7 +50,7 @@ def _drop_quoted_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str
     """Replace every quoted value in a pydicom, highdicom or warnings message with ``'<value>'``: they quote
     the attribute's value, which may be the patient's name, ID or birth date."""
     logger = str(event_dict.get("logger", ""))
-    if logger.split(".")[0] in _QUOTING_LOGGERS or logger in _QUOTING_LOGGERS:
+    if any(logger == name or logger.startswith(f"{name}.") for name in _QUOTING_LOGGERS):
         event = event_dict.get("event")
         if isinstance(event, str):
             event_dict["event"] = _QUOTED.sub("'<value>'", event)

@@ -358,31 +358,17 @@ class ModelHost:
         jobs = [(ref, lambda ref, _frames, image=image: [(ref, image)]) for ref, image in images]
         return self._run(self.plugin(plugin_name), jobs, timings)
 
-    def run_decoded_by(
-        self,
-        plugin_name: str,
-        refs: Sequence[ImageRef],
-        decode: Callable[[ImageRef, str], list[tuple[ImageRef, np.ndarray]] | str],
-        timings: RunTimings | None = None,
-    ) -> list[Result]:
-        """As :meth:`run`, with the caller's decoder: ``decode(ref, frame_policy)`` gives the frames the
-        policy selects as (frame ref, display-ready ``uint8``), or why they cannot be decoded, in our words.
-
-        The study pipeline passes one that decodes each image once for every model.  With read-ahead
-        (:meth:`reads_ahead`) the decoding and preprocessing run on a thread of their own, ahead of the
-        forward passes.  *refs* are not checked against the pixel budget here: the caller did.
-        """
-        return self.start_run(plugin_name, refs, decode, timings).finish()
-
     def start_run(
-        self,
-        plugin_name: str,
-        refs: Sequence[ImageRef],
-        decode: Callable[[ImageRef, str], list[tuple[ImageRef, np.ndarray]] | str],
-        timings: RunTimings | None = None,
+        self, plugin_name: str, refs: Sequence[ImageRef], decode: _Decoder, timings: RunTimings | None = None
     ) -> PendingRun:
-        """:meth:`run_decoded_by`, begun: with read-ahead its first inputs are decoded and preprocessed from
-        now on, while the caller runs another model; :meth:`PendingRun.finish` runs the model over them."""
+        """Begin :meth:`run` with the caller's decoder; :meth:`PendingRun.finish` runs the model.
+
+        ``decode(ref, frame_policy)`` gives the frames the policy selects as (frame ref, display-ready
+        ``uint8``), or why they cannot be decoded, in our words: the study pipeline passes one that decodes
+        each image once for every model.  With read-ahead (:meth:`reads_ahead`) the first inputs are decoded
+        and preprocessed on a thread of their own from now on, while the caller runs another model.  *refs*
+        are not checked against the pixel budget here: the caller did.
+        """
         return PendingRun(self, self.plugin(plugin_name), [(ref, decode) for ref in refs], timings)
 
     def reads_ahead(self) -> bool:
@@ -653,11 +639,6 @@ class ReadAhead(Generic[_Item]):
         self._stop.set()
         if self._producer is not threading.current_thread():
             self._producer.join()
-
-
-def read_ahead(items: Iterator[_Item], depth: int, name: str = "read-ahead") -> Iterator[_Item]:
-    """Iterate over *items* read ahead on a thread of their own (:class:`ReadAhead`)."""
-    return iter(ReadAhead(items, depth, name))
 
 
 def _calibrated(prediction: Prediction, loaded: LoadedModel) -> Prediction:

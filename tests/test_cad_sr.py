@@ -532,11 +532,11 @@ def test_maps_kept_apart_give_the_same_marks_and_only_the_wanted_ones_are_read(
     # the model's rendering point, and its document is the one built from every map read up front.
     clf = classifier_predictions(images, heatmap_shape=(24, 16))
     path = tmp_path / pipeline.HEATMAPS_FILE
-    pipeline.save_maps(path, clf, "first", extra_maps=False)
+    pipeline.write_kept_maps(path, pipeline.keep_maps(clf, "first", extra_maps=False))
     as_kept = [dataclasses.replace(p, heatmap=None) for p in clf]
     model = ReportedModel.from_prediction(clf[0])
     created = datetime.datetime(2026, 12, 6, 10, 0, 0)
-    read_up_front = pipeline.load_maps(path, as_kept)[1]
+    read_up_front = pipeline.read_kept_maps(path).attach(as_kept)
     expected = build_cad_sr(
         images,
         [AlgorithmRun(results=ModelResults(model=model, predictions=read_up_front))],

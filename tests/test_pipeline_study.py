@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pydicom
@@ -294,35 +293,31 @@ def test_a_study_read_ahead_is_decoded_once_and_gives_the_findings_read_in_turn_
 
 def test_with_read_ahead_the_next_model_s_inputs_are_prepared_while_a_model_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first model's forward pass waits until the second model has preprocessed an image: only a worker
+    that prepares the next model's inputs while a model runs gets past it."""
     settings = harness_settings(tmp_path, worker={"read_ahead": "on"})
     for runner in _harness(tmp_path, monkeypatch, settings):
         study_uid = new_study_uid()
         views = [bright_mammogram(study_uid, seed=i, laterality=lat, view="CC") for i, lat in enumerate("LR")]
         job = runner.job(views)
         host = pipeline.model_host(runner.settings, "cpu")
-        events: list[tuple[str, str]] = []
-        for name in ("triage_probe", "triage_probe_heavy"):
-            plugin = host.plugin(name)
+        first, second = host.plugin("triage_probe"), host.plugin("triage_probe_heavy")
+        second_prepared = threading.Event()
+        seen_during_first_forward: list[bool] = []
 
-            def forward(model: object, batch: object, options: object, name: str = name,
-                        real: object = plugin.forward) -> object:
-                events.append((name, "forward starts"))
-                time.sleep(0.5)  # long enough for the other thread to prepare the next model's inputs
-                outcome = real(model, batch, options)  # type: ignore[operator]
-                events.append((name, "forward ends"))
-                return outcome
+        def forward(model: object, batch: object, options: object, real: object = first.forward) -> object:
+            seen_during_first_forward.append(second_prepared.wait(timeout=30))
+            return real(model, batch, options)  # type: ignore[operator]
 
-            def preprocess(image: object, ref: object, options: object, name: str = name,
-                           real: object = plugin.preprocess) -> object:
-                events.append((name, "preprocess"))
-                return real(image, ref, options)  # type: ignore[operator]
+        def preprocess(image: object, ref: object, options: object, real: object = second.preprocess) -> object:
+            outcome = real(image, ref, options)  # type: ignore[operator]
+            second_prepared.set()
+            return outcome
 
-            monkeypatch.setattr(plugin, "forward", forward)
-            monkeypatch.setattr(plugin, "preprocess", preprocess)
-        sources = pipeline.read_sources(job)
-        runs = pipeline.analyse_study(host, ["triage_probe", "triage_probe_heavy"], sources, runner.settings,
-                                      tmp_path / "outputs", pipeline.StudyTimings())
+        monkeypatch.setattr(first, "forward", forward)
+        monkeypatch.setattr(second, "preprocess", preprocess)
+        runs = pipeline.analyse_study(host, ["triage_probe", "triage_probe_heavy"], pipeline.read_sources(job),
+                                      runner.settings, tmp_path / "outputs", pipeline.StudyTimings())
         assert [len(r.predictions) for r in runs] == [2, 2]
-        first_ends = events.index(("triage_probe", "forward ends"))
-        assert ("triage_probe_heavy", "preprocess") in events[:first_ends]
+        assert seen_during_first_forward == [True]
         assert not any(t.name.startswith("read-ahead") for t in threading.enumerate())

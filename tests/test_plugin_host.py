@@ -21,7 +21,7 @@ from gateway.settings import ModelSettings, PluginSettings, Settings, WorkerSett
 from plugins import hookimpl
 from plugins.base import BASE_OPTIONS, ModelOutput, TorchModelPlugin
 from plugins.builtin.asg_mammonet import MODEL_CFGS, AsgMammoNet
-from plugins.host import ModelHost, read_ahead
+from plugins.host import ModelHost, ReadAhead
 from plugins.manager import get_plugin_manager
 from plugins.preprocess import decode_frames, read_image_ref
 from plugins.types import AcceptRule, ImageFailure, ModelSpec, Prediction, SkippedImage
@@ -477,7 +477,7 @@ def test_read_ahead_stays_within_its_depth_and_hands_on_what_the_producer_raises
 
     consumed = []
     with pytest.raises(ValueError, match="the last"):
-        for item in read_ahead(items(), depth=2):
+        for item in ReadAhead(items(), depth=2):
             time.sleep(0.01)  # a slow consumer: the producer waits for room instead of running on
             assert len(produced) <= item + 1 + 2 + 1  # at most the queue's depth and one in hand ahead
             consumed.append(item)
@@ -494,7 +494,7 @@ def test_a_consumer_that_stops_early_stops_the_producer() -> None:
             yield number
             number += 1
 
-    for item in read_ahead(endless(), depth=3, name="endless"):
+    for item in ReadAhead(endless(), depth=3, name="endless"):
         if item == 5:
             break
     count = len(produced)

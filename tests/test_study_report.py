@@ -338,9 +338,11 @@ def test_kept_maps_draw_the_heatmap_the_full_map_draws(images: list[Dataset], tm
     full[1300, 1000] = 1.0
     with_map = dataclasses.replace(make_prediction(images[0]), heatmap=full, extra_maps={"saliency": full})
     without_map = dataclasses.replace(with_map, heatmap=None, extra_maps={})
-    pipeline.save_maps(tmp_path / pipeline.HEATMAPS_FILE, [without_map, with_map], "all", extra_maps=True)
-    frames, (none, back) = pipeline.load_maps(tmp_path / pipeline.HEATMAPS_FILE, [without_map, without_map])
-    assert frames == "all"
+    path = tmp_path / pipeline.HEATMAPS_FILE
+    pipeline.write_kept_maps(path, pipeline.keep_maps([without_map, with_map], "all", extra_maps=True))
+    kept = pipeline.read_kept_maps(path)
+    none, back = kept.attach([without_map, without_map])
+    assert kept.frames == "all"
     assert none.heatmap is None and none.extra_maps == {}
     assert back.heatmap is not None and set(back.extra_maps) == {"saliency"}
     assert back.heatmap.shape == outputs.image_part_size(*full.shape) != full.shape  # the size the SC shows

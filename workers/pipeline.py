@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -51,8 +51,6 @@ from workers.study_report import ModelResults, Triage, build_study_sr, load_reco
 from workers.triage import TriageDecision
 
 log = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
 
 #: Why an object we made ourselves (an SR or heatmap SC the PACS sent back) is not analysed.
 OWN_OUTPUT_REASON = "an output of pacs-triage (our own SR or heatmap), never analysed"
@@ -378,12 +376,8 @@ def analyse_study(
 
 
 def _done() -> Future[None]:
-    return _done_with(None)
-
-
-def _done_with(result: _T) -> Future[_T]:
-    future: Future[_T] = Future()
-    future.set_result(result)
+    future: Future[None] = Future()
+    future.set_result(None)
     return future
 
 
@@ -671,13 +665,6 @@ def write_kept_maps(path: Path, kept: KeptMaps) -> None:
     temp.replace(path)
 
 
-def save_maps(path: Path, predictions: Sequence[Prediction], frames: str, *, extra_maps: bool) -> KeptMaps:
-    """Keep *predictions*' maps (:func:`keep_maps`) and write them at *path* (:func:`write_kept_maps`)."""
-    kept = keep_maps(predictions, frames, extra_maps)
-    write_kept_maps(path, kept)
-    return kept
-
-
 def read_kept_maps(path: Path) -> KeptMaps:
     """The :class:`KeptMaps` written at *path*."""
     with np.load(path) as archive:
@@ -685,14 +672,8 @@ def read_kept_maps(path: Path) -> KeptMaps:
     return KeptMaps(frames=str(arrays.pop("frames")), arrays=arrays)
 
 
-def load_maps(path: Path, predictions: Sequence[Prediction]) -> tuple[str, list[Prediction]]:
-    """What :func:`save_maps` kept: the frame policy, and *predictions* (as kept, in order) with their maps."""
-    kept = read_kept_maps(path)
-    return kept.frames, kept.attach(predictions)
-
-
 def kept_heatmaps(path: Path, predictions: Sequence[Prediction]) -> Callable[[Prediction], np.ndarray | None]:
-    """A reader of the heatmaps :func:`save_maps` kept at *path* for *predictions* (as kept, in order): each
+    """A reader of the heatmaps :func:`write_kept_maps` wrote at *path* for *predictions* (as kept, in order): each
     of these predictions' maps is read alone, when it is asked for (a full-field map takes about 0.03 s to
     inflate and widen, and the CAD SR wants few)."""
 
@@ -707,42 +688,22 @@ def kept_heatmaps(path: Path, predictions: Sequence[Prediction]) -> Callable[[Pr
     return heatmap
 
 
-def _drawing_threads() -> int:
-    return max(1, min(os.cpu_count() or 1, 4))
-
-
-@dataclass
-class HeatmapSeries:
-    """The study's heatmap SCs being drawn on a pool."""
-
-    drawing: list[Future[tuple[pydicom.Dataset | None, list[Path]]]]
-
-    def finish(self) -> tuple[list[pydicom.Dataset], list[Path]]:
-        """Wait for the SCs: the heatmap SCs (for the SR to reference), and the paths of every SC written."""
-        built = [future.result() for future in self.drawing]
-        heatmaps = [sc for sc, _ in built if sc is not None]
-        return heatmaps, [path for _, paths in built for path in paths]
-
-
-def start_study_heatmaps(
+def write_study_heatmaps(
     model_dir: Path,
     with_maps: Sequence[Prediction],
     frames: str,
     identity: AlgorithmIdentity | None,
     by_uid: dict[str, Source],
     images: DecodedImages,
-    pool: ThreadPoolExecutor,
     *,
     extra_maps: bool = False,
-) -> HeatmapSeries:
-    """Start drawing and saving in *model_dir*, on *pool*, the study's heatmap SCs from one model's kept maps,
-    over the display images the model saw (decoded once more only where this stage did not decode them).
-
-    Drawing, encoding and writing an SC is mostly OpenCV, NumPy and file work, which leave the interpreter
-    lock: the SCs of a study are drawn side by side, one per core, while the caller does other work.
+) -> tuple[list[pydicom.Dataset], list[Path]]:
+    """Build and save in *model_dir* the study's heatmap SCs from one model's kept maps, over the display
+    images the model saw (decoded once more only where this stage did not decode them).
 
     :param with_maps: The model's kept predictions with their kept maps (:meth:`KeptMaps.attach`).
     :param frames: The model's frame policy (:attr:`KeptMaps.frames`).
+    :returns: The heatmap SCs (for the SR to reference), and the paths of every SC written.
     """
     jobs: list[tuple[Source, pydicom.Dataset, np.ndarray, Prediction, int | None]] = []
     index = 0
@@ -788,7 +749,13 @@ def start_study_heatmaps(
                 paths.append(_save(extra, model_dir))
         return sc, paths
 
-    return HeatmapSeries(drawing=[pool.submit(build, job) for job in jobs])
+    # Drawing, encoding and writing an SC is mostly OpenCV, NumPy and file work, which leave the interpreter
+    # lock: the SCs of a study are built side by side, one per core.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1, 4))) as pool:
+        built = list(pool.map(build, jobs))
+    heatmaps = [sc for sc, _ in built if sc is not None]
+    written = [path for _, paths in built for path in paths]
+    return heatmaps, written
 
 
 def write_study_report(
@@ -852,14 +819,11 @@ def write_study_report(
     directory = output_root / STUDY_REPORT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     # The CAD SR is Python and pydicom work, the heatmap SCs mostly OpenCV, zlib and file work (which leave
-    # the interpreter lock): the CAD SR is built on a thread of its own while the SCs are drawn on a pool.
-    # The study SR, Python too, comes after the SCs: built beside them as well, it only fought the CAD SR
-    # for the interpreter lock (0.68 s for the report instead of 0.62 s, four views, four models).
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="cad-sr") as beside,
-        ThreadPoolExecutor(max_workers=_drawing_threads(), thread_name_prefix="heatmap-sc") as pool,
-    ):
-        cad_sr: Future[Path | None] = _done_with(None)
+    # the interpreter lock): the CAD SR is built on a thread of its own while the SCs are drawn.  The study
+    # SR, Python too, comes after the SCs: built beside them as well, it only fought the CAD SR for the
+    # interpreter lock (0.68 s for the report instead of 0.62 s, four views, four models).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cad-sr") as beside:
+        cad_sr: Future[Path | None] | None = None
         if settings.outputs.cad_sr.enabled:
             others = {name: maps for name in kept if name not in read and (maps := in_memory.get(name))}
             cad_sr = beside.submit(
@@ -878,16 +842,15 @@ def write_study_report(
             model_dir, results, as_kept = kept[shown]
             scs: list[pydicom.Dataset] = []
             if shown_maps is not None:
-                scs, written = start_study_heatmaps(
+                scs, written = write_study_heatmaps(
                     model_dir,
                     read[shown],
                     shown_maps.frames,
                     results.identity,
                     by_uid,
                     images if images is not None else DecodedImages(StudyTimings()),
-                    pool,
                     extra_maps=settings.outputs.extra_maps != "none",
-                ).finish()
+                )
             kept[shown] = (model_dir, replace(results, heatmaps=scs), as_kept)
         reports = [results for _, results, _ in kept.values()]
         used = sorted({p.image.sop_instance_uid for r in reports for p in r.predictions})
@@ -902,7 +865,7 @@ def write_study_report(
         )
         written = [*written, _save(sr, directory)]
         try:
-            cad = cad_sr.result()
+            cad = cad_sr.result() if cad_sr is not None else None
         except Exception as exc:  # our words and the type only: a header value may be in the message
             reason = failure_reason("building the Mammography CAD SR failed", exc)
             log.error("cad_sr.failed", reason=reason)
@@ -930,7 +893,7 @@ def write_cad_sr(
     images; ``None`` when it holds none.
 
     Every kept model's MG predictions get their kept heatmaps back for the peaks: those of a model in *read*
-    (its kept predictions with their maps, as :func:`load_maps` gave them to the heatmap series), else
+    (its kept predictions with their maps, as :meth:`KeptMaps.attach` gave them to the heatmap series), else
     each map the CAD SR wants, from *kept_maps* (in memory) or read alone (:func:`kept_heatmaps`).  A model
     of *accepting* without kept predictions is listed as failed.
     """

@@ -159,7 +159,7 @@ def bare_forward_seconds(host: ModelHost, model: str, sources: list[pipeline.Sou
 #: The parts of write_study_report timed apart (those this checkout has), by the name they are shown under.
 REPORT_PARTS = {
     "read_kept_maps": "kept maps read back (an earlier stage's models only; this stage's are in memory)",
-    "HeatmapSeries.finish": "heatmap series: SCs drawn, written and previewed on a pool",
+    "write_study_heatmaps": "heatmap series: SCs drawn, written and previewed on a pool",
     "build_study_sr": "study SR: content and data set",
     "write_cad_sr": "Mammography CAD SR: peaks, content, written (on a thread of its own, beside the SCs)",
 }
@@ -173,10 +173,8 @@ class PartTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         for name in REPORT_PARTS:
-            owner_name, _, attribute = name.rpartition(".")
-            owner = getattr(pipeline, owner_name, None) if owner_name else pipeline
-            if owner is not None and hasattr(owner, attribute):
-                setattr(owner, attribute, self._timed(name, getattr(owner, attribute)))
+            if hasattr(pipeline, name):
+                setattr(pipeline, name, self._timed(name, getattr(pipeline, name)))
 
     def _timed(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -476,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         *(
             [
                 (
-                    "- the rest: kept predictions read, the shown model's maps shrunk, SCs started, the study SR written",
+                    "- the rest: kept predictions read, the shown model's maps shrunk, the study SR written",
                     report["study_report_s"] - sum(parts),
                 )
             ]
