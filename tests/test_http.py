@@ -25,7 +25,7 @@ from gateway.settings import Settings, load_settings
 from tests.utils import get_port, make_instance, write
 from workers.http import create_app
 from workers.metrics import TriageCollector, queue_depths
-from workers.previews import write_preview
+from workers.previews import MAX_WIDTH, preview_path, write_preview
 from workers.results import ResultsStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,6 +286,17 @@ def test_heatmap_png_is_the_secondary_capture(ops: SimpleNamespace) -> None:
         assert ops.client.get(url, headers=bearer()).status_code in (404, 422)
     page = ops.client.get(f"/studies/{study.job_id}", headers=bearer()).text
     assert model["heatmaps"][0]["url"] in page and "DEMO WEIGHTS" in page
+
+
+def test_a_preview_is_the_sc_shrunk_to_the_page_width_and_keeps_its_aspect(tmp_path: Path) -> None:
+    wide = make_sc(tmp_path / "wide.dcm", generate_uid(), seed=7, rows=300, cols=MAX_WIDTH + 500)
+    preview = cv2.imread(str(preview_path(tmp_path / "wide.dcm")), cv2.IMREAD_COLOR)
+    assert preview.shape == (round(300 * MAX_WIDTH / (MAX_WIDTH + 500)), MAX_WIDTH, 3)
+    expected = cv2.resize(wide, preview.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.array_equal(cv2.cvtColor(preview, cv2.COLOR_BGR2RGB), expected)
+    narrow = make_sc(tmp_path / "narrow.dcm", generate_uid(), seed=8, rows=40, cols=50)
+    kept = cv2.imread(str(preview_path(tmp_path / "narrow.dcm")), cv2.IMREAD_COLOR)
+    assert np.array_equal(cv2.cvtColor(kept, cv2.COLOR_BGR2RGB), narrow)
 
 
 def test_outputs_outside_the_data_directory_are_never_served(ops: SimpleNamespace, tmp_path: Path) -> None:

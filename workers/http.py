@@ -17,7 +17,8 @@ cookie the login form sets for browsers):
 ``GET /deadletters``                               dead letters with a replay button
 ``GET /api/worklist``, ``/api/studies``,           the same as JSON
 ``/api/studies/{job_id}``, ``/api/deadletters``
-``GET /api/studies/{job_id}/heatmaps/{model}/{n}.png``  a heatmap Secondary Capture as PNG
+``GET /api/studies/{job_id}/heatmaps/{model}/{n}.png``  a heatmap Secondary Capture as PNG (``?width=``,
+                                                   64 to 1024 px: the worker's preview)
 ``POST /api/deadletters/{id}/replay``              re-queue a dead letter
 ``GET /metrics``                                   Prometheus (:mod:`workers.metrics`)
 ================================================  ===========================================
@@ -190,7 +191,8 @@ def _study_header(path: str, mtime_ns: int) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=64)
 def _png(path: str, mtime_ns: int, max_width: int) -> bytes | None:
-    """The worker's PNG preview of a heatmap, at most *max_width* wide; None when it has none.
+    """The worker's PNG preview of a heatmap (at most :data:`workers.previews.MAX_WIDTH` wide), at most
+    *max_width* wide; None when it has none.
 
     Never the DICOM object's pixel data: only the preview the worker wrote beside it.
     """
