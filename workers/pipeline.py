@@ -113,6 +113,14 @@ def read_sources(job: StudyJob, timings: StudyTimings | None = None) -> list[Sou
     return sources
 
 
+def content_digests(sources: Sequence[Source]) -> dict[str, str]:
+    """SOP Instance UID -> the content digest the gateway took while receiving, for the sources it gave
+    one (never hashed here)."""
+    return {
+        s.instance.sop_instance_uid: s.instance.content_digest for s in sources if s.instance.content_digest
+    }
+
+
 def adds_new_source(job: StudyJob, sources: Sequence[Source]) -> bool:
     """Whether this study version holds a source image that no earlier version had.
 
@@ -141,6 +149,9 @@ class StudyTimings:
     decode: float = 0.0
     digest: float = 0.0
     decodes: int = 0
+    #: Display images an earlier stage decoded, read back instead of decoded again: seconds and count.
+    read_back: float = 0.0
+    read_backs: int = 0
     models: dict[str, RunTimings] = field(default_factory=dict)
     outputs: dict[str, float] = field(default_factory=dict)
 
@@ -150,6 +161,8 @@ class StudyTimings:
             "decode_s": round(self.decode, 4),
             "digest_s": round(self.digest, 4),
             "decodes": self.decodes,
+            "read_back_s": round(self.read_back, 4),
+            "read_backs": self.read_backs,
             "models": {
                 name: {
                     "preprocess_s": round(t.preprocess, 4),
@@ -163,14 +176,33 @@ class StudyTimings:
         }
 
 
-class DecodedImages:
-    """Display images of the study's sources, decoded once per frame policy and kept for the study."""
+#: The folder, beside the models' ones, where a stage that another follows leaves the display images it
+#: decoded, for the later stage (:meth:`DecodedImages.save`); the last stage removes it.
+DECODED_DIR = "decoded"
+#: The most display-image bytes a stage leaves on disk for the next one, per study: beyond it (a
+#: multi-frame object decoded whole) the later stage decodes again rather than fill the disk.
+MAX_SAVED_BYTES = 1 << 30
 
-    def __init__(self, timings: StudyTimings) -> None:
+
+class DecodedImages:
+    """Display images of the study's sources, decoded once per frame policy and kept for the study.
+
+    A study analysed in two stages (``triage.first_stage_model``) is two tasks, perhaps in two
+    processes: the first stage saves what it decoded (:meth:`save`), and the second, given that folder as
+    *saved*, reads each image back instead of decoding it again.  An image is read back only when its
+    source's content digest (the gateway's, in *digests*) is the one it was saved with, and its
+    geometry is the one its header declares; anything else is decoded.
+    """
+
+    def __init__(
+        self, timings: StudyTimings, *, saved: Path | None = None, digests: Mapping[str, str] | None = None
+    ) -> None:
         self.timings = timings
         self._frames: dict[tuple[str, str], list[tuple[ImageRef, np.ndarray]] | str] = {}
         # Two models' read-ahead threads may reach one image at once: it is still decoded once.
         self._decoding = threading.Lock()
+        self._saved = saved
+        self._digests = {uid: digest for uid, digest in (digests or {}).items() if digest}
 
     @staticmethod
     def _key(ref: ImageRef, policy: str) -> tuple[str, str]:
@@ -188,6 +220,12 @@ class DecodedImages:
     ) -> list[tuple[ImageRef, np.ndarray]] | str:
         if key not in self._frames:
             started = time.perf_counter()
+            saved = self._read_saved(ref, key)
+            if saved is not None:
+                self._frames[key] = saved
+                self.timings.read_back += time.perf_counter() - started
+                self.timings.read_backs += 1
+                return saved
             try:
                 self._frames[key] = [
                     (replace(ref, frame_index=i), image)
@@ -198,6 +236,72 @@ class DecodedImages:
             self.timings.decode += time.perf_counter() - started
             self.timings.decodes += 1
         return self._frames[key]
+
+    @staticmethod
+    def _file(directory: Path, key: tuple[str, str]) -> Path:
+        return directory / f"{key[0]}.{key[1]}.npy"
+
+    def save(self, directory: Path) -> int:
+        """Write the images decoded here, of sources with a known content digest, to *directory* for a later
+        stage (at most :data:`MAX_SAVED_BYTES` in all); return how many were written.
+
+        One uncompressed file per image: the digest, the frame indexes and each frame, as consecutive
+        ``.npy`` arrays.  A later stage reads a full-field view back in milliseconds, where decoding it
+        again takes tens of them from an uncompressed source and far more from JPEG 2000."""
+        written, total = 0, 0
+        for key, decoded in list(self._frames.items()):
+            digest = self._digests.get(key[0])
+            if isinstance(decoded, str) or not digest:
+                continue
+            total += sum(image.nbytes for _, image in decoded)
+            if total > MAX_SAVED_BYTES:
+                break
+            directory.mkdir(parents=True, exist_ok=True)
+            path = self._file(directory, key)
+            temp = path.with_suffix(".tmp")
+            with temp.open("wb") as out:
+                np.lib.format.write_array(out, np.array([digest]), allow_pickle=False)
+                np.lib.format.write_array(
+                    out, np.array([frame_ref.frame_index for frame_ref, _ in decoded]), allow_pickle=False
+                )
+                for _, image in decoded:
+                    np.lib.format.write_array(out, image, allow_pickle=False)
+            temp.replace(path)
+            written += 1
+        return written
+
+    def _read_saved(self, ref: ImageRef, key: tuple[str, str]) -> list[tuple[ImageRef, np.ndarray]] | None:
+        """The frames an earlier stage saved for *key*, or ``None`` when there are none it may use."""
+        digest = self._digests.get(key[0])
+        if self._saved is None or not digest:
+            return None
+        path = self._file(self._saved, key)
+        try:
+            with path.open("rb") as saved:
+                if np.lib.format.read_array(saved, allow_pickle=False).tolist() != [digest]:
+                    return None
+                indexes = np.lib.format.read_array(saved, allow_pickle=False).tolist()
+                frames = [
+                    (
+                        replace(ref, frame_index=int(index)),
+                        np.lib.format.read_array(saved, allow_pickle=False),
+                    )
+                    for index in indexes
+                ]
+        # None saved, or not what save() writes: the image is decoded instead.
+        except (OSError, ValueError, TypeError, MemoryError):
+            return None
+        for frame_ref, image in frames:
+            grey_or_rgb = image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
+            declared = ref.rows <= 0 or image.shape[:2] == (ref.rows, ref.columns)
+            if (
+                image.dtype != np.uint8
+                or not grey_or_rgb
+                or not declared
+                or not 0 <= frame_ref.frame_index < max(1, ref.number_of_frames)
+            ):
+                return None
+        return frames or None
 
     def display(self, ref: ImageRef) -> np.ndarray | None:
         """The grey display image of *ref*'s frame, as decoded for a model; ``None`` if never decoded."""
@@ -578,23 +682,20 @@ class KeptMaps:
     arrays: Mapping[str, np.ndarray]
 
     def attach(self, predictions: Sequence[Prediction]) -> list[Prediction]:
-        """*predictions* (as kept, in order) with their kept maps, widened to float32."""
+        """*predictions* (as kept, in order) with their kept maps, widened to float32.
+
+        The maps are widened (and, when kept lazily, shrunk first) side by side, one per core: that is
+        NumPy and OpenCV work, which leaves the interpreter lock, and the report waits for it."""
+        keys = [key for key in self.arrays if int(key.split(":", 1)[0]) < len(predictions)]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(keys), os.cpu_count() or 1))) as pool:
+            widened = dict(
+                zip(keys, pool.map(lambda key: self.arrays[key].astype(np.float32), keys), strict=True)
+            )
         with_maps = []
         for index, prediction in enumerate(predictions):
-            heatmap = self.arrays.get(f"{index}:heatmap")
             prefix = f"{index}:extra:"
-            extra = {
-                key[len(prefix) :]: self.arrays[key].astype(np.float32)
-                for key in self.arrays
-                if key.startswith(prefix)
-            }
-            with_maps.append(
-                replace(
-                    prediction,
-                    heatmap=None if heatmap is None else heatmap.astype(np.float32),
-                    extra_maps=extra,
-                )
-            )
+            extra = {key[len(prefix) :]: widened[key] for key in keys if key.startswith(prefix)}
+            with_maps.append(replace(prediction, heatmap=widened.get(f"{index}:heatmap"), extra_maps=extra))
         return with_maps
 
     def heatmap_of(self, predictions: Sequence[Prediction]) -> Callable[[Prediction], np.ndarray | None]:
@@ -634,10 +735,12 @@ class _ShrunkMaps(Mapping[str, np.ndarray]):
     def __init__(self, maps: Mapping[str, np.ndarray]) -> None:
         self._maps = maps
         self._shrunk: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()  # the study SR's and the CAD SR's threads may ask at once
+        # One lock per map: several threads may ask for one map at once (it is shrunk once), and for
+        # different maps (shrunk side by side).
+        self._locks = {key: threading.Lock() for key in maps}
 
     def __getitem__(self, key: str) -> np.ndarray:
-        with self._lock:
+        with self._locks[key]:
             if key not in self._shrunk:
                 self._shrunk[key] = map_for_display(self._maps[key]).astype(np.float16)
             return self._shrunk[key]
@@ -650,15 +753,17 @@ class _ShrunkMaps(Mapping[str, np.ndarray]):
 
 
 def write_kept_maps(path: Path, kept: KeptMaps) -> None:
-    """Write *kept* as a compressed NumPy archive at *path*, for a later stage's study report.
+    """Write *kept* as an uncompressed NumPy archive at *path*, for a later stage's study report.
 
-    Deflate runs at its fastest level: at NumPy's default level a smooth full-field map took 0.3 s, more
-    than the last model's forward pass on a GPU, for 15-30 % fewer bytes (a sparse map such as LEM's
-    shrinks either way)."""
+    Stored, not deflated: the first stage's report step waits for this file, and deflating four
+    full-field maps took 0.29 s even at zlib's fastest level (0.02 s stored), longer than the first
+    model's forward pass, for half the bytes (float16 maps at the size their SC shows, about 6.4 MB for
+    a full-field view).  Reading it back needs no inflating either."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".tmp.npz")
-    # What np.savez_compressed writes (one .npy member per array, which np.load reads), at level 1.
-    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+    # What np.savez writes (one .npy member per array, which np.load reads), written through a temporary
+    # file so a reader never sees half an archive.
+    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED) as archive:
         for key, array in {"frames": np.array(kept.frames), **kept.arrays}.items():
             with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
@@ -674,8 +779,7 @@ def read_kept_maps(path: Path) -> KeptMaps:
 
 def kept_heatmaps(path: Path, predictions: Sequence[Prediction]) -> Callable[[Prediction], np.ndarray | None]:
     """A reader of the heatmaps :func:`write_kept_maps` wrote at *path* for *predictions* (as kept, in order): each
-    of these predictions' maps is read alone, when it is asked for (a full-field map takes about 0.03 s to
-    inflate and widen, and the CAD SR wants few)."""
+    of these predictions' maps is read alone, when it is asked for (the CAD SR wants few)."""
 
     def heatmap(prediction: Prediction) -> np.ndarray | None:
         index = next((i for i, each in enumerate(predictions) if each is prediction), None)
