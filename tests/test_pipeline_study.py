@@ -6,6 +6,7 @@ dead-lettered; the next study is analysed as usual after each case.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from gateway.messages import StudyJob
+from gateway.spool import file_digest
 from plugins.preprocess import BREAST_TOMOSYNTHESIS, read_image_ref
 from tests.pipeline_cases import (  # noqa: F401
     Harness,
@@ -321,3 +324,76 @@ def test_with_read_ahead_the_next_model_s_inputs_are_prepared_while_a_model_runs
         assert [len(r.predictions) for r in runs] == [2, 2]
         assert seen_during_first_forward == [True]
         assert not any(t.name.startswith("read-ahead") for t in threading.enumerate())
+
+
+def _with_digests(job: StudyJob) -> StudyJob:
+    """*job* with the content digest the gateway takes while receiving on each instance."""
+    root = Path(job.storage_root)
+    return dataclasses.replace(job, instances=tuple(
+        dataclasses.replace(i, content_digest=file_digest(root / i.path)) for i in job.instances))
+
+
+def test_the_second_stage_reads_back_what_the_first_decoded_and_the_last_stage_removes_it(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped two stages are two tasks: the first leaves its decoded images for the second, so each source
+    is decoded once for the study; once the report is written nothing of them is left on disk."""
+    study_uid = new_study_uid()
+    views = [bright_mammogram(study_uid, seed=i, laterality=lat, view=view)
+             for i, (lat, view) in enumerate([("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")])]
+    job = _with_digests(harness.job(views))
+    decoded: list[str] = []
+    real_decode = pipeline.decode_frames
+    monkeypatch.setattr(pipeline, "decode_frames", lambda path, policy: decoded.append(str(path))
+                        or real_decode(path, policy))
+    row = harness.run(job)
+    assert row["state"] == "done" and len(json.loads(row["findings"])) == 8
+    assert sorted(decoded) == sorted(str(Path(job.storage_root) / i.path) for i in job.instances)
+    timeline = harness.timeline(job)
+    first, rest = json.loads(timeline["timings:first"]), json.loads(timeline["timings:rest"])
+    assert (first["decodes"], first["read_backs"]) == (4, 0)
+    assert (rest["decodes"], rest["read_backs"]) == (0, 4)
+    output_root = Path(harness.settings.gateway.data_dir).resolve() / "outputs" / job.job_id
+    assert (output_root / pipeline.STUDY_REPORT_DIR).is_dir()
+    assert not (output_root / pipeline.DECODED_DIR).exists()
+
+
+def test_a_saved_image_is_read_back_only_for_the_same_bytes_and_geometry(harness: Harness) -> None:
+    study_uid = new_study_uid()
+    views = [bright_mammogram(study_uid, seed=i, laterality=lat, view="CC") for i, lat in enumerate("LR")]
+    job = _with_digests(harness.job(views))
+    sources = pipeline.read_sources(job)
+    refs = [s.ref for s in sources if s.ref is not None]
+    digests = pipeline.content_digests(sources)
+    saved = harness.store_dir.parent / "decoded"
+    first = pipeline.DecodedImages(pipeline.StudyTimings(), saved=saved, digests=digests)
+    originals = [first.frames(ref, "first") for ref in refs]
+    assert first.save(saved) == 2
+
+    def second(digests: dict[str, str]) -> pipeline.StudyTimings:
+        timings = pipeline.StudyTimings()
+        images = pipeline.DecodedImages(timings, saved=saved, digests=digests)
+        for ref, original in zip(refs, originals, strict=True):
+            frames = images.frames(ref, "first")
+            assert not isinstance(frames, str) and not isinstance(original, str)
+            assert [(r, image.tobytes()) for r, image in frames] == [(r, image.tobytes()) for r, image in original]
+            assert images.display(ref) is not None
+        return timings
+
+    timings = second(digests)
+    assert (timings.decodes, timings.read_backs) == (0, 2)
+    # New bytes under the same UID (another digest): decoded again, never the old pixels.
+    changed = {uid: "0" * 32 for uid in digests}
+    assert (second(changed).decodes, second(changed).read_backs) == (2, 0)
+    # No digest from the gateway: nothing is read back, and nothing is saved.
+    assert (second({}).decodes, second({}).read_backs) == (2, 0)
+    assert pipeline.DecodedImages(pipeline.StudyTimings()).save(saved / "none") == 0
+    assert not (saved / "none").exists()
+    # A file cut short, or one saved for another geometry: decoded again.
+    files = sorted(saved.glob("*.npy"))
+    files[0].write_bytes(files[0].read_bytes()[:200])
+    other = dataclasses.replace(refs[1], rows=refs[1].rows + 1)
+    timings = pipeline.StudyTimings()
+    images = pipeline.DecodedImages(timings, saved=saved, digests=digests)
+    for ref in (refs[0], other):
+        assert not isinstance(images.frames(ref, "first"), str)
+    assert (timings.decodes, timings.read_backs) == (2, 0)

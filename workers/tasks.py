@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,14 @@ from workers.notify import (
 )
 from workers.pacs import deliver as deliver_to_pacs
 from workers.pipeline import (
+    DECODED_DIR,
     DecodedImages,
     ModelRun,
     StudyTimings,
     accepting_models,
     adds_new_source,
     analyse_study,
+    content_digests,
     model_host,
     prediction_summary,
     read_sources,
@@ -228,7 +231,9 @@ def _analyse(
         )
 
     output_root = Path(settings.gateway.data_dir).resolve() / "outputs" / study.job_id
-    images = DecodedImages(timings)
+    # The first stage leaves what it decoded for the second (another task, perhaps another process), which
+    # reads it back instead of decoding each source again.
+    images = DecodedImages(timings, saved=output_root / DECODED_DIR, digests=content_digests(sources))
     try:
         runs = analyse_study(
             host,
@@ -246,6 +251,8 @@ def _analyse(
         store.event(study.job_id, "analysis_timeout", stage)
         raise
 
+    if later:
+        images.save(output_root / DECODED_DIR)
     decision = study_triage(host, store, study.job_id, settings)
     if not later and runs and settings.outputs.report == "study":
         # Every stage is done: the heatmap series of the model that set the triage and one SR for the study,
@@ -278,6 +285,9 @@ def _analyse(
         if report:
             runs[-1].outputs.extend(report)
             journal(runs[-1], done=False)
+    if not later:
+        # No stage reads them any more; a redelivered task that finds them gone decodes again.
+        shutil.rmtree(output_root / DECODED_DIR, ignore_errors=True)
     store.event(study.job_id, f"timings:{stage}", json.dumps(timings.as_dict()))
 
     risk = decision.risk
