@@ -139,3 +139,36 @@ def test_each_pool_process_gets_the_configured_address_space_limit(tmp_path: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.split()[-1]) == 12345 << 20
     assert resource.getrlimit(resource.RLIMIT_AS)[0] != 12345 << 20  # this test process is left alone
+
+
+def test_pool_processes_inherit_highdicom_s_tables_loaded_before_the_fork() -> None:
+    """The worker's main process loads highdicom's tables of the standard (worker_init) before it forks its
+    pool: a pool process then builds outputs without parsing them again on its first study."""
+    script = textwrap.dedent("""
+        import json, os, sys
+        sys.path.insert(0, sys.argv[1])
+        import highdicom as hd, pydicom
+        from celery.signals import worker_init
+        import workers.app  # noqa: F401 - connects the worker's signal handlers
+        worker_init.send(sender=None)
+        pid = os.fork()
+        if pid == 0:
+            def parsed_again(*args, **kwargs):
+                raise AssertionError("a table of the standard was parsed again")
+            json.loads = parsed_again
+            code = 0
+            try:
+                for sop_class in (pydicom.uid.DigitalMammographyXRayImageStorageForPresentation,
+                                  pydicom.uid.SecondaryCaptureImageStorage):
+                    image = pydicom.Dataset()
+                    image.SOPClassUID, image.Manufacturer = sop_class, "modality"
+                    hd.ContributingEquipment.for_image_acquisition(image)
+            except AssertionError:
+                code = 3
+            os._exit(code)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "0"

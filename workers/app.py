@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from gateway.settings import Settings
 
@@ -146,3 +146,12 @@ def _limit_pool_process_memory(**_: Any) -> None:
     # signals.html worker_process_init: runs in each new pool process, before it takes a task.
     limit = apply_memory_limit(current_settings())
     log.info("worker.memory_limit", address_space_bytes=limit)
+
+
+@worker_init.connect
+def _load_standard_tables(**_: Any) -> None:
+    # signals.html worker_init: runs in the worker's main process before its pool starts, so the pool
+    # processes it forks inherit highdicom's tables instead of each loading them on its first study.
+    from workers.outputs import warm_standard_tables
+
+    warm_standard_tables()

@@ -85,7 +85,9 @@ def measure(data_dir: Path, study_uids: list[str], timeout: float) -> list[dict[
             done = (
                 sqlite3.connect(results)
                 .execute(
-                    "SELECT COUNT(*) FROM worklist WHERE state = 'delivered' AND study_uid IN ({})".format(
+                    # The worklist says "delivered" a moment before the timeline's "delivered" event is written.
+                    "SELECT COUNT(*) FROM worklist w WHERE w.state = 'delivered' AND EXISTS (SELECT 1 FROM "
+                    "timeline t WHERE t.job_id = w.job_id AND t.event = 'delivered') AND w.study_uid IN ({})".format(
                         ",".join("?" * len(study_uids))
                     ),
                     study_uids,
