@@ -239,7 +239,8 @@ class DecodedImages:
 
     @staticmethod
     def _file(directory: Path, key: tuple[str, str]) -> Path:
-        return directory / f"{key[0]}.{key[1]}.npy"
+        # Named by a digest of the key, not by the UID the header gave: no header value becomes a path.
+        return directory / f"{hashlib.sha256('|'.join(key).encode()).hexdigest()[:32]}.npy"
 
     def save(self, directory: Path) -> int:
         """Write the images decoded here, of sources with a known content digest, to *directory* for a later
