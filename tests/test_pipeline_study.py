@@ -379,13 +379,16 @@ def test_a_saved_image_is_read_back_only_for_the_same_bytes_and_geometry(harness
             assert images.display(ref) is not None
         return timings
 
-    timings = second(digests)
-    assert (timings.decodes, timings.read_backs) == (0, 2)
+    def counts(digests: dict[str, str]) -> tuple[int, int]:
+        timings = second(digests)
+        return timings.decodes, timings.read_backs
+
+    assert counts(digests) == (0, 2)
     # New bytes under the same UID (another digest): decoded again, never the old pixels.
     changed = {uid: "0" * 32 for uid in digests}
-    assert (second(changed).decodes, second(changed).read_backs) == (2, 0)
+    assert counts(changed) == (2, 0)
     # No digest from the gateway: nothing is read back, and nothing is saved.
-    assert (second({}).decodes, second({}).read_backs) == (2, 0)
+    assert counts({}) == (2, 0)
     assert pipeline.DecodedImages(pipeline.StudyTimings()).save(saved / "none") == 0
     assert not (saved / "none").exists()
     # One saved for another geometry than the header declares: decoded again.
@@ -396,6 +399,6 @@ def test_a_saved_image_is_read_back_only_for_the_same_bytes_and_geometry(harness
     # Files cut short: decoded again.
     for file in saved.glob("*.npy"):
         file.write_bytes(file.read_bytes()[:200])
-    assert (second(digests).decodes, second(digests).read_backs) == (2, 0)
+    assert counts(digests) == (2, 0)
     # No header value names a file.
     assert not any(uid in path.name for path in saved.iterdir() for uid in digests)
