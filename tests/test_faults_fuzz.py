@@ -66,7 +66,16 @@ def _bytes(ds: Dataset) -> bytes:
 
 def _templates() -> dict[str, bytes]:
     def mg(rows: int = 24, cols: int = 16) -> Dataset:
-        ds = make_instance(modality="MG", rows=rows, cols=cols, seed=3)
+        # Fixed UIDs: a byte offset in a mutant then lands on the same byte in every run.
+        ds = make_instance(
+            modality="MG",
+            rows=rows,
+            cols=cols,
+            seed=3,
+            study_uid="1.2.826.0.1.3680043.8.498.1",
+            series_uid="1.2.826.0.1.3680043.8.498.1.1",
+            sop_uid="1.2.826.0.1.3680043.8.498.1.1.1",
+        )
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
         return ds
 
@@ -309,13 +318,17 @@ def test_decoded_shape_follows_the_header() -> None:
 def test_header_errors_are_permanent_errors() -> None:
     """One byte that makes a VR unknown: pydicom's NotImplementedError escaped read_image_ref, which caught
     only InvalidDicomError, OSError, ValueError and EOFError, and failed a worker's whole study."""
-    data = _byte_mutant(TEMPLATES["mg-j2k"], [(0.17494733434441415, b"\x00")], None)
+    template = TEMPLATES["mg-j2k"]
+    # The second byte of SOP Instance UID's VR ("UI") set to zero, wherever the element lies.
+    vr_at = template.index(b"\x08\x00\x18\x00UI") + 5
+    data = template[:vr_at] + b"\x00" + template[vr_at + 1 :]
     fd, path = tempfile.mkstemp(suffix=".dcm", dir=_SCRATCH)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     try:
-        with pytest.raises(PermanentError):
+        with pytest.raises(PermanentError) as raised:
             pre.read_image_ref(path)
+        assert isinstance(raised.value.__cause__, NotImplementedError)
     finally:
         Path(path).unlink()
 
