@@ -42,8 +42,22 @@ def _drop_phi(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
 #: Loggers of libraries that quote a data set's values in their messages: pydicom's validation
 #: ("Invalid value for VR DA: '1958-11-23'."), highdicom's, and the warnings they raise (py.warnings).
 _QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings"})
-#: A value as ``repr`` quotes it, in single or double quotes.
-_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+_QUOTE_CHARACTER = re.compile(r"['\"]")
+_PLACEHOLDER = "'<value>'"
+
+
+def redact_quoted_values(message: str) -> str:
+    """``message`` with everything from its first quote to its last replaced by ``'<value>'``.
+
+    These libraries quote a value by ``repr`` or by hand, and a value may hold quotes, backslashes and
+    newlines of its own: no pattern can tell where such a value ends, but every quoted value lies between
+    the message's first quote and its last.  A message with a single quote (cut short) is kept up to it.
+    """
+    quotes = [match.start() for match in _QUOTE_CHARACTER.finditer(message)]
+    if not quotes:
+        return message
+    after = message[quotes[-1] + 1 :] if len(quotes) > 1 else ""
+    return message[: quotes[0]] + _PLACEHOLDER + after
 
 
 def _drop_quoted_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +67,7 @@ def _drop_quoted_values(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str
     if any(logger == name or logger.startswith(f"{name}.") for name in _QUOTING_LOGGERS):
         event = event_dict.get("event")
         if isinstance(event, str):
-            event_dict["event"] = _QUOTED.sub("'<value>'", event)
+            event_dict["event"] = redact_quoted_values(event)
     return event_dict
 
 

@@ -12,14 +12,17 @@ calling AE (``tests/test_gateway_scp.py``), TLS with a wrong client certificate
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 
+from gateway.logging import redact_quoted_values
 from tests.faults_harness import Pipeline, phi_study
 
 pytestmark = [pytest.mark.redis, pytest.mark.peers]
@@ -93,6 +96,45 @@ def test_values_pydicom_and_highdicom_quote_never_reach_a_log_line() -> None:
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                                cwd=Path(__file__).resolve().parents[1])
     assert completed.returncode == 0, completed.stderr
-    assert "Invalid value for VR DA" in completed.stderr and "Patient's Name is odd" in completed.stderr
+    assert "Invalid value for VR DA" in completed.stderr and "Value '<value>'" in completed.stderr
     for value in ("1958-11-23", "DOE^JANE", "BRIEN^JO"):
         assert value not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "O'BRIEN \"JO\"",  # both quotes: repr escapes the one it quotes with
+        "1.2.3 \x00\x10\x00SH'\\",  # a UID run into the next elements, with a quote and a backslash
+        "ANN\nLEE",
+        "O'BRIEN",
+    ],
+)
+@pytest.mark.parametrize(
+    "template",
+    [
+        "Invalid value for VR PN: {quoted}. Please see the standard.",
+        "Unable to convert {quoted} to 'DA' object",
+        "The value length (9) exceeds the maximum. Invalid value for VR UI: {quoted}",
+        "Value {quoted} of Patient's Name is odd",
+    ],
+)
+@pytest.mark.parametrize("quoting", [repr, lambda value: f"'{value}'", lambda value: f'"{value}"'])
+def test_a_quoted_value_never_survives_redaction(value: str, template: str, quoting: Any) -> None:
+    """Values quoted by repr, or by hand between either quote, with quotes, backslashes and newlines of their
+    own: the redacted message holds no piece of them, and keeps what comes before the first quote."""
+    message = template.format(quoted=quoting(value))
+    redacted = redact_quoted_values(message)
+    for piece in re.split(r"[\s'\"\\]+", value):
+        if len(piece) > 1:
+            assert piece not in redacted, (message, redacted)
+    assert redacted.startswith(template[: template.index("{")].split("'")[0])
+
+
+def test_redaction_keeps_the_message_around_the_values() -> None:
+    assert redact_quoted_values("Invalid value for VR DA: '1958-11-23'. Please see part 5.") == (
+        "Invalid value for VR DA: '<value>'. Please see part 5."
+    )
+    assert redact_quoted_values("The value length (72) exceeds the maximum") == (
+        "The value length (72) exceeds the maximum"
+    )
