@@ -387,9 +387,11 @@ def test_a_saved_image_is_read_back_only_for_the_same_bytes_and_geometry(harness
     # New bytes under the same UID (another digest): decoded again, never the old pixels.
     changed = {uid: "0" * 32 for uid in digests}
     assert counts(changed) == (2, 0)
-    # No digest from the gateway: nothing is read back, and nothing is saved.
+    # No digest from the gateway: nothing is read back, and what is decoded without one is not saved.
     assert counts({}) == (2, 0)
-    assert pipeline.DecodedImages(pipeline.StudyTimings()).save(saved / "none") == 0
+    undigested = pipeline.DecodedImages(pipeline.StudyTimings(), digests={})
+    assert all(not isinstance(undigested.frames(ref, "first"), str) for ref in refs)
+    assert undigested.save(saved / "none") == 0
     assert not (saved / "none").exists()
     # One saved for another geometry than the header declares: decoded again.
     timings = pipeline.StudyTimings()

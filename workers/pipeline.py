@@ -202,7 +202,7 @@ class DecodedImages:
         # Two models' read-ahead threads may reach one image at once: it is still decoded once.
         self._decoding = threading.Lock()
         self._saved = saved
-        self._digests = {uid: digest for uid, digest in (digests or {}).items() if digest}
+        self._digests = dict(digests or {})
 
     @staticmethod
     def _key(ref: ImageRef, policy: str) -> tuple[str, str]:
